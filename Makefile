@@ -1,0 +1,34 @@
+# `make serve` and `make test` do all set-up on a fresh machine; `make install` alone is idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TINY_MODEL := .models/tiny-mixtral
+
+.PHONY: install serve test bench clean
+
+install: $(STAMP)
+	@bash scripts/ensure_redis.sh
+
+# Reinstall only when the pins change. torch first, pinned, so nothing pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+$(TINY_MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/moe-serve make-tiny-model $(TINY_MODEL) --family mixtral
+
+serve: install $(TINY_MODEL)/config.json
+	$(VENV)/bin/moe-serve generate $(TINY_MODEL) --prompt "The expert router sends each token" --max-tokens 32
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) .models

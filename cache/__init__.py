@@ -1,0 +1,1 @@
+"""cache room: see ../shared/DESIGN.md. Filled in by its own issue."""

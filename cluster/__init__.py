@@ -1,0 +1,1 @@
+"""cluster room: see ../shared/DESIGN.md. Filled in by its own issue."""

@@ -1,0 +1,1 @@
+"""router room: see ../shared/DESIGN.md. Filled in by its own issue."""
