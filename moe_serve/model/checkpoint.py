@@ -1,0 +1,143 @@
+"""Reading Hugging Face layout checkpoints: `config.json` + `*.safetensors` (single file or sharded with an index).
+
+Only the tensors a caller asks for are read (safetensors memory-maps the files), so an expert shard loads its own
+experts without touching the rest. This module owns tensor names for every family and both expert layouts:
+- per expert, as published checkpoints and `save_pretrained` write them
+  (`...experts.{e}.w1/w2/w3` for Mixtral, `...experts.{e}.gate_proj/up_proj/down_proj` for Qwen);
+- stacked, as transformers 5 holds them in memory (`...experts.gate_up_proj` [E, 2I, D], `...experts.down_proj`
+  [E, D, I]).
+It checks every tensor's shape against the config and raises `CheckpointError` naming the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moe_serve.model.config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+
+# Per-expert projection names: (gate, up, down).
+_EXPERT_PROJ = {
+    "mixtral": ("w1", "w3", "w2"),
+    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt or disagrees with the config."""
+
+
+class Checkpoint:
+    """Name -> tensor access over the safetensors files of one model directory."""
+
+    def __init__(self, model_dir: str | Path, config: ModelConfig) -> None:
+        self.dir = Path(model_dir)
+        self.config = config
+        self._file_of = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index}: unreadable index ({exc})") from exc
+            for name in sorted(set(weight_map.values())):
+                if not (self.dir / name).is_file():
+                    raise CheckpointError(f"{self.dir / name}: missing (listed in {INDEX_FILE})")
+            return dict(weight_map)
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.dir}: no *.safetensors files")
+        weight_map: dict[str, str] = {}
+        for path in files:
+            with self._open(path.name) as handle:
+                weight_map.update({key: path.name for key in handle.keys()})
+        return weight_map
+
+    def _open(self, file_name: str):  # noqa: ANN202 - safetensors has no public handle type
+        path = self.dir / file_name
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
+
+    def has(self, name: str) -> bool:
+        return name in self._file_of
+
+    def load(self, name: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """One tensor, checked against `shape` when given."""
+        return self.load_rows(name, None, shape)
+
+    def load_rows(
+        self, name: str, rows: Sequence[int] | None, shape: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Tensor `name`, or only the given rows of its first dimension (read without loading the rest)."""
+        file_name = self._file_of.get(name)
+        if file_name is None:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
+        try:
+            with self._open(file_name) as handle:
+                if rows is None:
+                    tensor = handle.get_tensor(name)
+                else:
+                    tensor_slice = handle.get_slice(name)
+                    tensor = torch.cat([tensor_slice[r : r + 1] for r in rows])
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.dir / file_name}: cannot read tensor {name!r} ({exc})") from exc
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.dir / file_name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"config expects {tuple(shape)}"
+            )
+        return tensor.float()
+
+    # --- names ---------------------------------------------------------------------------------------------
+
+    def moe_prefix(self, layer: int) -> str:
+        """Where a layer's MoE block lives: `block_sparse_moe` in published Mixtral files, `mlp` elsewhere."""
+        for block in ("block_sparse_moe", "mlp"):
+            prefix = f"model.layers.{layer}.{block}"
+            if self.has(f"{prefix}.gate.weight"):
+                return prefix
+        raise CheckpointError(f"{self.dir}: no MoE gate weight found for layer {layer}")
+
+    def load_gate(self, layer: int) -> torch.Tensor:
+        cfg = self.config
+        return self.load(f"{self.moe_prefix(layer)}.gate.weight", (cfg.num_experts, cfg.hidden_size))
+
+    def load_experts(self, layer: int, expert_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights of the given experts of one layer: w13 [n, 2I, D] (gate rows, then up rows), w2 [n, D, I]."""
+        cfg = self.config
+        bad = [e for e in expert_ids if not 0 <= e < cfg.num_experts]
+        if bad:
+            raise CheckpointError(f"expert ids {bad} out of range for {cfg.num_experts} experts")
+        prefix = f"{self.moe_prefix(layer)}.experts"
+        d, i, n = cfg.hidden_size, cfg.expert_intermediate_size, len(expert_ids)
+        if self.has(f"{prefix}.gate_up_proj"):
+            w13 = self.load_rows(f"{prefix}.gate_up_proj", expert_ids, (n, 2 * i, d))
+            w2 = self.load_rows(f"{prefix}.down_proj", expert_ids, (n, d, i))
+            return w13, w2
+        gate, up, down = _EXPERT_PROJ[cfg.family]
+        w13 = torch.stack(
+            [
+                torch.cat(
+                    [
+                        self.load(f"{prefix}.{e}.{gate}.weight", (i, d)),
+                        self.load(f"{prefix}.{e}.{up}.weight", (i, d)),
+                    ]
+                )
+                for e in expert_ids
+            ]
+        )
+        w2 = torch.stack([self.load(f"{prefix}.{e}.{down}.weight", (d, i)) for e in expert_ids])
+        return w13, w2

@@ -1,0 +1,30 @@
+"""Load a whole model for in-process use: config, dense part, and an MoE backend holding every expert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.config import ModelConfig
+from moe_serve.model.moe import ExpertStack, Gate, LocalMoE
+from moe_serve.model.quant import QuantMode
+from moe_serve.model.transformer import DenseModel
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    dense: DenseModel
+    moe: LocalMoE
+
+
+def load_local_model(model_dir: str | Path, quantize: QuantMode = "none") -> LoadedModel:
+    config = ModelConfig.from_dir(model_dir)
+    checkpoint = Checkpoint(model_dir, config)
+    all_experts = list(range(config.num_experts))
+    gates, experts = {}, {}
+    for layer in config.moe_layer_ids:
+        gates[layer] = Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
+        experts[layer] = ExpertStack(all_experts, *checkpoint.load_experts(layer, all_experts), quantize=quantize)
+    return LoadedModel(config, DenseModel(config, checkpoint), LocalMoE(gates, experts, config.num_experts))

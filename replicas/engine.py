@@ -1,0 +1,258 @@
+"""The in-process engine: requests in, tokens out, one continuous-batching step at a time.
+
+The engine is token ids in, token ids out; a tokenizer, when given, is used only for stop strings and output
+text. It owns the scheduler, the paged KV cache and sampling; the model's dense part runs here and its experts
+run behind an `MoEBackend` (in this process, or on shard actors through the router).
+`LLMEngine.step()` is synchronous; `AsyncLLMEngine` (async_engine.py) drives it from a thread for streaming.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from moe_serve.model.attention import AttentionBatch, PrefillChunk
+from moe_serve.model.config import ModelConfig
+from moe_serve.model.loader import load_local_model
+from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from moe_serve.model.transformer import DenseModel, MoEBackend
+from moe_serve.replicas.kv_cache import KVCacheSpec, PagedKVCache
+from moe_serve.replicas.sampling import SamplingParams, make_generator, sample
+from moe_serve.replicas.scheduler import ScheduledChunk, Scheduler, Sequence, SequenceStatus, StepPlan
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences in the running batch
+    max_num_batched_tokens: int = 512  # tokens per step; longer prompts are prefilled in chunks
+    block_size: int = 16
+    kv_cache_bytes: int = 256 * 2**20
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    quantize: Literal["none", "int8", "int4"] = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.quantize not in ("none", "int8", "int4"):
+            raise ValueError(f"EngineConfig.quantize must be none, int8 or int4, got {self.quantize!r}")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request (the unit streamed to clients)."""
+
+    request_id: str
+    token_id: int
+    text_delta: str
+    finished: bool
+    finish_reason: str | None  # "stop" or "length" when finished, "abort" when aborted
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    ttft_s: float | None
+    latency_s: float
+    logits: list[torch.Tensor] | None = None  # per generated token, when SamplingParams.return_logits
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: DenseModel,
+        moe: MoEBackend,
+        engine_config: EngineConfig = EngineConfig(),
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.model_config = config
+        self.config = engine_config
+        self.model = model
+        self.moe = moe
+        self.tokenizer = tokenizer
+        self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
+                                 config.max_position_embeddings)
+        self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size))
+        self.scheduler = Scheduler(self.kv, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, engine_config: EngineConfig = EngineConfig()) -> LLMEngine:
+        loaded = load_local_model(model_dir, quantize=engine_config.quantize)
+        return cls(loaded.config, loaded.dense, loaded.moe, engine_config, Tokenizer.from_dir(model_dir))
+
+    # --- requests ------------------------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the problem for a request this engine cannot run."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"unknown token id(s) {bad[:5]}: the vocabulary has ids 0..{vocab - 1}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens, the context holds {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        if self.kv.blocks_for(len(prompt_ids) + 1) > self.kv.spec.num_blocks:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit in the KV cache budget")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none")
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self.validate(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params))
+        self._seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.status is not SequenceStatus.FINISHED:
+            self._finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def pop_result(self, request_id: str) -> RequestOutput:
+        """The final output of a finished request; forgets the request."""
+        seq = self._seqs.pop(request_id)
+        self._detokenizers.pop(request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=seq.output_ids,
+            text=seq.text if self.tokenizer is not None else None,
+            finish_reason=seq.finish_reason,
+            ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            latency_s=time.perf_counter() - seq.arrival_time,
+            logits=seq.logits if seq.params.return_logits else None,
+        )
+
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion together; outputs in prompt order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
+        while self.has_unfinished():
+            self.step()
+        return [self.pop_result(i) for i in ids]
+
+    # --- one step ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        chunks = plan.decodes + plan.prefills
+        token_ids, batch, logits_rows = self._build_batch(plan)
+        logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
+        sampling = [c for c in chunks if c.samples]
+        new_tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.generator for c in sampling])
+        for chunk in chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+        return [self._append(c.seq, t, logits[row]) for row, (c, t) in enumerate(zip(sampling, new_tokens))]
+
+    def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
+        bs = self.config.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        for chunk in plan.decodes + plan.prefills:
+            seq, start = chunk.seq, chunk.seq.num_computed
+            token_ids += seq.all_ids[start : start + chunk.num_tokens]
+            positions += range(start, start + chunk.num_tokens)
+            if chunk.samples:
+                logits_rows.append(len(token_ids) - 1)
+        pos = torch.tensor(positions)
+        all_tables = [c.seq.block_table for c in plan.decodes + plan.prefills]
+        block_of_token = torch.tensor(
+            [table[p // bs] for table, c in zip(all_tables, plan.decodes + plan.prefills)
+             for p in range(c.seq.num_computed, c.seq.num_computed + c.num_tokens)]
+        )
+        slot_mapping = block_of_token * bs + pos % bs
+        decode_slots = decode_pos = None
+        if plan.decodes:
+            decode_slots, decode_pos = self._key_slots(plan.decodes)
+        prefills = []
+        offset = len(plan.decodes)
+        for chunk in plan.prefills:
+            slots, key_pos = self._key_slots([chunk])
+            prefills.append(PrefillChunk(offset, offset + chunk.num_tokens, slots[0], key_pos[0]))
+            offset += chunk.num_tokens
+        batch = AttentionBatch(pos, slot_mapping, len(plan.decodes), decode_slots, decode_pos, prefills)
+        return torch.tensor(token_ids), batch, torch.tensor(logits_rows, dtype=torch.long)
+
+    def _key_slots(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots and positions [B, L] of every key each chunk's sequence attends to after this step (-1 = pad)."""
+        bs = self.config.block_size
+        lengths = torch.tensor([c.seq.num_computed + c.num_tokens for c in chunks])
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks])
+        slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)  # [B, width * bs]
+        max_len = int(lengths.max())
+        positions = torch.arange(max_len).expand(len(chunks), max_len)
+        positions = torch.where(positions < lengths.unsqueeze(1), positions, -1)
+        return slots[:, :max_len], positions
+
+    def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> StepOutput:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        seq.output_ids.append(token)
+        if seq.params.return_logits:
+            seq.logits.append(logits.clone())
+        delta = ""
+        detok = self._detokenizers.get(seq.request_id)
+        if detok is not None:
+            delta = detok.add(token)
+            seq.text += delta
+        reason = self._finish_reason(seq, token)
+        if reason == "stop" and seq.params.stop:
+            delta = self._truncate_at_stop(seq, delta)
+        if reason is not None:
+            self._finish(seq, reason)
+        return StepOutput(seq.request_id, token, delta, reason is not None, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if len(seq.output_ids) >= params.min_tokens:
+            eos = () if params.ignore_eos else self.model_config.eos_token_ids
+            if token in params.stop_token_ids or token in eos:
+                return "stop"
+            if params.stop and any(s in seq.text for s in params.stop):
+                return "stop"
+        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _truncate_at_stop(seq: Sequence, delta: str) -> str:
+        """Cut the output text before the first stop string; returns what is left of this step's delta."""
+        cut = min(i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0)
+        delta_start = len(seq.text) - len(delta)
+        seq.text = seq.text[:cut]
+        return delta[: max(0, cut - delta_start)]
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,81 @@
+"""Paged KV cache: fixed-size blocks in preallocated tensors, a free list, and per-sequence block tables.
+
+The block (block_size consecutive token positions, all layers, K and V) is the unit the tiered cache stores
+later. Memory is allocated once from a byte budget; finished sequences return their blocks to the free list, so
+KV memory never grows with the number of requests served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_serve.model.config import ModelConfig
+
+
+class OutOfBlocks(RuntimeError):
+    """No free KV block: the scheduler preempts a sequence and retries."""
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    block_size: int
+    num_blocks: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers, K and V."""
+        return bytes_per_block(self.block_size, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    @classmethod
+    def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int) -> KVCacheSpec:
+        per_block = bytes_per_block(block_size, config.num_layers, config.num_kv_heads, config.head_dim)
+        num_blocks = budget_bytes // per_block
+        if num_blocks < 2:
+            raise ValueError(
+                f"kv_cache_bytes={budget_bytes} holds {num_blocks} blocks of {per_block} bytes; need at least 2"
+            )
+        return cls(block_size, num_blocks, config.num_layers, config.num_kv_heads, config.head_dim)
+
+
+def bytes_per_block(
+    block_size: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32
+) -> int:
+    return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class PagedKVCache:
+    def __init__(self, spec: KVCacheSpec) -> None:
+        self.spec = spec
+        slots = spec.num_blocks * spec.block_size
+        shape = (slots, spec.num_kv_heads, spec.head_dim)
+        # zeros, not empty: padded attention reads slot 0 under a mask, and NaN garbage would leak through SDPA
+        self.layers = [
+            (torch.zeros(shape, dtype=spec.dtype), torch.zeros(shape, dtype=spec.dtype))
+            for _ in range(spec.num_layers)
+        ]
+        self._free = list(range(spec.num_blocks - 1, -1, -1))  # pop() hands out low block ids first
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfBlocks(f"need {count} blocks, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.spec.block_size)

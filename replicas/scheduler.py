@@ -1,0 +1,160 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Every step takes one token from each decoding sequence, then fills the remaining token budget with prefill
+chunks (long prompts are split across steps). Waiting requests join as soon as blocks and batch slots allow;
+finished ones leave at once. When KV blocks run out the newest running sequence is preempted: its blocks are
+freed and it is recomputed later (prompt + tokens generated so far), so no request fails for lack of memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from moe_serve.replicas.kv_cache import OutOfBlocks, PagedKVCache
+from moe_serve.replicas.sampling import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    text: str = ""
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence, so its last token's logits are sampled."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    decodes: list[ScheduledChunk]
+    prefills: list[ScheduledChunk]
+    preempted: list[Sequence]
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(self, kv: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence from the queues and give its blocks back."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.block_table)
+        seq.block_table = []
+
+    def schedule(self) -> StepPlan:
+        preempted: list[Sequence] = []
+        decodes = self._schedule_decodes(preempted)
+        budget = self.max_num_batched_tokens - len(decodes)
+        prefills: list[ScheduledChunk] = []
+        for seq in [s for s in self.running if s.num_uncomputed > 1]:
+            if budget <= 0:
+                break
+            chunk = self._reserve(seq, min(seq.num_uncomputed, budget))
+            if chunk is not None:
+                prefills.append(chunk)
+                budget -= chunk.num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            # Admit only when the whole prompt fits beside what is running: avoids admit/preempt thrash.
+            if self.kv.blocks_for(seq.num_tokens + 1) > self.kv.num_free_blocks:
+                break
+            chunk = self._reserve(seq, min(seq.num_uncomputed, budget))
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            prefills.append(chunk)
+            budget -= chunk.num_tokens
+        return StepPlan(decodes, prefills, preempted)
+
+    def _schedule_decodes(self, preempted: list[Sequence]) -> list[ScheduledChunk]:
+        decodes: list[ScheduledChunk] = []
+        for seq in [s for s in self.running if s.num_uncomputed == 1]:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted while making room for an earlier one
+            while (chunk := self._reserve(seq, 1)) is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if chunk is not None:
+                decodes.append(chunk)
+        return decodes
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> ScheduledChunk | None:
+        """Allocate the blocks `num_tokens` more tokens need; None when the cache is full."""
+        missing = self.kv.blocks_for(seq.num_computed + num_tokens) - len(seq.block_table)
+        if missing > 0:
+            try:
+                seq.block_table.extend(self.kv.allocate(missing))
+            except OutOfBlocks:
+                return None
+        return ScheduledChunk(seq, num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
