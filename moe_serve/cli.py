@@ -1,1 +1,116 @@
-def main() -> None: ...
+"""`moe-serve` command line: make a tiny model, generate from a checkpoint.
+
+The CLI sits on top of the rooms and wires them together; no room imports it. Every command prints
+machine-readable JSON on stdout; errors go to stderr as one line naming the problem, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from moe_serve.model.checkpoint import CheckpointError
+from moe_serve.model.config import ModelConfigError
+
+
+def _parse_token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--token-ids must be comma-separated integers ({exc})") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-serve", description="Serve Mixture-of-Experts models on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a small random checkpoint in Hugging Face layout")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--family", choices=["mixtral", "qwen2_moe"], default="mixtral")
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--hidden", type=int, default=64)
+    tiny.add_argument("--experts", type=int, default=8)
+    tiny.add_argument("--top-k", type=int, default=2)
+    tiny.add_argument("--vocab", type=int, default=512)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--sliding-window", type=int, default=None)
+
+    gen = commands.add_parser("generate", help="generate from a prompt and print one JSON object")
+    gen.add_argument("model_dir")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    source.add_argument("--token-ids", type=_parse_token_ids, help="comma-separated prompt token ids")
+    gen.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
+    gen.add_argument("--in-process", action="store_true", help="run experts in this process (the only mode so far)")
+    return parser
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> dict:
+    from moe_serve.model.tiny import make_tiny_model
+
+    out = make_tiny_model(
+        args.out_dir, family=args.family, layers=args.layers, hidden=args.hidden, experts=args.experts,
+        top_k=args.top_k, vocab=args.vocab, seed=args.seed, sliding_window=args.sliding_window,
+    )
+    return {"model_dir": str(out), "family": args.family}
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    from moe_serve.replicas.engine import EngineConfig, LLMEngine
+    from moe_serve.replicas.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    engine = LLMEngine.from_pretrained(args.model_dir, EngineConfig(quantize=args.quantize))
+    if args.token_ids is not None:
+        prompt_ids = args.token_ids
+    elif engine.tokenizer is None:
+        raise ValueError(f"{args.model_dir} has no tokenizer.json: pass --token-ids instead of --prompt")
+    elif args.chat:
+        prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = engine.tokenizer.encode(args.prompt)
+    start = time.perf_counter()
+    [out] = engine.generate([prompt_ids], params)
+    elapsed = time.perf_counter() - start
+    result: dict = {
+        "token_ids": out.token_ids,
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": len(out.token_ids),
+        "finish_reason": out.finish_reason,
+        "ttft_s": round(out.ttft_s or 0.0, 6),
+        "tokens_per_s": round(len(out.token_ids) / elapsed, 2),
+        "mode": "in-process",
+        "quantize": args.quantize,
+    }
+    if out.text is not None:
+        result["text"] = out.text
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    handler = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}[args.command]
+    try:
+        result = handler(args)
+    except (ValueError, ModelConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

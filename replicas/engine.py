@@ -131,6 +131,9 @@ class LLMEngine:
         if seq is not None and seq.status is not SequenceStatus.FINISHED:
             self._finish(seq, "abort")
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._seqs
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

@@ -1,0 +1,124 @@
+"""Async streaming front of the engine: `generate()` yields each token as it is produced, `abort()` stops one.
+
+A single background thread owns the `LLMEngine` and runs its steps (torch releases the GIL inside kernels, so
+the event loop stays responsive). Requests and aborts reach that thread through a thread-safe inbox; outputs go
+back to each request's asyncio queue with `call_soon_threadsafe`. A request whose consumer stops iterating
+(client disconnect, cancellation) is aborted and its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from moe_serve.replicas.engine import LLMEngine, StepOutput
+from moe_serve.replicas.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; requests cannot be served until the engine is rebuilt."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[StepOutput | BaseException]]] = {}
+        self._ids = itertools.count()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="moe-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[StepOutput]:
+        if self._error is not None:
+            raise EngineDeadError(f"engine thread failed: {self._error!r}")
+        self.engine.validate(prompt_ids, params)  # bad input fails here, in the caller, with a clear message
+        request_id = request_id or f"async-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        self._inbox.put(_Add(request_id, list(prompt_ids), params))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def shutdown(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    # --- engine thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._drain_inbox(block=not self.engine.has_unfinished()):
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+                    if output.finished:
+                        self.engine.pop_result(output.request_id)
+        except BaseException as exc:  # surface the failure to every waiting caller instead of hanging them
+            self._error = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"engine thread failed: {exc!r}"))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply pending adds and aborts; False when shut down."""
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if message is None:
+                return False
+            if isinstance(message, _Add):
+                self._add(message)
+            else:
+                self._abort(message.request_id)
+
+    def _add(self, message: _Add) -> None:
+        try:
+            self.engine.add_request(message.prompt_ids, message.params, message.request_id)
+        except ValueError as exc:
+            self._deliver(message.request_id, exc)
+
+    def _abort(self, request_id: str) -> None:
+        if self.engine.has_request(request_id):
+            self.engine.abort_request(request_id)
+            self.engine.pop_result(request_id)
+
+    def _deliver(self, request_id: str, item: StepOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
