@@ -144,10 +144,15 @@ def _qwen_windows(raw: dict[str, Any]) -> tuple[int | None, ...]:
     return tuple(window if t == "sliding_attention" and raw.get("use_sliding_window") else None for t in types)
 
 
+def _qwen_num_experts(raw: dict[str, Any]) -> int:
+    """Qwen configs name it `num_experts`; transformers 5 writes `num_local_experts` for Qwen3-MoE."""
+    return raw["num_experts"] if "num_experts" in raw else raw["num_local_experts"]
+
+
 def _qwen_moe_layers(raw: dict[str, Any]) -> tuple[bool, ...]:
     step = raw.get("decoder_sparse_step", 1) or 1
     mlp_only = set(raw.get("mlp_only_layers") or [])
-    experts = raw["num_experts"]
+    experts = _qwen_num_experts(raw)
     return tuple(
         i not in mlp_only and experts > 0 and (i + 1) % step == 0 for i in range(raw["num_hidden_layers"])
     )
@@ -158,7 +163,7 @@ def _parse_qwen2_moe(raw: dict[str, Any]) -> ModelConfig:
         **_common(raw),
         sliding_windows=_qwen_windows(raw),
         moe_layers=_qwen_moe_layers(raw),
-        num_experts=raw["num_experts"],
+        num_experts=_qwen_num_experts(raw),
         top_k=raw["num_experts_per_tok"],
         expert_intermediate_size=raw["moe_intermediate_size"],
         dense_intermediate_size=raw["intermediate_size"],
@@ -174,11 +179,11 @@ def _parse_qwen3_moe(raw: dict[str, Any]) -> ModelConfig:
         **_common(raw),
         sliding_windows=_qwen_windows(raw),
         moe_layers=_qwen_moe_layers(raw),
-        num_experts=raw["num_experts"],
+        num_experts=_qwen_num_experts(raw),
         top_k=raw["num_experts_per_tok"],
         expert_intermediate_size=raw["moe_intermediate_size"],
         dense_intermediate_size=raw["intermediate_size"],
-        norm_topk_prob=raw.get("norm_topk_prob", True),
+        norm_topk_prob=raw.get("norm_topk_prob", False),
         shared_expert_intermediate_size=0,
         attention_bias=raw.get("attention_bias", False),
         qk_norm=True,

@@ -1,0 +1,79 @@
+"""Shared fixtures: small random checkpoints in Hugging Face layout, written by `transformers` itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Two cores: keep torch from oversubscribing when Ray workers or a second process share them.
+torch.set_num_threads(2)
+
+BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=8192,
+    initializer_range=0.1,  # wider than the default so greedy tokens are not decided by near-ties
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def save_hf_model(out_dir: Path, family: str, seed: int = 0, **overrides: Any) -> Path:
+    """A random `transformers` model of `family`, saved with `save_pretrained` (the layout users have)."""
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    classes = {
+        "mixtral": (MixtralConfig, MixtralForCausalLM, dict(intermediate_size=96, num_local_experts=8,
+                                                            num_experts_per_tok=2)),
+        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(intermediate_size=128, moe_intermediate_size=48,
+                                                                shared_expert_intermediate_size=80, num_experts=8,
+                                                                num_experts_per_tok=2)),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(intermediate_size=128, moe_intermediate_size=48,
+                                                                num_local_experts=8, num_experts_per_tok=2,
+                                                                head_dim=16, norm_topk_prob=True)),
+    }
+    config_cls, model_cls, family_defaults = classes[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**BASE, **family_defaults, **overrides})
+    model = model_cls(config).eval()
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(tmp_path_factory.mktemp("mixtral"), "mixtral")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Exercises every Qwen2-MoE feature: shared expert, norm_topk_prob, a dense layer via mlp_only_layers.
+    return save_hf_model(
+        tmp_path_factory.mktemp("qwen2"), "qwen2_moe", num_hidden_layers=3, norm_topk_prob=True, mlp_only_layers=[1]
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default made by `moe-serve make-tiny-model`: checkpoint plus tokenizer and chat template."""
+    from moe_serve.model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", family="mixtral", show_progress=False)
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
