@@ -229,6 +229,10 @@ class LLMEngine:
             delta = detok.add(token)
             seq.text += delta
         reason = self._finish_reason(seq, token)
+        if reason is not None and detok is not None:
+            tail = detok.finish()  # flush text held back for an incomplete character
+            seq.text += tail
+            delta += tail
         if reason == "stop" and seq.params.stop:
             delta = self._truncate_at_stop(seq, delta)
         if reason is not None:
@@ -250,7 +254,10 @@ class LLMEngine:
     @staticmethod
     def _truncate_at_stop(seq: Sequence, delta: str) -> str:
         """Cut the output text before the first stop string; returns what is left of this step's delta."""
-        cut = min(i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0)
+        found = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
+        if not found:  # stopped by a token id, not a string
+            return delta
+        cut = min(found)
         delta_start = len(seq.text) - len(delta)
         seq.text = seq.text[:cut]
         return delta[: max(0, cut - delta_start)]
