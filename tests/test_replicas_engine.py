@@ -1,0 +1,172 @@
+"""Engine behaviour: sampling, stops, abort, streaming, preemption, bounded KV memory, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import random_prompts
+
+from moe_serve.replicas.async_engine import AsyncLLMEngine
+from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(mixtral_dir: Path) -> LLMEngine:
+    return LLMEngine.from_pretrained(mixtral_dir, EngineConfig(block_size=8))
+
+
+def prompts(engine: LLMEngine, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    return random_prompts(lengths, engine.model_config.vocab_size, seed)
+
+
+def test_seeded_sampling_is_reproducible(engine: LLMEngine) -> None:
+    prompt = prompts(engine, [10])
+    params = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
+    first = engine.generate(prompt, params)[0].token_ids
+    again = engine.generate(prompt, params)[0].token_ids
+    other = engine.generate(prompt, SamplingParams(**{**params.__dict__, "seed": 8}))[0].token_ids
+    assert first == again
+    assert first != other
+
+
+def test_top_k_one_is_greedy(engine: LLMEngine) -> None:
+    prompt = prompts(engine, [9])
+    sampled = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=2.0, top_k=1, ignore_eos=True))
+    assert sampled[0].token_ids == engine.generate(prompt, GREEDY)[0].token_ids
+
+
+def test_tiny_top_p_is_greedy(engine: LLMEngine) -> None:
+    prompt = prompts(engine, [9], seed=4)
+    sampled = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, ignore_eos=True))
+    assert sampled[0].token_ids == engine.generate(prompt, GREEDY)[0].token_ids
+
+
+def test_max_tokens_and_stop_token_ids(engine: LLMEngine) -> None:
+    prompt = prompts(engine, [11])
+    full = engine.generate(prompt, GREEDY)[0]
+    assert len(full.token_ids) == 12 and full.finish_reason == "length"
+    stop_at = full.token_ids[4]
+    first_index = full.token_ids.index(stop_at)
+    stopped = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop_at,)))[0]
+    assert stopped.token_ids == full.token_ids[: first_index + 1]
+    assert stopped.finish_reason == "stop"
+
+
+def test_stop_string_truncates_text(tiny_model_dir: Path) -> None:
+    engine = LLMEngine.from_pretrained(tiny_model_dir)
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The router sends every token to")
+    full = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert full.text
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip(), f"pick a visible stop string from {full.text!r}"
+    out = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,)))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.find(stop)]
+    assert stop not in out.text
+
+
+def test_abort_frees_blocks(engine: LLMEngine) -> None:
+    free_before = engine.kv.num_free_blocks
+    request_id = engine.add_request(prompts(engine, [40])[0], SamplingParams(max_tokens=100, temperature=0))
+    engine.step()
+    assert engine.kv.num_free_blocks < free_before
+    engine.abort_request(request_id)
+    assert engine.kv.num_free_blocks == free_before
+    assert engine.pop_result(request_id).finish_reason == "abort"
+    assert not engine.has_unfinished()
+
+
+def test_kv_memory_bounded_by_budget(mixtral_dir: Path) -> None:
+    budget = 2**20
+    engine = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(kv_cache_bytes=budget, block_size=8))
+    assert engine.kv.nbytes <= budget
+    total = engine.kv.spec.num_blocks
+    for round_ in range(3):
+        engine.generate(prompts(engine, [30, 50, 20], seed=round_), GREEDY)
+        assert engine.kv.num_free_blocks == total
+        assert engine.kv.nbytes <= budget
+
+
+def test_preemption_keeps_greedy_output(mixtral_dir: Path, engine: LLMEngine) -> None:
+    """A KV budget too small for all sequences at once forces preemption and recompute; outputs do not change."""
+    batch = prompts(engine, [30, 28, 25, 33], seed=5)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate(batch, params)]
+    spec = engine.kv.spec
+    small = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(block_size=8, kv_cache_bytes=14 * spec.block_bytes))
+    assert small.kv.spec.num_blocks == 14  # 4 sequences of ~60 tokens need 32 blocks
+    assert [o.token_ids for o in small.generate(batch, params)] == expected
+    assert small.scheduler.num_preemptions > 0
+
+
+async def test_async_streaming_matches_sync_and_abort_on_disconnect(mixtral_dir: Path, engine: LLMEngine) -> None:
+    async_engine = AsyncLLMEngine(LLMEngine.from_pretrained(mixtral_dir, EngineConfig(block_size=8)))
+    try:
+        batch = prompts(engine, [15, 7, 22], seed=3)
+        expected = [o.token_ids for o in engine.generate(batch, GREEDY)]
+
+        async def collect(prompt: list[int]) -> list[int]:
+            return [out.token_id async for out in async_engine.generate(prompt, GREEDY)]
+
+        streamed = await asyncio.gather(*(collect(p) for p in batch))
+        assert list(streamed) == expected
+
+        free = async_engine.engine.kv.num_free_blocks
+        stream = async_engine.generate(batch[0], SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
+        async for _ in stream:
+            break  # the client goes away after the first token
+        await stream.aclose()
+        for _ in range(100):
+            if not async_engine.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.02)
+        assert not async_engine.engine.has_unfinished()
+        assert async_engine.engine.kv.num_free_blocks == free
+    finally:
+        async_engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], {}, "prompt is empty"),
+        ([5] * 9000, {}, "prompt has 9000 tokens, the context holds 8192"),
+        ([5, 99999], {}, "unknown token id"),
+        ([5, -1], {}, "unknown token id"),
+    ],
+)
+def test_bad_requests_raise_clear_errors(engine: LLMEngine, prompt: list[int], params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, SamplingParams(**params))
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_tokens": -1}, "max_tokens must be a positive integer"),
+        ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"top_k": -5}, "top_k must be"),
+    ],
+)
+def test_bad_sampling_params(params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**params)
+
+
+async def test_async_bad_request_raises_in_caller(engine: LLMEngine, mixtral_dir: Path) -> None:
+    async_engine = AsyncLLMEngine(LLMEngine.from_pretrained(mixtral_dir))
+    try:
+        with pytest.raises(ValueError, match="prompt is empty"):
+            async for _ in async_engine.generate([], GREEDY):
+                pass
+    finally:
+        async_engine.shutdown()
