@@ -93,22 +93,36 @@ def paged_attention(
     out = torch.empty_like(q)
     b = batch.num_decode
     if b:
-        slots = batch.decode_key_slots  # [B, L]
-        keys = k_cache[slots].transpose(1, 2)  # [B, KVH, L, Hd]
-        values = v_cache[slots].transpose(1, 2)
-        out[:b] = _sdpa(q[:b].unsqueeze(2), keys, values, batch.decode_mask(window)).squeeze(2)
+        assert batch.decode_key_slots is not None
+        decode_q = q[:b].unsqueeze(1)  # [B, 1, H, Hd]
+        out[:b] = _grouped_attention(decode_q, k_cache, v_cache, batch.decode_key_slots, batch.decode_mask(window))[:, 0]
     for index, chunk in enumerate(batch.prefills):
-        keys = k_cache[chunk.key_slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, Hd]
-        values = v_cache[chunk.key_slots].transpose(0, 1).unsqueeze(0)
-        query = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, C, Hd]
-        out[chunk.start : chunk.end] = _sdpa(query, keys, values, batch.prefill_mask(index, window))[0].transpose(0, 1)
+        chunk_q = q[chunk.start : chunk.end].unsqueeze(0)  # [1, C, H, Hd]
+        mask = batch.prefill_mask(index, window)
+        out[chunk.start : chunk.end] = _grouped_attention(chunk_q, k_cache, v_cache, chunk.key_slots[None], mask)[0]
     return out
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # q [B, H, C, Hd], k/v [B, KVH, L, Hd]: grouped-query attention by head repetition
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def _grouped_attention(
+    q: torch.Tensor,  # [B, C, H, Hd]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [B, L]
+    mask: torch.Tensor,  # [B, 1, C, L] bool
+) -> torch.Tensor:
+    """Grouped-query attention without copying K/V per query head -> [B, C, H, Hd].
+
+    Heads are kv-major (query head h reads kv head h // G), so the G query heads sharing a kv head are folded into
+    the query axis: one [G * C, L] attention per kv head instead of repeating K/V G times.
+    """
+    b, c, h, hd = q.shape
+    kvh, length = k_cache.shape[1], slots.shape[1]
+    groups = h // kvh
+    flat = slots.flatten()
+    k = k_cache.index_select(0, flat).view(b, length, kvh, hd).transpose(1, 2)  # [B, KVH, L, Hd]
+    v = v_cache.index_select(0, flat).view(b, length, kvh, hd).transpose(1, 2)
+    q = q.view(b, c, kvh, groups, hd).permute(0, 2, 3, 1, 4).reshape(b, kvh, groups * c, hd)
+    if c > 1 and groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)  # rows ordered (group, token), as q
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, KVH, G * C, Hd]
+    return out.view(b, kvh, groups, c, hd).permute(0, 3, 1, 2, 4).reshape(b, c, h, hd)
