@@ -19,7 +19,7 @@ import torch
 
 from moe_serve.model.attention import AttentionBatch, PrefillChunk
 from moe_serve.model.config import ModelConfig
-from moe_serve.model.loader import load_local_model
+from moe_serve.model.loader import load_dense_model, load_local_model
 from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moe_serve.model.transformer import DenseModel, MoEBackend
 from moe_serve.replicas.kv_cache import KVCacheSpec, PagedKVCache
@@ -94,9 +94,16 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, engine_config: EngineConfig = EngineConfig()) -> LLMEngine:
+    def from_pretrained(
+        cls, model_dir: str | Path, engine_config: EngineConfig = EngineConfig(), moe: MoEBackend | None = None
+    ) -> LLMEngine:
+        """In-process experts by default; pass `moe` (e.g. the router of expert shards) to run them elsewhere."""
+        tokenizer = Tokenizer.from_dir(model_dir)
+        if moe is not None:
+            config, dense = load_dense_model(model_dir)
+            return cls(config, dense, moe, engine_config, tokenizer)
         loaded = load_local_model(model_dir, quantize=engine_config.quantize)
-        return cls(loaded.config, loaded.dense, loaded.moe, engine_config, Tokenizer.from_dir(model_dir))
+        return cls(loaded.config, loaded.dense, loaded.moe, engine_config, tokenizer)
 
     # --- requests ------------------------------------------------------------------------------------------
 

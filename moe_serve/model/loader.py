@@ -19,6 +19,12 @@ class LoadedModel:
     moe: LocalMoE
 
 
+def load_dense_model(model_dir: str | Path) -> tuple[ModelConfig, DenseModel]:
+    """The dense part alone, for a replica whose experts live on shard actors."""
+    config = ModelConfig.from_dir(model_dir)
+    return config, DenseModel(config, Checkpoint(model_dir, config))
+
+
 def load_local_model(model_dir: str | Path, quantize: QuantMode = "none") -> LoadedModel:
     config = ModelConfig.from_dir(model_dir)
     checkpoint = Checkpoint(model_dir, config)

@@ -32,11 +32,16 @@ class Gate:
     norm_topk_prob: bool
 
     def __call__(self, x: torch.Tensor) -> Routing:
-        probs = torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)  # [T, E]
+        return self.route(self.probs(x), x.dtype)
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)  # [T, E]
+
+    def route(self, probs: torch.Tensor, dtype: torch.dtype) -> Routing:
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return Routing(weights.to(x.dtype), expert_ids)
+        return Routing(weights.to(dtype), expert_ids)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""The expert shard: a Ray actor holding some experts of every MoE layer, on its own GPU when there is one.
+
+It reads only its own experts from the safetensors files and runs the grouped expert FFN for one batched call
+per layer: rows arrive sorted by expert, with the expert ids and row counts as small integer arrays. An expert it
+does not hold yet (a copy placed by rebalancing, or any expert after a restart) is loaded on first use, so a
+restarted shard heals itself from the checkpoint without the router replaying its history.
+Knows nothing of routing, serving or caching.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.config import ModelConfig
+from moe_serve.model.moe import ExpertStack
+from moe_serve.model.quant import QuantMode
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_id: int
+    node_id: str
+    hostname: str
+    pid: int
+    gpu_ids: list[str]
+    device: str
+    experts: dict[int, list[int]]  # layer -> experts held
+    expert_bytes: int
+
+
+class ExpertShard:
+    def __init__(
+        self, model_dir: str, shard_id: int, experts: list[int], quantize: QuantMode = "none"
+    ) -> None:
+        self.shard_id = shard_id
+        self.config = ModelConfig.from_dir(model_dir)
+        self.checkpoint = Checkpoint(Path(model_dir), self.config)
+        self.quantize = quantize
+        # Expert FFNs run on the CPU path everywhere for now; the CUDA/vLLM path is still to be built.
+        self.device = torch.device("cpu")
+        torch.set_num_threads(1)  # shards share the node's cores with each other and the replica
+        # layer -> expert id -> (stack, index in stack); a stack per load keeps loading incremental
+        self._experts: dict[int, dict[int, tuple[ExpertStack, int]]] = {}
+        for layer in self.config.moe_layer_ids:
+            self.load_experts(layer, experts)
+        self.busy_s = 0.0
+        self.calls = 0
+
+    def load_experts(self, layer: int, experts: list[int]) -> None:
+        held = self._experts.setdefault(layer, {})
+        missing = [e for e in experts if e not in held]
+        if not missing:
+            return
+        stack = ExpertStack(missing, *self.checkpoint.load_experts(layer, missing), quantize=self.quantize)
+        held.update({expert: (stack, index) for index, expert in enumerate(missing)})
+
+    def forward(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Rows of x [N, D] grouped by expert (`counts[i]` rows for `expert_ids[i]`) -> expert outputs [N, D]."""
+        start_time = time.perf_counter()
+        self.load_experts(layer, [int(e) for e in expert_ids])
+        held = self._experts[layer]
+        rows = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        out = torch.empty_like(rows)
+        start = 0
+        for expert, count in zip(expert_ids.tolist(), counts.tolist()):
+            stack, index = held[expert]
+            out[start : start + count] = stack.ffn(index, rows[start : start + count])
+            start += count
+        result = out.cpu().numpy()
+        self.busy_s += time.perf_counter() - start_time
+        self.calls += 1
+        return result
+
+    def info(self) -> ShardInfo:
+        import ray
+
+        context = ray.get_runtime_context()
+        stacks = {id(stack): stack for held in self._experts.values() for stack, _ in held.values()}
+        return ShardInfo(
+            shard_id=self.shard_id,
+            node_id=context.get_node_id(),
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+            device=str(self.device),
+            experts={layer: sorted(held) for layer, held in self._experts.items()},
+            expert_bytes=sum(stack.nbytes for stack in stacks.values()),
+        )
+
+    def load_stats(self) -> dict[str, float]:
+        return {"busy_s": self.busy_s, "calls": float(self.calls)}
