@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from moe_serve.cluster.placement import PlacementError
 from moe_serve.model.checkpoint import CheckpointError
 from moe_serve.model.config import ModelConfigError
 
@@ -52,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
-    gen.add_argument("--in-process", action="store_true", help="run experts in this process (the only mode so far)")
+    gen.add_argument("--in-process", action="store_true", help="run experts in this process (the default)")
+    gen.add_argument("--shards", type=int, default=0, help="spread experts over N shard actors on Ray")
+    gen.add_argument("--placement", choices=["pack", "spread", "strict_spread"], default="pack",
+                     help="how shard bundles are placed across nodes")
+    gen.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    gen.add_argument("--capacity-factor", type=float, default=None,
+                     help="cap tokens per expert (overflow goes to the next-best expert); default: dropless")
     return parser
 
 
@@ -74,7 +81,10 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    engine = LLMEngine.from_pretrained(args.model_dir, EngineConfig(quantize=args.quantize))
+    if args.shards and args.in_process:
+        raise ValueError("--in-process and --shards exclude each other")
+    expert_parallel = _start_expert_parallel(args) if args.shards else None
+    engine = LLMEngine.from_pretrained(args.model_dir, EngineConfig(quantize=args.quantize), moe=expert_parallel)
     if args.token_ids is not None:
         prompt_ids = args.token_ids
     elif engine.tokenizer is None:
@@ -93,12 +103,27 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         "finish_reason": out.finish_reason,
         "ttft_s": round(out.ttft_s or 0.0, 6),
         "tokens_per_s": round(len(out.token_ids) / elapsed, 2),
-        "mode": "in-process",
+        "mode": "distributed" if expert_parallel else "in-process",
         "quantize": args.quantize,
     }
+    if expert_parallel is not None:
+        result["placement"] = expert_parallel.describe()
+        expert_parallel.shutdown()
     if out.text is not None:
         result["text"] = out.text
     return result
+
+
+def _start_expert_parallel(args: argparse.Namespace):  # noqa: ANN202 - returns router.deploy.ExpertParallel
+    from moe_serve.cluster.bringup import connect_ray
+    from moe_serve.router.deploy import start_expert_parallel
+    from moe_serve.router.router import RouterConfig
+
+    connect_ray(args.address)
+    return start_expert_parallel(
+        args.model_dir, args.shards, strategy=args.placement, quantize=args.quantize,
+        router_config=RouterConfig(capacity_factor=args.capacity_factor),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -106,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}[args.command]
     try:
         result = handler(args)
-    except (ValueError, ModelConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ValueError, ModelConfigError, CheckpointError, PlacementError, FileNotFoundError) as exc:
         print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))
