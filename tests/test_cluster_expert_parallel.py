@@ -1,0 +1,120 @@
+"""Expert parallelism on a real local Ray: shards + router give the in-process engine's tokens, survive shard
+deaths and rebalancing, and refuse plans the cluster cannot hold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import random_prompts
+
+from moe_serve.cluster.bringup import connect_ray, start_shards
+from moe_serve.cluster.placement import ExpertPlacement, PlacementError
+from moe_serve.replicas.engine import LLMEngine
+from moe_serve.replicas.sampling import SamplingParams
+from moe_serve.router.deploy import ExpertParallel, start_expert_parallel
+from moe_serve.router.router import RouterConfig
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    connect_ray()  # local Ray: its GCS takes a random port, never Redis's 6379
+    yield
+    ray.shutdown()
+
+
+def in_process_tokens(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    return [o.token_ids for o in LLMEngine.from_pretrained(model_dir).generate(prompts, GREEDY)]
+
+
+@pytest.mark.parametrize("num_shards", [2, 4])
+@pytest.mark.parametrize("family_dir", ["mixtral_dir", "qwen2_dir"])
+def test_distributed_greedy_equals_in_process(family_dir: str, num_shards: int, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(family_dir)
+    prompts = random_prompts([6, 31, 18], 256, seed=num_shards)
+    expected = in_process_tokens(model_dir, prompts)
+    parallel = start_expert_parallel(str(model_dir), num_shards)
+    try:
+        engine = LLMEngine.from_pretrained(model_dir, moe=parallel)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+        plan = parallel.describe()
+        assert [len(s["experts"]) for s in plan["shards"]] == [8 // num_shards] * num_shards
+        stats = ray.get(parallel.router.load_stats.remote())
+        assert sum(stats["shard_rows"]) > 0 and stats["shard_retries"] == 0
+    finally:
+        parallel.shutdown()
+
+
+@pytest.fixture(scope="module")
+def parallel(mixtral_dir: Path) -> Iterator[ExpertParallel]:
+    group = start_expert_parallel(str(mixtral_dir), 4)
+    yield group
+    group.shutdown()
+
+
+def generate_with_hook(engine: LLMEngine, prompts: list[list[int]], hook_at_step: int, hook) -> list[list[int]]:  # noqa: ANN001
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    step = 0
+    while engine.has_unfinished():
+        if step == hook_at_step:
+            hook()
+        engine.step()
+        step += 1
+    return [engine.pop_result(i).token_ids for i in ids]
+
+
+def test_rebalance_during_generation_changes_no_output(mixtral_dir: Path, parallel: ExpertParallel) -> None:
+    prompts = random_prompts([12, 25, 9, 40], 256, seed=11)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+    added: list = []
+    tokens = generate_with_hook(engine, prompts, 4, lambda: added.extend(ray.get(parallel.router.rebalance.remote(2))))
+    assert tokens == expected
+    assert added, "rebalance placed no copies"
+    plan = parallel.describe()
+    copy = added[0]
+    assert copy["shard"] in plan["copies"][str(copy["layer"])][str(copy["expert"])]
+    info = ray.get(parallel.shards.actors[copy["shard"]].info.remote())
+    assert copy["expert"] in info.experts[copy["layer"]]
+
+
+def test_killed_shard_fails_no_request(mixtral_dir: Path, parallel: ExpertParallel) -> None:
+    prompts = random_prompts([14, 5, 33], 256, seed=12)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+    victim = parallel.shards.actors[1]
+    pid_before = ray.get(victim.info.remote()).pid
+    tokens = generate_with_hook(engine, prompts, 3, lambda: ray.kill(victim, no_restart=False))
+    assert tokens == expected
+    assert ray.get(victim.info.remote()).pid != pid_before  # restarted, experts reloaded
+    assert ray.get(parallel.router.load_stats.remote())["shard_retries"] >= 1
+
+
+def test_capacity_factor_mode_counts_fallbacks(mixtral_dir: Path) -> None:
+    parallel = start_expert_parallel(str(mixtral_dir), 2, router_config=RouterConfig(capacity_factor=0.5))
+    try:
+        engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+        outputs = engine.generate(random_prompts([40, 20], 256, seed=13), GREEDY)
+        assert all(len(o.token_ids) == 10 for o in outputs)
+        assert ray.get(parallel.router.load_stats.remote())["capacity_fallbacks"] > 0
+    finally:
+        parallel.shutdown()
+
+
+def test_more_shards_than_experts_is_refused(mixtral_dir: Path) -> None:
+    with pytest.raises(PlacementError, match="cannot place 8 experts on 9 shards"):
+        start_expert_parallel(str(mixtral_dir), 9)
+
+
+def test_gpus_the_cluster_lacks_are_refused(mixtral_dir: Path) -> None:
+    with pytest.raises(PlacementError, match="2 shards need 2 GPUs, the cluster has 0"):
+        start_shards(str(mixtral_dir), ExpertPlacement.balanced(8, 2), use_gpus=True)
+
+
+def test_strict_spread_over_more_nodes_than_exist_is_refused(mixtral_dir: Path) -> None:
+    with pytest.raises(PlacementError, match="the cluster has 1 nodes"):
+        start_shards(str(mixtral_dir), ExpertPlacement.balanced(8, 2), strategy="strict_spread")
