@@ -173,6 +173,7 @@ class LLMEngine:
 
     # --- one step ------------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         plan = self.scheduler.schedule()
         if plan.empty:
@@ -181,10 +182,21 @@ class LLMEngine:
         token_ids, batch, logits_rows = self._build_batch(plan)
         logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
         sampling = [c for c in chunks if c.samples]
+        self._block_early_stops(logits, [c.seq for c in sampling])
         new_tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.generator for c in sampling])
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
         return [self._append(c.seq, t, logits[row]) for row, (c, t) in enumerate(zip(sampling, new_tokens))]
+
+    def _block_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Below min_tokens, EOS and stop token ids cannot be sampled (as vLLM's and transformers' min tokens)."""
+        for row, seq in enumerate(seqs):
+            params = seq.params
+            if len(seq.output_ids) < params.min_tokens:
+                eos = () if params.ignore_eos else self.model_config.eos_token_ids
+                banned = [t for t in (*eos, *params.stop_token_ids) if 0 <= t < logits.shape[1]]
+                if banned:
+                    logits[row, banned] = float("-inf")
 
     def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
         bs = self.config.block_size
@@ -252,12 +264,11 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if len(seq.output_ids) >= params.min_tokens:
-            eos = () if params.ignore_eos else self.model_config.eos_token_ids
-            if token in params.stop_token_ids or token in eos:
-                return "stop"
-            if params.stop and any(s in seq.text for s in params.stop):
-                return "stop"
+        eos = () if params.ignore_eos else self.model_config.eos_token_ids
+        if token in params.stop_token_ids or token in eos:
+            return "stop"
+        if len(seq.output_ids) >= params.min_tokens and params.stop and any(s in seq.text for s in params.stop):
+            return "stop"
         if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

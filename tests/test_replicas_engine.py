@@ -170,3 +170,13 @@ async def test_async_bad_request_raises_in_caller(engine: LLMEngine, mixtral_dir
                 pass
     finally:
         async_engine.shutdown()
+
+
+def test_min_tokens_blocks_stop_tokens(engine: LLMEngine) -> None:
+    prompt = prompts(engine, [11], seed=9)
+    full = engine.generate(prompt, GREEDY)[0].token_ids
+    stop_id = full[1]
+    params = SamplingParams(max_tokens=12, temperature=0, min_tokens=6, stop_token_ids=(stop_id,))
+    out = engine.generate(prompt, params)[0]
+    assert len(out.token_ids) >= 6
+    assert stop_id not in out.token_ids[:6]
