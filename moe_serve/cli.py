@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     gen.add_argument("--capacity-factor", type=float, default=None,
                      help="cap tokens per expert (overflow goes to the next-best expert); default: dropless")
+    gen.add_argument("--auto-rebalance", type=int, default=None, metavar="CALLS",
+                     help="every CALLS layer calls, copy hot experts to less-loaded shards when load is uneven")
     return parser
 
 
@@ -122,7 +124,7 @@ def _start_expert_parallel(args: argparse.Namespace):  # noqa: ANN202 - returns 
     connect_ray(args.address)
     return start_expert_parallel(
         args.model_dir, args.shards, strategy=args.placement, quantize=args.quantize,
-        router_config=RouterConfig(capacity_factor=args.capacity_factor),
+        router_config=RouterConfig(capacity_factor=args.capacity_factor, auto_rebalance_every=args.auto_rebalance),
     )
 
 

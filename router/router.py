@@ -116,6 +116,10 @@ class Router:
         return {**self.stats.as_dict(), "shard_busy_s": [b["busy_s"] for b in busy],
                 "placement": self.placement.describe()}
 
+    def metrics_text(self) -> bytes:
+        """Prometheus text exposition of the load counters (tokens per expert, rows per shard, fallbacks, retries)."""
+        return self.stats.prometheus_text()
+
     def placement_plan(self) -> dict[str, Any]:
         return self.placement.describe()
 

@@ -118,3 +118,28 @@ def test_gpus_the_cluster_lacks_are_refused(mixtral_dir: Path) -> None:
 def test_strict_spread_over_more_nodes_than_exist_is_refused(mixtral_dir: Path) -> None:
     with pytest.raises(PlacementError, match="the cluster has 1 nodes"):
         start_shards(str(mixtral_dir), ExpertPlacement.balanced(8, 2), strategy="strict_spread")
+
+
+def test_load_stats_and_prometheus_counters(mixtral_dir: Path, parallel: ExpertParallel) -> None:
+    engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+    engine.generate(random_prompts([10], 256, seed=14), GREEDY)
+    stats = ray.get(parallel.router.load_stats.remote())
+    assert len(stats["expert_tokens"]) == 2 and all(sum(layer) > 0 for layer in stats["expert_tokens"])
+    assert len(stats["shard_busy_s"]) == 4 and all(b > 0 for b in stats["shard_busy_s"])
+    text = ray.get(parallel.router.metrics_text.remote()).decode()
+    assert 'moe_expert_tokens_total{expert="0",layer="0"}' in text
+    assert "moe_shard_retries_total" in text
+
+
+def test_auto_rebalance_copies_hot_experts(mixtral_dir: Path) -> None:
+    config = RouterConfig(auto_rebalance_every=2, imbalance_threshold=1.0)
+    parallel = start_expert_parallel(str(mixtral_dir), 2, router_config=config)
+    try:
+        prompts = random_prompts([20, 8], 256, seed=15)
+        expected = in_process_tokens(mixtral_dir, prompts)
+        engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+        assert ray.get(parallel.router.load_stats.remote())["auto_rebalances"] >= 1
+        assert parallel.describe()["copies"]
+    finally:
+        parallel.shutdown()
