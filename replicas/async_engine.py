@@ -70,6 +70,18 @@ class AsyncLLMEngine:
             if not finished:
                 self._inbox.put(_Abort(request_id))
 
+    def stats(self) -> dict[str, float]:
+        """Load of this engine (read without locking: a snapshot for metrics and autoscaling, not an invariant)."""
+        engine = self.engine
+        kv = engine.kv
+        return {
+            "waiting": len(engine.scheduler.waiting) + self._inbox.qsize(),
+            "running": len(engine.scheduler.running),
+            "kv_used_fraction": 1.0 - kv.num_free_blocks / kv.spec.num_blocks,
+            "preemptions": engine.scheduler.num_preemptions,
+            "healthy": self._error is None and self._thread.is_alive(),
+        }
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 

@@ -1,0 +1,309 @@
+"""The ingress: an OpenAI-compatible FastAPI app served by Ray Serve in front of the engine replicas.
+
+It authenticates, validates, tokenizes (chat templates included), enforces limits, and turns the replicas'
+token streams into OpenAI responses or server-sent events. Every client mistake is a 4xx in OpenAI's error
+shape; a client that goes away mid-stream cancels its generation, which frees its KV on the replica.
+"""
+
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from moe_serve.model.tokenizer import Tokenizer
+from moe_serve.replicas.metrics import ServingMetrics
+from moe_serve.replicas.protocol import (
+    APIError,
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    SamplingFields,
+    Usage,
+)
+from moe_serve.replicas.settings import AppSettings
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+app = FastAPI(title="moe-serve", description="OpenAI-compatible API for Mixture-of-Experts models")
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body.model_dump(), status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        error = APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
+    else:
+        location = ".".join(str(part) for part in first.get("loc", ())[1:])
+        error = APIError(422, f"{location}: {first.get('msg', 'invalid value')}", param=location or None)
+    return JSONResponse(error.body.model_dump(), status_code=error.status)
+
+
+class TokenStream:
+    """The replica's token stream, with the first item fetched early and metrics recorded on the way."""
+
+    def __init__(self, generator: Any, metrics: ServingMetrics) -> None:
+        self.generator = generator
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.cached_tokens = 0
+        self._first: dict[str, Any] | None = None
+
+    async def first(self) -> None:
+        try:
+            item = await self.generator.__anext__()
+        except StopAsyncIteration:
+            raise APIError(503, "the engine replica ended the stream without output") from None
+        if "error" in item:
+            raise APIError(item["error"]["status"], item["error"]["message"])
+        self.metrics.ttft.observe(time.perf_counter() - self.start)
+        self._first = item
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        finished = False
+        try:
+            item = self._first
+            while item is not None and "error" not in item:
+                self.tokens += 1
+                self.cached_tokens = item["cached_tokens"]
+                finished = item["finished"]
+                yield item
+                if finished:
+                    break
+                item = await anext(self.generator, None)
+        finally:
+            if not finished:
+                self.generator.cancel()  # client went away: the replica aborts and frees the KV blocks
+            self.metrics.finish(time.perf_counter() - self.start, self.tokens, finished)
+
+
+async def _collect(stream: TokenStream) -> tuple[str, str | None, int, int]:
+    parts, reason = [], None
+    async for item in stream:
+        parts.append(item["text"])
+        reason = item["finish_reason"]
+    return "".join(parts), reason, stream.tokens, stream.cached_tokens
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    async def with_done() -> AsyncIterator[str]:
+        async for event in events:
+            yield event
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(with_done(), media_type="text/event-stream")
+
+
+def _replica_count() -> int:
+    try:
+        status = serve.status()
+        return sum(
+            sum(deployment.replica_states.values())
+            for application in status.applications.values()
+            for name, deployment in application.deployments.items()
+            if name == "EngineReplica"
+        )
+    except Exception:  # status is best-effort for metrics; the controller may be busy
+        return 0
+
+
+@app.middleware("http")
+async def _limit_body_size(request: Request, call_next: Any) -> Any:
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    if limit is not None and request.method == "POST":
+        declared = request.headers.get("content-length")
+        size = int(declared) if declared and declared.isdigit() else len(await request.body())
+        if size > limit:
+            error = APIError(413, f"request body of {size} bytes exceeds the limit of {limit}")
+            return JSONResponse(error.body.model_dump(), status_code=413)
+    return await call_next(request)
+
+
+# Defined last: serve.ingress snapshots the module when it wraps the class, so helpers must exist before it.
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, engine: DeploymentHandle, settings: AppSettings) -> None:
+        app.state.max_body_bytes = settings.limits.max_body_bytes
+        self.engine = engine
+        self.settings = settings
+        self.api_key = settings.resolved_api_key()
+        self.tokenizer = Tokenizer.from_dir(settings.model_dir)
+        self.metrics = ServingMetrics()
+        self._max_model_len: int | None = None
+
+    # --- routes --------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        stats = await self.engine.stats.remote()
+        return JSONResponse({"status": "ok" if stats["healthy"] else "unhealthy", "model": self.settings.served_name},
+                            status_code=200 if stats["healthy"] else 503)
+
+    @app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        self.metrics.observe_replica(await self.engine.stats.remote(), _replica_count())
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> ModelList:
+        self._authorize(request)
+        return ModelList(data=[ModelCard(id=self.settings.served_name)])
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._authorize(request)
+        self._check_common(body)
+        prompt_ids = self._completion_prompt(body)
+        max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
+        stream = await self._start(prompt_ids, body, max_tokens)
+        echo = self.tokenizer.decode(prompt_ids) if body.echo and self.tokenizer else ""
+        if body.stream:
+            return _sse(self._completion_chunks(body, stream, len(prompt_ids), echo))
+        text, reason, tokens, cached = await _collect(stream)
+        usage = _usage(len(prompt_ids), tokens, cached)
+        return CompletionResponse(model=body.model, usage=usage,
+                                  choices=[CompletionChoice(text=echo + text, finish_reason=reason)])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self._authorize(request)
+        self._check_common(body)
+        if self.tokenizer is None or not self.tokenizer.has_chat_template:
+            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        try:
+            prompt_ids = self.tokenizer.encode_chat([m.model_dump() for m in body.messages])
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        self._check_prompt_length(prompt_ids)
+        max_len = await self._model_len()
+        max_tokens = body.max_tokens or max(1, min(self.settings.limits.max_tokens, max_len - len(prompt_ids)))
+        stream = await self._start(prompt_ids, body, max_tokens)
+        if body.stream:
+            return _sse(self._chat_chunks(body, stream, len(prompt_ids)))
+        text, reason, tokens, cached = await _collect(stream)
+        return ChatCompletionResponse(model=body.model, usage=_usage(len(prompt_ids), tokens, cached),
+                                      choices=[ChatChoice(message=ChatChoiceMessage(content=text),
+                                                          finish_reason=reason)])
+
+    # --- checks --------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+    def _check_common(self, body: SamplingFields) -> None:
+        limits = self.settings.limits
+        if body.model != self.settings.served_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves "
+                                f"{self.settings.served_name!r}", param="model", code="model_not_found")
+        if body.n > limits.max_n:
+            raise APIError(400, f"n={body.n}: at most {limits.max_n} completion per request", param="n")
+        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens={body.max_tokens} exceeds the limit of {limits.max_tokens}",
+                           param="max_tokens")
+
+    def _completion_prompt(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, "batched prompts are not supported: send one prompt per request", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send token ids as the prompt", param="prompt")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        self._check_prompt_length(prompt_ids)
+        return prompt_ids
+
+    def _check_prompt_length(self, prompt_ids: list[int]) -> None:
+        if len(prompt_ids) > self.settings.limits.max_prompt_tokens:
+            raise APIError(400, f"prompt has {len(prompt_ids)} tokens, the limit is "
+                                f"{self.settings.limits.max_prompt_tokens}", param="prompt")
+
+    async def _model_len(self) -> int:
+        if self._max_model_len is None:
+            self._max_model_len = await self.engine.max_model_len.remote()
+        return self._max_model_len
+
+    # --- streaming -----------------------------------------------------------------------------------------
+
+    async def _start(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int) -> TokenStream:
+        sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                        seed=body.seed, stop=tuple(body.stop or ()), min_tokens=min(body.min_tokens, max_tokens),
+                        ignore_eos=body.ignore_eos)
+        if body.stop and self.tokenizer is None:
+            raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")
+        stream = TokenStream(self.engine.options(stream=True).generate.remote(prompt_ids, sampling), self.metrics)
+        await stream.first()  # errors become 4xx here, before any response byte is sent
+        return stream
+
+    async def _completion_chunks(
+        self, body: CompletionRequest, stream: TokenStream, prompt_tokens: int, echo: str
+    ) -> AsyncIterator[str]:
+        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if echo:
+            yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                          "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
+        async for item in stream:
+            yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                          "choices": [{"index": 0, "text": item["text"], "logprobs": None,
+                                       "finish_reason": item["finish_reason"] if item["finished"] else None}]})
+        if body.stream_options and body.stream_options.include_usage:
+            usage = _usage(prompt_tokens, stream.tokens, stream.cached_tokens).model_dump()
+            yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                          "choices": [], "usage": usage})
+
+    async def _chat_chunks(
+        self, body: ChatCompletionRequest, stream: TokenStream, prompt_tokens: int
+    ) -> AsyncIterator[str]:
+        chunk = ChatCompletionChunk(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
+                                    choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+        yield _event(chunk.model_dump(exclude_none=True))
+        async for item in stream:
+            choice = ChatChunkChoice(delta=ChatDelta(content=item["text"]),
+                                     finish_reason=item["finish_reason"] if item["finished"] else None)
+            yield _event(chunk.model_copy(update={"choices": [choice]}).model_dump(exclude_none=True))
+        if body.stream_options and body.stream_options.include_usage:
+            usage = _usage(prompt_tokens, stream.tokens, stream.cached_tokens)
+            yield _event(chunk.model_copy(update={"choices": [], "usage": usage}).model_dump(exclude_none=True))

@@ -1,0 +1,29 @@
+"""Build the Serve application: ingress (OpenAI API) bound to autoscaled engine replicas.
+
+`build_app(settings)` is a small pure builder; `app_builder(args)` is the import path `serve deploy` and
+`serve run` use with a dict of settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from moe_serve.replicas.api import Ingress
+from moe_serve.replicas.engine_replica import engine_deployment
+from moe_serve.replicas.settings import AppSettings
+
+APP_NAME = "moe-serve"
+
+
+def build_app(settings: AppSettings) -> Application:
+    engine = engine_deployment(settings).bind(settings)
+    ingress = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.25},
+                               max_ongoing_requests=1000)
+    return ingress.bind(engine, settings)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    return build_app(AppSettings.model_validate(args))

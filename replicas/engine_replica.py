@@ -1,0 +1,64 @@
+"""The engine replica: a Ray Serve deployment owning one continuous-batching engine and its KV cache.
+
+It receives token ids and sampling fields from the ingress and streams back one small dict per generated token.
+Client errors (bad request, full queue) come back as a single `{"error": ...}` item so the ingress can answer
+with the right 4xx before any byte of the response is sent. Cancelling the stream aborts the request and frees
+its KV blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from moe_serve.replicas.async_engine import AsyncLLMEngine
+from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.sampling import SamplingParams
+from moe_serve.replicas.settings import AppSettings
+
+
+class EngineReplica:
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        engine_config = EngineConfig(
+            quantize=settings.quantize, kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs
+        )
+        self.engine = AsyncLLMEngine(LLMEngine.from_pretrained(settings.model_dir, engine_config))
+
+    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        stats = self.engine.stats()
+        if stats["waiting"] >= self.settings.limits.max_queued_requests:
+            yield {"error": {"status": 429, "message": f"replica queue is full ({stats['waiting']} waiting)"}}
+            return
+        try:
+            params = SamplingParams(**sampling)
+            stream = self.engine.generate(prompt_ids, params)
+            async for out in stream:
+                yield {"token_id": out.token_id, "text": out.text_delta, "finished": out.finished,
+                       "finish_reason": out.finish_reason, "cached_tokens": 0}
+        except ValueError as exc:
+            yield {"error": {"status": 400, "message": str(exc)}}
+
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def check_health(self) -> None:
+        if not self.engine.stats()["healthy"]:
+            raise RuntimeError("engine thread is not running")
+
+
+def engine_deployment(settings: AppSettings) -> serve.Deployment:
+    return serve.deployment(
+        EngineReplica,
+        name="EngineReplica",
+        ray_actor_options={"num_cpus": settings.replica_num_cpus},
+        autoscaling_config=settings.autoscaling.serve_config(),
+        max_ongoing_requests=settings.max_num_seqs + settings.limits.max_queued_requests,
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=30,
+    )

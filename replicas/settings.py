@@ -1,0 +1,61 @@
+"""Settings of the Serve application: one pydantic model, read from the CLI, Serve YAML or Python.
+
+Edges validate (pydantic with descriptions); the hot path gets plain values from here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from moe_serve.replicas.protocol import Limits
+
+API_KEY_ENV = "MOE_SERVE_API_KEY"
+
+
+class AutoscalingSettings(BaseModel):
+    min_replicas: int = Field(1, ge=0, description="0 allows scale to zero; the first request then waits")
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica Serve aims for")
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(20.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        return self
+
+    def serve_config(self) -> dict[str, float | int]:
+        config: dict[str, float | int] = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+        if self.initial_replicas is not None:
+            config["initial_replicas"] = self.initial_replicas
+        return config
+
+
+class AppSettings(BaseModel):
+    model_dir: str = Field(..., description="Hugging Face layout model directory")
+    model_name: str | None = Field(None, description="Name served in /v1/models; default: the directory name")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="Weight-only quantization of experts")
+    kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV cache budget per engine replica")
+    max_num_seqs: int = Field(64, gt=0, description="Sequences in one replica's running batch")
+    api_key: str | None = Field(None, description=f"Required bearer token on /v1 routes; default: ${API_KEY_ENV}")
+    limits: Limits = Field(default_factory=Limits)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    replica_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per engine replica")
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or os.path.basename(os.path.normpath(self.model_dir))
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
