@@ -87,6 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         raise ValueError("--in-process and --shards exclude each other")
     expert_parallel = _start_expert_parallel(args) if args.shards else None
     engine = LLMEngine.from_pretrained(args.model_dir, EngineConfig(quantize=args.quantize), moe=expert_parallel)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("prompt is empty: give some text or --token-ids")
     if args.token_ids is not None:
         prompt_ids = args.token_ids
     elif engine.tokenizer is None:

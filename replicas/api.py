@@ -248,6 +248,8 @@ class Ingress:
                 raise APIError(400, "batched prompts are not supported: send one prompt per request", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt is empty", param="prompt")
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send token ids as the prompt", param="prompt")
             prompt_ids = self.tokenizer.encode(prompt)
