@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-TINY_MODEL := .models/tiny-mixtral
 
 .PHONY: install serve test bench clean
 
@@ -18,11 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-$(TINY_MODEL)/config.json: | $(STAMP)
-	$(VENV)/bin/moe-serve make-tiny-model $(TINY_MODEL) --family mixtral
-
-serve: install $(TINY_MODEL)/config.json
-	$(VENV)/bin/moe-serve generate $(TINY_MODEL) --prompt "The expert router sends each token" --max-tokens 32
+# The embedded default: local Ray, the tiny model (made on first run), the OpenAI API on 127.0.0.1:8000.
+serve: install
+	$(VENV)/bin/moe-serve up
 
 test: install
 	$(PY) -m pytest -q
@@ -31,4 +28,4 @@ bench: install
 	$(PY) bench/engine.py
 
 clean:
-	rm -rf $(VENV) .models
+	rm -rf $(VENV)

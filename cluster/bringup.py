@@ -28,7 +28,8 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, timeout
     if ray.is_initialized():
         return
     if address is None:
-        ray.init(num_cpus=num_cpus or LOCAL_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        # "local" always starts a new instance; a bare ray.init() would join any cluster already on this machine
+        ray.init(address="local", num_cpus=num_cpus or LOCAL_RAY_CPUS, include_dashboard=False, log_to_driver=False)
         return
     # A dead GCS address makes ray.init retry for minutes: bound it.
     os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", str(int(timeout_s)))

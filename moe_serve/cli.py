@@ -62,7 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap tokens per expert (overflow goes to the next-best expert); default: dropless")
     gen.add_argument("--auto-rebalance", type=int, default=None, metavar="CALLS",
                      help="every CALLS layer calls, copy hot experts to less-loaded shards when load is uneven")
+    up = commands.add_parser("up", help="start Ray, the model and the OpenAI-compatible Serve app; Ctrl-C stops")
+    up.add_argument("model_dir", nargs="?", default=None, help="default: the embedded tiny model")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--model-name", default=None, help="name in /v1/models (default: the directory name)")
+    up.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
+    up.add_argument("--min-replicas", type=int, default=1)
+    up.add_argument("--max-replicas", type=int, default=2)
+    up.add_argument("--api-key", default=None, help="require this bearer token (default: $MOE_SERVE_API_KEY)")
+
+    state = commands.add_parser("status", help="replicas and load of a running application")
+    state.add_argument("--address", default="auto")
     return parser
+
+
+def cmd_up(args: argparse.Namespace) -> dict:
+    from moe_serve.up import run_up
+
+    settings = {
+        "model_dir": args.model_dir, "model_name": args.model_name, "quantize": args.quantize,
+        "api_key": args.api_key,
+        "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas},
+    }
+    run_up(settings, args.host, args.port)
+    return {"stopped": True}
+
+
+def cmd_status(args: argparse.Namespace) -> dict:
+    from moe_serve.up import status
+
+    return status(args.address)
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> dict:
@@ -132,10 +162,11 @@ def _start_expert_parallel(args: argparse.Namespace):  # noqa: ANN202 - returns 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handler = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}[args.command]
+    handler = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate, "up": cmd_up,
+               "status": cmd_status}[args.command]
     try:
         result = handler(args)
-    except (ValueError, ModelConfigError, CheckpointError, PlacementError, FileNotFoundError) as exc:
+    except (ValueError, ModelConfigError, CheckpointError, PlacementError, FileNotFoundError, ConnectionError) as exc:
         print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))
