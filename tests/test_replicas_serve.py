@@ -1,0 +1,195 @@
+"""End to end on a real local Ray Serve with the official `openai` client: the OpenAI surface, errors, auth,
+streaming, concurrency and client disconnects."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from moe_serve.cluster.bringup import connect_ray
+from moe_serve.model.tokenizer import Tokenizer
+from moe_serve.replicas.app import APP_NAME, build_app
+from moe_serve.replicas.engine import LLMEngine
+from moe_serve.replicas.sampling import SamplingParams
+from moe_serve.replicas.settings import AppSettings
+
+API_KEY = "test-key-123"
+MODEL = "tiny"
+
+
+@dataclass
+class Server:
+    base: str
+    model_dir: Path
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def post(self, path: str, content: bytes | str, api_key: str = API_KEY) -> httpx.Response:
+        headers = {"content-type": "application/json", "authorization": f"Bearer {api_key}"}
+        return httpx.post(f"{self.base}{path}", content=content, headers=headers, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[Server]:
+    connect_ray()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = AppSettings(model_dir=str(tiny_model_dir), model_name=MODEL, api_key=API_KEY,
+                           limits={"max_prompt_tokens": 600, "max_tokens": 4000},
+                           autoscaling={"min_replicas": 1, "max_replicas": 1})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    yield Server(f"http://127.0.0.1:{port}", tiny_model_dir)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> LLMEngine:
+    return LLMEngine.from_pretrained(tiny_model_dir)
+
+
+def engine_text(engine: LLMEngine, prompt_ids: list[int], max_tokens: int) -> str:
+    [out] = engine.generate([prompt_ids], SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return out.text or ""
+
+
+def test_health_models_and_metrics(server: Server) -> None:
+    assert httpx.get(f"{server.base}/health").json()["status"] == "ok"
+    assert [m.id for m in server.client().models.list().data] == [MODEL]
+    server.client().completions.create(model=MODEL, prompt="warm up", max_tokens=2)
+    metrics = httpx.get(f"{server.base}/metrics").text
+    for name in ("moe_requests_total", "moe_time_to_first_token_seconds", "moe_request_latency_seconds",
+                 "moe_generated_tokens_total", "moe_queue_depth", "moe_running_sequences",
+                 "moe_kv_cache_used_fraction", "moe_engine_replicas"):
+        assert name in metrics, name
+
+
+def test_completion_greedy_equals_engine(server: Server, reference: LLMEngine) -> None:
+    prompt = "The router sends each token to"
+    response = server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    tokenizer = Tokenizer.from_dir(server.model_dir)
+    assert response.choices[0].text == engine_text(reference, tokenizer.encode(prompt), 12)
+    assert response.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert response.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_completion_from_token_ids(server: Server, reference: LLMEngine) -> None:
+    ids = [5, 17, 99, 230]
+    response = server.client().completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert response.choices[0].text == engine_text(reference, ids, 6)
+
+
+def test_chat_greedy_and_streaming_agree(server: Server, reference: LLMEngine) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is an expert?"}]
+    client = server.client()
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    tokenizer = Tokenizer.from_dir(server.model_dir)
+    assert plain.choices[0].message.content == engine_text(reference, tokenizer.encode_chat(messages), 10)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_streaming_completion_ends_with_done(server: Server) -> None:
+    body = f'{{"model": "{MODEL}", "prompt": "Cache", "max_tokens": 5, "stream": true}}'
+    with httpx.stream("POST", f"{server.base}/v1/completions", content=body, timeout=60,
+                      headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert len(events) == 6  # five tokens, then [DONE]
+
+
+def test_concurrent_clients(server: Server, reference: LLMEngine) -> None:
+    prompts = [f"Request number {i} asks the experts" for i in range(8)]
+    tokenizer = Tokenizer.from_dir(server.model_dir)
+
+    def ask(prompt: str) -> str:
+        return server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert answers == [engine_text(reference, tokenizer.encode(p), 8) for p in prompts]
+
+
+def test_api_key_enforced(server: Server) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").completions.create(model=MODEL, prompt="x", max_tokens=2)
+    response = httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ('{"model": "tiny", "prompt": ', 400, "not valid JSON"),
+        ('{"model": "tiny", "prompt": "x", "max_tokens": "many"}', 422, "max_tokens"),
+        ('{"model": "tiny", "prompt": 5}', 422, "prompt"),
+        ('{"model": "gpt-9", "prompt": "x"}', 404, "does not exist"),
+        ('{"model": "tiny", "prompt": "x", "max_tokens": -4}', 422, "max_tokens"),
+        ('{"model": "tiny", "prompt": "x", "max_tokens": 100000000}', 400, "exceeds the limit"),
+        ('{"model": "tiny", "prompt": "x", "n": 3}', 400, "n=3"),
+        ('{"model": "tiny", "prompt": ""}', 400, "prompt is empty"),
+        ('{"model": "tiny", "prompt": [1, 2, 99999]}', 400, "unknown token id"),
+        ('{"model": "tiny", "prompt": "x", "temperature": -1}', 422, "temperature"),
+        ('{"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 422, "stop"),
+    ],
+)
+def test_bad_input_gets_openai_error(server: Server, body: str, status: int, fragment: str) -> None:
+    response = server.post("/v1/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["type"]
+
+
+def test_prompt_too_long(server: Server) -> None:
+    response = server.post("/v1/completions", f'{{"model": "tiny", "prompt": {list(range(3, 700))}}}')
+    assert response.status_code == 400
+    assert "the limit is 600" in response.json()["error"]["message"]
+
+
+def test_oversized_body(server: Server) -> None:
+    response = server.post("/v1/completions", '{"model": "tiny", "prompt": "' + "x" * (2 << 20) + '"}')
+    assert response.status_code == 413
+
+
+def test_chat_bad_role(server: Server) -> None:
+    response = server.post("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}')
+    assert response.status_code == 422
+
+
+def test_client_disconnect_frees_its_slot(server: Server) -> None:
+    handle = serve.get_deployment_handle("EngineReplica", APP_NAME)
+    body = f'{{"model": "{MODEL}", "prompt": "Long story", "max_tokens": 4000, "ignore_eos": true, "stream": true}}'
+    with httpx.stream("POST", f"{server.base}/v1/completions", content=body, timeout=60,
+                      headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one token, then the client hangs up
+    deadline = time.monotonic() + 20
+    stats = handle.stats.remote().result()
+    while time.monotonic() < deadline and (stats["running"] or stats["kv_used_fraction"] > 0):
+        time.sleep(0.2)
+        stats = handle.stats.remote().result()
+    assert stats["running"] == 0 and stats["kv_used_fraction"] == 0.0
+    assert 'moe_requests_total{outcome="aborted"}' in httpx.get(f"{server.base}/metrics").text
