@@ -47,6 +47,11 @@ class EngineReplica:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Load this replica reports to Serve's autoscaler (read by replicas/autoscaling.py)."""
+        stats = self.engine.stats()
+        return {"running": stats["running"], "waiting": stats["waiting"], "kv_used_fraction": stats["kv_used_fraction"]}
+
     def check_health(self) -> None:
         if not self.engine.stats()["healthy"]:
             raise RuntimeError("engine thread is not running")

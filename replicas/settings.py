@@ -6,10 +6,11 @@ Edges validate (pydantic with descriptions); the hot path gets plain values from
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from moe_serve.replicas.autoscaling import POLICY_PATH
 from moe_serve.replicas.protocol import Limits
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
@@ -22,6 +23,11 @@ class AutoscalingSettings(BaseModel):
     target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica Serve aims for")
     upscale_delay_s: float = Field(3.0, ge=0)
     downscale_delay_s: float = Field(20.0, ge=0)
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Idle time before the last replica goes")
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas report their load")
+    look_back_period_s: float = Field(5.0, gt=0, description="Window the reported load is averaged over")
+    llm_policy: bool = Field(True, description="Scale on sequences and KV use (our policy) instead of Serve's "
+                                                "request-count default")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSettings:
@@ -29,14 +35,20 @@ class AutoscalingSettings(BaseModel):
             raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
         return self
 
-    def serve_config(self) -> dict[str, float | int]:
-        config: dict[str, float | int] = {
+    def serve_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
         }
+        if self.downscale_to_zero_delay_s is not None:
+            config["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        if self.llm_policy:
+            config["policy"] = {"policy_function": POLICY_PATH}
         if self.initial_replicas is not None:
             config["initial_replicas"] = self.initial_replicas
         return config

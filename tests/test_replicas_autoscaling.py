@@ -1,0 +1,86 @@
+"""Autoscaling on a real local Ray Serve: replicas go 1 -> more under a bounded concurrent load, back to 1 after."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from ray.serve.config import AutoscalingConfig
+
+from moe_serve.cluster.bringup import connect_ray
+from moe_serve.replicas.app import APP_NAME, build_app
+from moe_serve.replicas.autoscaling import POLICY_PATH
+from moe_serve.replicas.settings import AppSettings, AutoscalingSettings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def engine_replicas() -> int:
+    deployment = serve.status().applications[APP_NAME].deployments["EngineReplica"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_settings_build_a_valid_serve_config() -> None:
+    config = AutoscalingConfig(**AutoscalingSettings(min_replicas=0, max_replicas=4).serve_config())
+    assert config.policy.policy_function == POLICY_PATH
+    with pytest.raises(ValueError, match="max_replicas"):
+        AutoscalingSettings(min_replicas=3, max_replicas=2)
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_model_dir: Path) -> Iterator[str]:
+    connect_ray()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    autoscaling = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1,
+                       downscale_delay_s=6, metrics_interval_s=0.5, look_back_period_s=2)
+    settings = AppSettings(model_dir=str(tiny_model_dir), model_name="tiny", autoscaling=autoscaling,
+                           replica_num_cpus=0.25)
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_scale_up_under_load_and_back_down(base_url: str) -> None:
+    assert engine_replicas() == 1
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def client() -> None:
+        body = {"model": "tiny", "prompt": "Scale", "max_tokens": 64, "ignore_eos": True}
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                response = http.post(f"{base_url}/v1/completions", json=body)
+                if response.status_code != 200:
+                    failures.append(response.text)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    peak, deadline = 1, time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and peak < 2:
+            peak = max(peak, engine_replicas())
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert peak == 2, "never scaled up under load"
+    assert not failures
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and engine_replicas() != 1:
+        time.sleep(0.5)
+    assert engine_replicas() == 1, "never scaled back down after the load stopped"
