@@ -72,6 +72,7 @@ class TokenStream:
         self.start = time.perf_counter()
         self.tokens = 0
         self.cached_tokens = 0
+        self.replica = ""
         self._first: dict[str, Any] | None = None
 
     async def first(self) -> None:
@@ -82,6 +83,7 @@ class TokenStream:
         if "error" in item:
             raise APIError(item["error"]["status"], item["error"]["message"])
         self.metrics.ttft.observe(time.perf_counter() - self.start)
+        self.replica = item.get("replica", "")
         self._first = item
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
@@ -120,13 +122,20 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+REPLICA_HEADER = "x-moe-replica"  # which engine replica served the request (prefix affinity, debugging)
+
+
+def _json(response: Any, replica: str) -> JSONResponse:
+    return JSONResponse(response.model_dump(), headers={REPLICA_HEADER: replica})
+
+
+def _sse(events: AsyncIterator[str], replica: str) -> StreamingResponse:
     async def with_done() -> AsyncIterator[str]:
         async for event in events:
             yield event
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(with_done(), media_type="text/event-stream")
+    return StreamingResponse(with_done(), media_type="text/event-stream", headers={REPLICA_HEADER: replica})
 
 
 def _replica_count() -> int:
@@ -193,11 +202,12 @@ class Ingress:
         stream = await self._start(prompt_ids, body, max_tokens)
         echo = self.tokenizer.decode(prompt_ids) if body.echo and self.tokenizer else ""
         if body.stream:
-            return _sse(self._completion_chunks(body, stream, len(prompt_ids), echo))
+            return _sse(self._completion_chunks(body, stream, len(prompt_ids), echo), stream.replica)
         text, reason, tokens, cached = await _collect(stream)
         usage = _usage(len(prompt_ids), tokens, cached)
-        return CompletionResponse(model=body.model, usage=usage,
-                                  choices=[CompletionChoice(text=echo + text, finish_reason=reason)])
+        response = CompletionResponse(model=body.model, usage=usage,
+                                      choices=[CompletionChoice(text=echo + text, finish_reason=reason)])
+        return _json(response, stream.replica)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
@@ -214,11 +224,12 @@ class Ingress:
         max_tokens = body.max_tokens or max(1, min(self.settings.limits.max_tokens, max_len - len(prompt_ids)))
         stream = await self._start(prompt_ids, body, max_tokens)
         if body.stream:
-            return _sse(self._chat_chunks(body, stream, len(prompt_ids)))
+            return _sse(self._chat_chunks(body, stream, len(prompt_ids)), stream.replica)
         text, reason, tokens, cached = await _collect(stream)
-        return ChatCompletionResponse(model=body.model, usage=_usage(len(prompt_ids), tokens, cached),
-                                      choices=[ChatChoice(message=ChatChoiceMessage(content=text),
-                                                          finish_reason=reason)])
+        response = ChatCompletionResponse(model=body.model, usage=_usage(len(prompt_ids), tokens, cached),
+                                          choices=[ChatChoice(message=ChatChoiceMessage(content=text),
+                                                              finish_reason=reason)])
+        return _json(response, stream.replica)
 
     # --- checks --------------------------------------------------------------------------------------------
 

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from moe_serve.replicas.async_engine import AsyncLLMEngine
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.routing import ROUTER_PATH
 from moe_serve.replicas.sampling import SamplingParams
 from moe_serve.replicas.settings import AppSettings
 
@@ -22,6 +24,7 @@ from moe_serve.replicas.settings import AppSettings
 class EngineReplica:
     def __init__(self, settings: AppSettings) -> None:
         self.settings = settings
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine_config = EngineConfig(
             quantize=settings.quantize, kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs
         )
@@ -37,7 +40,7 @@ class EngineReplica:
             stream = self.engine.generate(prompt_ids, params)
             async for out in stream:
                 yield {"token_id": out.token_id, "text": out.text_delta, "finished": out.finished,
-                       "finish_reason": out.finish_reason, "cached_tokens": 0}
+                       "finish_reason": out.finish_reason, "cached_tokens": 0, "replica": self.replica_id}
         except ValueError as exc:
             yield {"error": {"status": 400, "message": str(exc)}}
 
@@ -58,6 +61,8 @@ class EngineReplica:
 
 
 def engine_deployment(settings: AppSettings) -> serve.Deployment:
+    routing = {"request_router_config": RequestRouterConfig(request_router_class=ROUTER_PATH)} \
+        if settings.prefix_affinity else {}
     return serve.deployment(
         EngineReplica,
         name="EngineReplica",
@@ -66,4 +71,5 @@ def engine_deployment(settings: AppSettings) -> serve.Deployment:
         max_ongoing_requests=settings.max_num_seqs + settings.limits.max_queued_requests,
         health_check_period_s=5,
         graceful_shutdown_timeout_s=30,
+        **routing,
     )

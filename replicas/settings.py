@@ -64,6 +64,7 @@ class AppSettings(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     replica_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per engine replica")
+    prefix_affinity: bool = Field(True, description="Route requests sharing a prompt prefix to the same replica")
 
     @property
     def served_name(self) -> str:
