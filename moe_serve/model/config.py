@@ -158,7 +158,9 @@ def _qwen_moe_layers(raw: dict[str, Any]) -> tuple[bool, ...]:
     )
 
 
-def _parse_qwen2_moe(raw: dict[str, Any]) -> ModelConfig:
+def _parse_qwen(raw: dict[str, Any]) -> ModelConfig:
+    """Qwen2-MoE and Qwen3-MoE: Qwen2 adds a gated shared expert and q/k/v biases, Qwen3 per-head q/k norms."""
+    qwen2 = raw["model_type"] == "qwen2_moe"
     return ModelConfig(
         **_common(raw),
         sliding_windows=_qwen_windows(raw),
@@ -168,26 +170,10 @@ def _parse_qwen2_moe(raw: dict[str, Any]) -> ModelConfig:
         expert_intermediate_size=raw["moe_intermediate_size"],
         dense_intermediate_size=raw["intermediate_size"],
         norm_topk_prob=raw.get("norm_topk_prob", False),
-        shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0),
-        attention_bias=raw.get("qkv_bias", True),
-        qk_norm=False,
+        shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0) if qwen2 else 0,
+        attention_bias=raw.get("qkv_bias", True) if qwen2 else raw.get("attention_bias", False),
+        qk_norm=not qwen2,
     )
 
 
-def _parse_qwen3_moe(raw: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(
-        **_common(raw),
-        sliding_windows=_qwen_windows(raw),
-        moe_layers=_qwen_moe_layers(raw),
-        num_experts=_qwen_num_experts(raw),
-        top_k=raw["num_experts_per_tok"],
-        expert_intermediate_size=raw["moe_intermediate_size"],
-        dense_intermediate_size=raw["intermediate_size"],
-        norm_topk_prob=raw.get("norm_topk_prob", False),
-        shared_expert_intermediate_size=0,
-        attention_bias=raw.get("attention_bias", False),
-        qk_norm=True,
-    )
-
-
-_PARSERS = {"mixtral": _parse_mixtral, "qwen2_moe": _parse_qwen2_moe, "qwen3_moe": _parse_qwen3_moe}
+_PARSERS = {"mixtral": _parse_mixtral, "qwen2_moe": _parse_qwen, "qwen3_moe": _parse_qwen}
