@@ -1,8 +1,12 @@
 """The in-process engine: requests in, tokens out, one continuous-batching step at a time.
 
 The engine is token ids in, token ids out; a tokenizer, when given, is used only for stop strings and output
-text. It owns the scheduler, the paged KV cache and sampling; the model's dense part runs here and its experts
+text. Streamed requests (the default) get text deltas every step; `generate()` adds its requests with
+`stream=False`, whose text is decoded once when the result is popped (per step only when stop strings need it).
+It owns the scheduler, the paged KV cache and sampling; the model's dense part runs here and its experts
 run behind an `MoEBackend` (in this process, or on shard actors through the router).
+A step's host-side work is kept small because the tiny models are bound by per-op overhead: step tensors are
+built from flat Python lists in one copy each (`_long_tensor`), and a pure decode step asks for all logits rows.
 `LLMEngine.step()` is synchronous; `AsyncLLMEngine` (async_engine.py) drives it from a thread for streaming.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +94,8 @@ class LLMEngine:
                                  config.max_position_embeddings)
         self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size))
         self.scheduler = Scheduler(self.kv, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self._block_offsets = torch.arange(engine_config.block_size)
+        self._positions = torch.arange(self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -125,14 +132,20 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
 
-    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None, *, stream: bool = True
+    ) -> str:
+        """Queue a request; `stream=False` leaves every step's text_delta empty (the final text is still made)."""
         self.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
+        eos = () if params.ignore_eos else self.model_config.eos_token_ids
+        vocab = self.model_config.vocab_size
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params))
+        seq.early_stop_ids = tuple(t for t in (*eos, *params.stop_token_ids) if 0 <= t < vocab)
         self._seqs[request_id] = seq
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (stream or params.stop):
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
         return request_id
@@ -151,12 +164,14 @@ class LLMEngine:
     def pop_result(self, request_id: str) -> RequestOutput:
         """The final output of a finished request; forgets the request."""
         seq = self._seqs.pop(request_id)
-        self._detokenizers.pop(request_id, None)
+        text = seq.text
+        if self._detokenizers.pop(request_id, None) is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids)  # equals the streamed deltas joined
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_ids,
             token_ids=seq.output_ids,
-            text=seq.text if self.tokenizer is not None else None,
+            text=text if self.tokenizer is not None else None,
             finish_reason=seq.finish_reason,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=time.perf_counter() - seq.arrival_time,
@@ -166,7 +181,7 @@ class LLMEngine:
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[RequestOutput]:
         """Run prompts to completion together; outputs in prompt order."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
+        ids = [self.add_request(p, sp, stream=False) for p, sp in zip(prompts, per_prompt, strict=True)]
         while self.has_unfinished():
             self.step()
         return [self.pop_result(i) for i in ids]
@@ -179,73 +194,73 @@ class LLMEngine:
         if plan.empty:
             return []
         chunks = plan.decodes + plan.prefills
+        sampling = [c.seq for c in chunks if c.samples]
         token_ids, batch, logits_rows = self._build_batch(plan)
         logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
-        sampling = [c for c in chunks if c.samples]
-        self._block_early_stops(logits, [c.seq for c in sampling])
-        new_tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.generator for c in sampling])
+        self._block_early_stops(logits, sampling)
+        new_tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
-        return [self._append(c.seq, t, logits[row]) for row, (c, t) in enumerate(zip(sampling, new_tokens))]
+        return [self._append(seq, token, logits, row) for row, (seq, token) in enumerate(zip(sampling, new_tokens))]
 
-    def _block_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    @staticmethod
+    def _block_early_stops(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Below min_tokens, EOS and stop token ids cannot be sampled (as vLLM's and transformers' min tokens)."""
         for row, seq in enumerate(seqs):
-            params = seq.params
-            if len(seq.output_ids) < params.min_tokens:
-                eos = () if params.ignore_eos else self.model_config.eos_token_ids
-                banned = [t for t in (*eos, *params.stop_token_ids) if 0 <= t < logits.shape[1]]
-                if banned:
-                    logits[row, banned] = float("-inf")
+            if seq.early_stop_ids and len(seq.output_ids) < seq.params.min_tokens:
+                logits[row, list(seq.early_stop_ids)] = float("-inf")
 
-    def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
+    def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor | None]:
+        """Token ids [T], the attention batch, and the rows needing logits (None: every row, as in pure decode)."""
         bs = self.config.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        logits_rows: list[int] = []
-        for chunk in plan.decodes + plan.prefills:
-            seq, start = chunk.seq, chunk.seq.num_computed
-            token_ids += seq.all_ids[start : start + chunk.num_tokens]
-            positions += range(start, start + chunk.num_tokens)
+        token_ids, positions, slots = [], [], []
+        for chunk in plan.decodes:  # one token each: the last one, at position num_computed
+            seq, pos = chunk.seq, chunk.seq.num_computed
+            token_ids.append(seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+        logits_rows = list(range(len(plan.decodes)))
+        prefills = []
+        for chunk in plan.prefills:
+            seq, start, end = chunk.seq, chunk.seq.num_computed, chunk.seq.num_computed + chunk.num_tokens
+            key_slots, key_pos = self._key_slots([chunk])
+            prefills.append(PrefillChunk(len(token_ids), len(token_ids) + chunk.num_tokens, key_slots[0], key_pos[0]))
+            token_ids += seq.token_ids(start, end)
+            positions += range(start, end)
+            slots += key_slots[0, start:end].tolist()
             if chunk.samples:
                 logits_rows.append(len(token_ids) - 1)
-        pos = torch.tensor(positions)
-        all_tables = [c.seq.block_table for c in plan.decodes + plan.prefills]
-        block_of_token = torch.tensor(
-            [table[p // bs] for table, c in zip(all_tables, plan.decodes + plan.prefills)
-             for p in range(c.seq.num_computed, c.seq.num_computed + c.num_tokens)]
-        )
-        slot_mapping = block_of_token * bs + pos % bs
         decode_slots = decode_pos = None
         if plan.decodes:
             decode_slots, decode_pos = self._key_slots(plan.decodes)
-        prefills = []
-        offset = len(plan.decodes)
-        for chunk in plan.prefills:
-            slots, key_pos = self._key_slots([chunk])
-            prefills.append(PrefillChunk(offset, offset + chunk.num_tokens, slots[0], key_pos[0]))
-            offset += chunk.num_tokens
-        batch = AttentionBatch(pos, slot_mapping, len(plan.decodes), decode_slots, decode_pos, prefills)
-        return torch.tensor(token_ids), batch, torch.tensor(logits_rows, dtype=torch.long)
+        batch = AttentionBatch(_long_tensor(positions), _long_tensor(slots), len(plan.decodes), decode_slots,
+                               decode_pos, prefills)
+        rows = None if len(logits_rows) == len(token_ids) else _long_tensor(logits_rows)
+        return _long_tensor(token_ids), batch, rows
 
     def _key_slots(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots and positions [B, L] of every key each chunk's sequence attends to after this step (-1 = pad)."""
         bs = self.config.block_size
-        lengths = torch.tensor([c.seq.num_computed + c.num_tokens for c in chunks])
-        width = max(len(c.seq.block_table) for c in chunks)
-        tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks])
-        slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)  # [B, width * bs]
-        max_len = int(lengths.max())
-        positions = torch.arange(max_len).expand(len(chunks), max_len)
-        positions = torch.where(positions < lengths.unsqueeze(1), positions, -1)
-        return slots[:, :max_len], positions
+        lengths = [c.seq.num_computed + c.num_tokens for c in chunks]
+        max_len = max(lengths)
+        width = self.kv.blocks_for(max_len)
+        tables: list[int] = []
+        for c in chunks:
+            tables += c.seq.block_table[:width]
+            tables += [0] * (width - len(c.seq.block_table))
+        blocks = _long_tensor(tables).view(len(chunks), width, 1)
+        slots = (blocks * bs + self._block_offsets).view(len(chunks), width * bs)[:, :max_len]
+        positions = self._positions[:max_len].expand(len(chunks), max_len)
+        if min(lengths) < max_len:
+            positions = torch.where(positions < _long_tensor(lengths).unsqueeze(1), positions, -1)
+        return slots, positions
 
-    def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> StepOutput:
+    def _append(self, seq: Sequence, token: int, logits: torch.Tensor, row: int) -> StepOutput:
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.output_ids.append(token)
         if seq.params.return_logits:
-            seq.logits.append(logits.clone())
+            seq.logits.append(logits[row].clone())
         delta = ""
         detok = self._detokenizers.get(seq.request_id)
         if detok is not None:
@@ -288,6 +303,13 @@ class LLMEngine:
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """1-D int64 tensor of `values`; several times faster than torch.tensor(list) on the small lists of a step."""
+    if not values:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(array("q", values), dtype=torch.int64)
 
 
 SMALL_MODEL_HIDDEN = 1024  # below this, one thread decodes faster than two on the CPUs we measured

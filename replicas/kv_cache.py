@@ -53,12 +53,9 @@ class PagedKVCache:
     def __init__(self, spec: KVCacheSpec) -> None:
         self.spec = spec
         slots = spec.num_blocks * spec.block_size
-        shape = (slots, spec.num_kv_heads, spec.head_dim)
+        shape = (slots, 2, spec.num_kv_heads, spec.head_dim)  # [S, K/V, KVH, Hd]: one copy writes both
         # zeros, not empty: padded attention reads slot 0 under a mask, and NaN garbage would leak through SDPA
-        self.layers = [
-            (torch.zeros(shape, dtype=spec.dtype), torch.zeros(shape, dtype=spec.dtype))
-            for _ in range(spec.num_layers)
-        ]
+        self.layers = [torch.zeros(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
         self._free = list(range(spec.num_blocks - 1, -1, -1))  # pop() hands out low block ids first
 
     @property
@@ -67,7 +64,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+        return sum(layer.nbytes for layer in self.layers)
 
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):

@@ -40,10 +40,16 @@ class Sequence:
     first_token_time: float | None = None
     text: str = ""
     logits: list[torch.Tensor] = field(default_factory=list)
+    early_stop_ids: tuple[int, ...] = ()  # ids masked while below min_tokens: EOS (unless ignored), stop ids
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Ids of positions [start, end) of prompt + output, without concatenating the whole sequence."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     @property
     def num_tokens(self) -> int:

@@ -2,8 +2,11 @@
 
 The engine packs every scheduled token of a step into one flat batch [T]: decode tokens first (one per
 sequence), then prefill chunks. `AttentionBatch` says where each token's K/V goes (`slot_mapping`) and which cached
-slots each query attends to. A KV cache layer is a pair of tensors [S, KVH, Hd] (S = blocks * block_size slots);
-blocks and block tables are the engine's business, this module only sees slot indices.
+slots each query attends to. A KV cache layer is one tensor [S, 2, KVH, Hd] (S = blocks * block_size slots; index 0
+of the second axis is K, 1 is V), so one copy writes a step's K and V and one gather reads them. Blocks and block
+tables are the engine's business, this module only sees slot indices.
+Everything a step shares across layers (RoPE cos/sin of its positions, additive masks per window) is computed once
+per step and cached on the batch.
 Shape legend: T = new tokens, B = decoding sequences, C = chunk length, L = keys attended, H = query heads,
 KVH = key/value heads, Hd = head dim.
 """
@@ -33,23 +36,30 @@ class AttentionBatch:
     decode_key_positions: torch.Tensor | None  # [B, L] padded with -1
     prefills: list[PrefillChunk]
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
+    _rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope(self, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, Hd] of this step's positions, gathered once for every layer."""
+        if self._rope is None:
+            self._rope = rotary.tables(self.positions)
+        return self._rope
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, L] bool: key is real, not in the future and inside the window."""
+        """[B, 1, 1, L] additive float mask: 0 where the key is real, not in the future and inside the window."""
         key = ("decode", 0, window)
         if key not in self._masks:
             assert self.decode_key_positions is not None
             q_pos = self.positions[: self.num_decode].unsqueeze(1)
-            self._masks[key] = _allowed(q_pos, self.decode_key_positions, window)[:, None, None, :]
+            self._masks[key] = _additive(_allowed(q_pos, self.decode_key_positions, window))[:, None, None, :]
         return self._masks[key]
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
-        """[1, 1, C, L] bool causal (and windowed) mask of prefill chunk `index`."""
+        """[1, 1, C, L] additive causal (and windowed) mask of prefill chunk `index`."""
         key = ("prefill", index, window)
         if key not in self._masks:
             chunk = self.prefills[index]
             q_pos = self.positions[chunk.start : chunk.end].unsqueeze(1)
-            self._masks[key] = _allowed(q_pos, chunk.key_positions.unsqueeze(0), window)[None, None]
+            self._masks[key] = _additive(_allowed(q_pos, chunk.key_positions.unsqueeze(0), window))[None, None]
         return self._masks[key]
 
 
@@ -60,8 +70,19 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return allowed
 
 
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.where(allowed, 0.0, float("-inf"))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of a projection [heads * Hd, ...] (or its bias) so that `x @ w'.T == rotate_half(x @ w.T)` per head."""
+    heads = w.view(-1, head_dim, *w.shape[1:])
+    half = head_dim // 2
+    return torch.cat([-heads[:, half:], heads[:, :half]], dim=1).reshape(w.shape)
 
 
 class Rotary:
@@ -74,41 +95,44 @@ class Rotary:
         self.cos, self.sin = emb.cos(), emb.sin()
         self.half = head_dim // 2
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, Hd] rotated by each token's position."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, Hd]
-        sin = self.sin[positions].unsqueeze(1)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, Hd] of `positions`, broadcastable over heads."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, Hd] rotated by the angles in cos, sin [T, 1, Hd]."""
         rotated = torch.cat([-x[..., self.half :], x[..., : self.half]], dim=-1)
         return x * cos + rotated * sin
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, Hd]
-    k_cache: torch.Tensor,  # [S, KVH, Hd], already holding this step's keys
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,  # [S, 2, KVH, Hd], already holding this step's keys and values
     batch: AttentionBatch,
     window: int | None,
 ) -> torch.Tensor:
     """Attention of every new token over its sequence's cached keys -> [T, H, Hd]."""
-    out = torch.empty_like(q)
     b = batch.num_decode
+    if b and not batch.prefills:  # pure decode step: no output buffer to fill piecewise
+        assert batch.decode_key_slots is not None
+        return _grouped_attention(q.unsqueeze(1), kv_cache, batch.decode_key_slots, batch.decode_mask(window))[:, 0]
+    out = torch.empty_like(q)
     if b:
         assert batch.decode_key_slots is not None
         decode_q = q[:b].unsqueeze(1)  # [B, 1, H, Hd]
-        out[:b] = _grouped_attention(decode_q, k_cache, v_cache, batch.decode_key_slots, batch.decode_mask(window))[:, 0]
+        out[:b] = _grouped_attention(decode_q, kv_cache, batch.decode_key_slots, batch.decode_mask(window))[:, 0]
     for index, chunk in enumerate(batch.prefills):
         chunk_q = q[chunk.start : chunk.end].unsqueeze(0)  # [1, C, H, Hd]
         mask = batch.prefill_mask(index, window)
-        out[chunk.start : chunk.end] = _grouped_attention(chunk_q, k_cache, v_cache, chunk.key_slots[None], mask)[0]
+        out[chunk.start : chunk.end] = _grouped_attention(chunk_q, kv_cache, chunk.key_slots[None], mask)[0]
     return out
 
 
 def _grouped_attention(
     q: torch.Tensor,  # [B, C, H, Hd]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,  # [S, 2, KVH, Hd]
     slots: torch.Tensor,  # [B, L]
-    mask: torch.Tensor,  # [B, 1, C, L] bool
+    mask: torch.Tensor,  # [B, 1, C, L] additive
 ) -> torch.Tensor:
     """Grouped-query attention without copying K/V per query head -> [B, C, H, Hd].
 
@@ -116,11 +140,10 @@ def _grouped_attention(
     the query axis: one [G * C, L] attention per kv head instead of repeating K/V G times.
     """
     b, c, h, hd = q.shape
-    kvh, length = k_cache.shape[1], slots.shape[1]
+    kvh, length = kv_cache.shape[2], slots.shape[1]
     groups = h // kvh
-    flat = slots.flatten()
-    k = k_cache.index_select(0, flat).view(b, length, kvh, hd).transpose(1, 2)  # [B, KVH, L, Hd]
-    v = v_cache.index_select(0, flat).view(b, length, kvh, hd).transpose(1, 2)
+    kv = kv_cache.index_select(0, slots.flatten()).view(b, length, 2, kvh, hd)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, KVH, L, Hd]
     q = q.view(b, c, kvh, groups, hd).permute(0, 2, 3, 1, 4).reshape(b, kvh, groups * c, hd)
     if c > 1 and groups > 1:
         mask = mask.repeat(1, 1, groups, 1)  # rows ordered (group, token), as q

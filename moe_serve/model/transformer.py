@@ -3,6 +3,8 @@
 Routed experts are not here: every MoE layer calls an `MoEBackend` (`LocalMoE` in-process, the router actor when
 experts live on other actors), so the dense part runs on a replica while experts run anywhere.
 The model is stateless between steps; the KV cache tensors are passed in by the engine.
+Without per-head q/k norms, RoPE's rotate-half is folded into the fused qkv projection (extra rows holding
+rotate_half of the q and k rows), so rotary costs two in-place elementwise ops per layer.
 Shape legend: T = new tokens in the step, D = hidden, V = vocab.
 """
 
@@ -14,7 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from moe_serve.model.attention import AttentionBatch, Rotary, paged_attention, rms_norm
+from moe_serve.model.attention import AttentionBatch, Rotary, paged_attention, rms_norm, rotate_half_rows
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.moe import DenseMLP
@@ -30,7 +32,7 @@ class MoEBackend(Protocol):
 class LayerWeights:
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2 KVH) * Hd, D]
+    qkv: torch.Tensor  # [(H + 2 KVH) * Hd, D], then rotate_half of the q and k rows unless q_norm is set
     qkv_bias: torch.Tensor | None
     o_proj: torch.Tensor
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head
@@ -76,6 +78,10 @@ class DenseModel:
         if cfg.qk_norm:
             q_norm = ckpt.load(f"{p}.self_attn.q_norm.weight", (hd,))
             k_norm = ckpt.load(f"{p}.self_attn.k_norm.weight", (hd,))
+        else:  # fold RoPE's rotate-half: x @ rows'.T == rotate_half(x @ rows.T), exactly (a signed permutation)
+            qkv = torch.cat([qkv, rotate_half_rows(qkv[: q_rows + kv_rows], hd)])
+            if qkv_bias is not None:
+                qkv_bias = torch.cat([qkv_bias, rotate_half_rows(qkv_bias[: q_rows + kv_rows], hd)])
         return LayerWeights(
             input_norm=ckpt.load(f"{p}.input_layernorm.weight", (d,)),
             post_attention_norm=ckpt.load(f"{p}.post_attention_layernorm.weight", (d,)),
@@ -107,42 +113,45 @@ class DenseModel:
         self,
         token_ids: torch.Tensor,  # [T]
         batch: AttentionBatch,
-        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v), each [S, KVH, Hd]
+        kv_cache: list[torch.Tensor],  # per layer [S, 2, KVH, Hd]
         moe: MoEBackend,
-        logits_rows: torch.Tensor,  # which of the T tokens need logits (the last of each sequence)
+        logits_rows: torch.Tensor | None,  # which of the T tokens need logits; None: all of them
     ) -> torch.Tensor:
         """Logits [len(logits_rows), V] after writing this step's K/V into the cache."""
+        eps = self.config.rms_norm_eps
         x = self.embed[token_ids]  # [T, D]
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, rms_norm(x, layer.input_norm, self.config.rms_norm_eps), batch, kv_cache)
-            h = rms_norm(x, layer.post_attention_norm, self.config.rms_norm_eps)
-            ffn = moe(i, h) if self.config.moe_layers[i] else None
+            x.add_(self._attention(i, layer, rms_norm(x, layer.input_norm, eps), batch, kv_cache[i]))
+            h = rms_norm(x, layer.post_attention_norm, eps)
+            if self.config.moe_layers[i]:
+                x.add_(moe(i, h))
             if layer.dense_mlp is not None:
-                ffn = layer.dense_mlp(h) if ffn is None else ffn + layer.dense_mlp(h)
-            x = x + ffn
-        x = rms_norm(x[logits_rows], self.norm, self.config.rms_norm_eps)
-        return F.linear(x, self.lm_head)
+                x.add_(layer.dense_mlp(h))
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return F.linear(rms_norm(x, self.norm, eps), self.lm_head)
 
     def _attention(
-        self,
-        i: int,
-        layer: LayerWeights,
-        x: torch.Tensor,
-        batch: AttentionBatch,
-        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        self, i: int, layer: LayerWeights, x: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor
     ) -> torch.Tensor:
+        q, kv = self._qkv(layer, x, batch)
+        kv_cache.index_copy_(0, batch.slot_mapping, kv)
+        out = paged_attention(q, kv_cache, batch, self.config.sliding_windows[i])
+        return F.linear(out.reshape(x.shape[0], -1), layer.o_proj)
+
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, Hd] and kv [T, 2, KVH, Hd], queries and keys rotated by position."""
         cfg = self.config
-        t, hd = x.shape[0], cfg.head_dim
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-        q, k, v = qkv.split([cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd], dim=-1)
-        q, k, v = q.view(t, cfg.num_heads, hd), k.view(t, cfg.num_kv_heads, hd), v.view(t, cfg.num_kv_heads, hd)
-        if layer.q_norm is not None:
-            q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-        q = self.rotary(q, batch.positions)
-        k = self.rotary(k, batch.positions)
-        k_cache, v_cache = kv_cache[i]
-        k_cache[batch.slot_mapping] = k
-        v_cache[batch.slot_mapping] = v
-        out = paged_attention(q, k_cache, v_cache, batch, cfg.sliding_windows[i])
-        return F.linear(out.reshape(t, cfg.num_heads * hd), layer.o_proj)
+        t, hd, h, kvh = x.shape[0], cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        nq, nkv = h * hd, kvh * hd
+        y = F.linear(x, layer.qkv, layer.qkv_bias)
+        cos, sin = batch.rope(self.rotary)
+        if layer.q_norm is None:  # rows nq + 2 nkv onwards hold rotate_half(q, k): rotate in place
+            qk = y[:, : nq + nkv].view(t, h + kvh, hd)
+            qk.mul_(cos).addcmul_(y[:, nq + 2 * nkv :].view(t, h + kvh, hd), sin)
+            return y[:, :nq].view(t, h, hd), y[:, nq : nq + 2 * nkv].view(t, 2, kvh, hd)
+        assert layer.k_norm is not None
+        q = rms_norm(y[:, :nq].view(t, h, hd), layer.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(y[:, nq : nq + nkv].view(t, kvh, hd), layer.k_norm, cfg.rms_norm_eps)
+        v = y[:, nq + nkv :].view(t, kvh, hd)
+        return self.rotary(q, cos, sin), torch.stack([self.rotary(k, cos, sin), v], dim=1)
