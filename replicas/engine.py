@@ -90,6 +90,9 @@ class LLMEngine:
         self.model = model
         self.moe = moe
         self.tokenizer = tokenizer
+        # config.json and generation_config.json (read by the tokenizer) may each name EOS ids
+        tokenizer_eos = tokenizer.eos_token_ids if tokenizer else ()
+        self.eos_token_ids = tuple(dict.fromkeys((*config.eos_token_ids, *tokenizer_eos)))
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size))
@@ -140,7 +143,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        eos = () if params.ignore_eos else self.model_config.eos_token_ids
+        eos = self.eos_token_ids  # min_tokens bans EOS even under ignore_eos, as vLLM and transformers do
         vocab = self.model_config.vocab_size
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params))
         seq.early_stop_ids = tuple(t for t in (*eos, *params.stop_token_ids) if 0 <= t < vocab)
@@ -279,7 +282,7 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        eos = () if params.ignore_eos else self.model_config.eos_token_ids
+        eos = () if params.ignore_eos else self.eos_token_ids
         if token in params.stop_token_ids or token in eos:
             return "stop"
         if len(seq.output_ids) >= params.min_tokens and params.stop and any(s in seq.text for s in params.stop):

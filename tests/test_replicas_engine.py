@@ -180,3 +180,12 @@ def test_min_tokens_blocks_stop_tokens(engine: LLMEngine) -> None:
     out = engine.generate(prompt, params)[0]
     assert len(out.token_ids) >= 6
     assert stop_id not in out.token_ids[:6]
+
+
+def test_min_tokens_bans_eos_even_when_ignored(engine: LLMEngine) -> None:
+    """As transformers' min_new_tokens and vLLM's min_tokens: EOS cannot be sampled below the minimum."""
+    prompt = prompts(engine, [13], seed=10)
+    eos = engine.eos_token_ids[0]
+    params = SamplingParams(max_tokens=8, temperature=0, min_tokens=8, ignore_eos=True, return_logits=True)
+    out = engine.generate(prompt, params)[0]
+    assert all(step[eos] == float("-inf") for step in out.logits)
