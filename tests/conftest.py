@@ -77,3 +77,109 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+# --- a real redis-server for the cache tests ------------------------------------------------------------------
+
+REDIS_SERVER_BIN = "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, without persistence; the test owns it and may kill,
+    pause (SIGSTOP: a stalled server) and restart it on the same port (empty, as after a crash)."""
+
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.extra_args = extra_args
+        self.proc: Any = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--databases", "4", *self.extra_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+                    client.ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.01)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def pause(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> RedisServer:
+        self.kill()
+        return self.start()
+
+    def client(self, db: int = 0) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port, db=db, socket_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One redis-server for the session's cache tests (use `redis_db` to get it empty)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> RedisServer:
+    """The session's redis-server, emptied, with its command statistics reset."""
+    with redis_server.client() as client:
+        client.flushall()
+        client.config_set("maxmemory", 0)
+        client.config_resetstat()
+    return redis_server
+
+
+@pytest.fixture
+def make_redis(tmp_path: Path) -> Any:
+    """Factory of private redis-servers (extra command-line args allowed), killed after the test."""
+    servers: list[RedisServer] = []
+
+    def make(*extra_args: str) -> RedisServer:
+        server = RedisServer(tmp_path, *extra_args).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.kill()  # SIGKILL ends a paused (SIGSTOP) server too
