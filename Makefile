@@ -25,7 +25,9 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) bench/engine.py
+	$(PY) bench/load.py --start
 
 clean:
 	rm -rf $(VENV)
