@@ -21,12 +21,13 @@ Both kernels run on bf16 activations: their fp32 paths are 20-150x slower at [10
 kernel output differs from `x @ dequantize().T` in fp32 by bf16 rounding of x and of the output,
 0.2-0.3% relative.
 
-Speed: from [1024 x 256] up, both modes beat fp32 `F.linear` at every T (8-13x at T = 1 on the
-[5632 x 1024] and [4096 x 1024] experts, 2-4x at T = 256). Below that a call is bound by fixed costs:
-2.8 us of dtype casts plus the kernel's OpenMP launch (int8pack_mm alone: 5.7 us at [256 x 64] on
-2 threads, 2.9 us on 1; fp32 `F.linear`: 2.8 us), so the D = 64 experts run 1.2-4x slower quantized at small T, and [256 x 512]
-~1.25x slower at T = 1. No kernel here avoids that; at that size the memory saved is immaterial, so
-tiny models are best served with mode "none".
+Speed (bench/quant.py, medians): from [1024 x 256] up, both modes beat fp32 `F.linear` at every T:
+7.5-16x at T = 1 on the D >= 1024 experts, 2-4x at T = 256. Smaller calls are bound by fixed costs:
+2.6 us of dtype casts plus the kernel's OpenMP launch (int8pack_mm alone: 5.0 us at [256 x 64] on
+2 threads, 2.9 us on 1; the whole fp32 `F.linear`: 2.6 us), so the D = 64 experts run 2-4x slower
+quantized at T = 1 and up to 1.3x slower at T = 8-32, and [256 x 512] is ~1.2x slower at T = 1. No
+kernel here avoids that; at that size the memory saved is immaterial, so tiny models are best served
+with mode "none".
 
 Measured relative error of `x @ W_q.T` against the fp32 weight (Frobenius, Gaussian x). Gaussian
 weights, bench/quant.py shapes: int8 0.6-0.9% (growing with in_features), int4 7.0-8.2% (group 32);
