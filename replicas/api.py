@@ -73,6 +73,7 @@ class TokenStream:
         self.tokens = 0
         self.cached_tokens = 0
         self.replica = ""
+        self.error: str | None = None  # set when the replica fails mid-stream
         self._first: dict[str, Any] | None = None
 
     async def first(self) -> None:
@@ -80,6 +81,8 @@ class TokenStream:
             item = await self.generator.__anext__()
         except StopAsyncIteration:
             raise APIError(503, "the engine replica ended the stream without output") from None
+        except Exception as exc:  # replica died or its engine failed: the client may retry
+            raise APIError(503, f"engine replica unavailable: {type(exc).__name__}") from exc
         if "error" in item:
             raise APIError(item["error"]["status"], item["error"]["message"])
         self.metrics.ttft.observe(time.perf_counter() - self.start)
@@ -97,7 +100,11 @@ class TokenStream:
                 yield item
                 if finished:
                     break
-                item = await anext(self.generator, None)
+                try:
+                    item = await anext(self.generator, None)
+                except Exception as exc:  # the replica died mid-stream
+                    self.error = f"engine replica failed mid-stream: {type(exc).__name__}"
+                    item = None
         finally:
             if not finished:
                 self.generator.cancel()  # client went away: the replica aborts and frees the KV blocks
@@ -109,6 +116,8 @@ async def _collect(stream: TokenStream) -> tuple[str, str | None, int, int]:
     async for item in stream:
         parts.append(item["text"])
         reason = item["finish_reason"]
+    if stream.error is not None:
+        raise APIError(503, stream.error)
     return "".join(parts), reason, stream.tokens, stream.cached_tokens
 
 
@@ -122,6 +131,15 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def _utf8(text: str, param: str) -> str:
+    """JSON can carry lone surrogates that are not text; refuse them before the tokenizer sees them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param} is not valid Unicode text ({exc.reason})", param=param) from None
+    return text
+
+
 REPLICA_HEADER = "x-moe-replica"  # which engine replica served the request (prefix affinity, debugging)
 
 
@@ -129,20 +147,23 @@ def _json(response: Any, replica: str) -> JSONResponse:
     return JSONResponse(response.model_dump(), headers={REPLICA_HEADER: replica})
 
 
-def _sse(events: AsyncIterator[str], replica: str) -> StreamingResponse:
+def _sse(events: AsyncIterator[str], stream: TokenStream) -> StreamingResponse:
     async def with_done() -> AsyncIterator[str]:
         async for event in events:
             yield event
-        yield "data: [DONE]\n\n"
+        if stream.error is None:
+            yield "data: [DONE]\n\n"
+        else:  # no [DONE]: the client must not take a broken stream for a finished one
+            yield _event(APIError(503, stream.error).body.model_dump())
 
-    return StreamingResponse(with_done(), media_type="text/event-stream", headers={REPLICA_HEADER: replica})
+    return StreamingResponse(with_done(), media_type="text/event-stream", headers={REPLICA_HEADER: stream.replica})
 
 
 def _replica_count() -> int:
     try:
         status = serve.status()
         return sum(
-            sum(deployment.replica_states.values())
+            deployment.replica_states.get("RUNNING", 0)
             for application in status.applications.values()
             for name, deployment in application.deployments.items()
             if name == "EngineReplica"
@@ -202,7 +223,7 @@ class Ingress:
         stream = await self._start(prompt_ids, body, max_tokens)
         echo = self.tokenizer.decode(prompt_ids) if body.echo and self.tokenizer else ""
         if body.stream:
-            return _sse(self._completion_chunks(body, stream, len(prompt_ids), echo), stream.replica)
+            return _sse(self._completion_chunks(body, stream, len(prompt_ids), echo), stream)
         text, reason, tokens, cached = await _collect(stream)
         usage = _usage(len(prompt_ids), tokens, cached)
         response = CompletionResponse(model=body.model, usage=usage,
@@ -216,7 +237,8 @@ class Ingress:
         if self.tokenizer is None or not self.tokenizer.has_chat_template:
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
-            prompt_ids = self.tokenizer.encode_chat([m.model_dump() for m in body.messages])
+            messages = [{"role": m.role, "content": _utf8(m.content, "messages")} for m in body.messages]
+            prompt_ids = self.tokenizer.encode_chat(messages)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         self._check_prompt_length(prompt_ids)
@@ -224,7 +246,7 @@ class Ingress:
         max_tokens = body.max_tokens or max(1, min(self.settings.limits.max_tokens, max_len - len(prompt_ids)))
         stream = await self._start(prompt_ids, body, max_tokens)
         if body.stream:
-            return _sse(self._chat_chunks(body, stream, len(prompt_ids)), stream.replica)
+            return _sse(self._chat_chunks(body, stream, len(prompt_ids)), stream)
         text, reason, tokens, cached = await _collect(stream)
         response = ChatCompletionResponse(model=body.model, usage=_usage(len(prompt_ids), tokens, cached),
                                           choices=[ChatChoice(message=ChatChoiceMessage(content=text),
@@ -263,7 +285,7 @@ class Ingress:
                 raise APIError(400, "prompt is empty", param="prompt")
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send token ids as the prompt", param="prompt")
-            prompt_ids = self.tokenizer.encode(prompt)
+            prompt_ids = self.tokenizer.encode(_utf8(prompt, "prompt"))
         else:
             prompt_ids = list(prompt)
         self._check_prompt_length(prompt_ids)
@@ -283,7 +305,7 @@ class Ingress:
 
     async def _start(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int) -> TokenStream:
         sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                        seed=body.seed, stop=tuple(body.stop or ()), min_tokens=min(body.min_tokens, max_tokens),
+                        seed=body.seed, stop=tuple(_utf8(s, "stop") for s in body.stop or ()), min_tokens=min(body.min_tokens, max_tokens),
                         ignore_eos=body.ignore_eos)
         if body.stop and self.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -42,7 +45,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below this, logits / temperature overflows float32: treat it as greedy (vLLM's threshold)
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -78,7 +82,10 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keeps the token crossing top_p
+        drop_sorted[0] = False  # however small top_p is, the most likely token stays
         drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if not torch.isfinite(probs).all():  # a degenerate row must not take the engine down
+        return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=generator).item())
