@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     gen.add_argument("--capacity-factor", type=float, default=None,
                      help="cap tokens per expert (overflow goes to the next-best expert); default: dropless")
+    gen.add_argument("--cache", default=None, metavar="redis://HOST:PORT/DB",
+                     help="tiered prompt-prefix KV cache: hot in memory, warm in this Redis")
+    gen.add_argument("--cold-cache", default=None, metavar="URL|DIR", help="cold tier: a second Redis or a directory")
     gen.add_argument("--auto-rebalance", type=int, default=None, metavar="CALLS",
                      help="every CALLS layer calls, copy hot experts to less-loaded shards when load is uneven")
     up = commands.add_parser("up", help="start Ray, the model and the OpenAI-compatible Serve app; Ctrl-C stops")
@@ -116,7 +119,13 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     if args.shards and args.in_process:
         raise ValueError("--in-process and --shards exclude each other")
     expert_parallel = _start_expert_parallel(args) if args.shards else None
-    engine = LLMEngine.from_pretrained(args.model_dir, EngineConfig(quantize=args.quantize), moe=expert_parallel)
+    cache = None
+    if args.cache or args.cold_cache:
+        from moe_serve.cache import CacheConfig
+
+        cache = CacheConfig(warm_url=args.cache, cold_url=args.cold_cache)
+    engine_config = EngineConfig(quantize=args.quantize, cache=cache)
+    engine = LLMEngine.from_pretrained(args.model_dir, engine_config, moe=expert_parallel)
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("prompt is empty: give some text or --token-ids")
     if args.token_ids is not None:
@@ -130,10 +139,14 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     [out] = engine.generate([prompt_ids], params)
     elapsed = time.perf_counter() - start
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.close()  # finish the writes behind the request before the process ends
     result: dict = {
         "token_ids": out.token_ids,
         "prompt_tokens": len(prompt_ids),
         "completion_tokens": len(out.token_ids),
+        "cached_tokens": out.cached_tokens,
+        "cached_tokens_by_tier": out.cached_tokens_by_tier,
         "finish_reason": out.finish_reason,
         "ttft_s": round(out.ttft_s or 0.0, 6),
         "tokens_per_s": round(len(out.token_ids) / elapsed, 2),

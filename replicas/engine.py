@@ -16,18 +16,20 @@ import itertools
 import time
 from array import array
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from moe_serve.cache import CacheConfig
 from moe_serve.model.attention import AttentionBatch, PrefillChunk
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.loader import load_dense_model, load_local_model
 from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moe_serve.model.transformer import DenseModel, MoEBackend
 from moe_serve.replicas.kv_cache import KVCacheSpec, PagedKVCache
+from moe_serve.replicas.prefix_cache import PrefixCacheLink
 from moe_serve.replicas.sampling import SamplingParams, make_generator, sample
 from moe_serve.replicas.scheduler import ScheduledChunk, Scheduler, Sequence, SequenceStatus, StepPlan
 
@@ -43,6 +45,7 @@ class EngineConfig:
     # torch intra-op threads; None: 1 for small models (thread hand-offs cost more than tiny matmuls gain),
     # torch's default otherwise. Process-wide: the engine owns its process.
     num_threads: int | None = None
+    cache: CacheConfig | None = None  # tiered prompt-prefix KV cache (hot / Redis warm / cold); None: off
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -61,6 +64,7 @@ class StepOutput:
     text_delta: str
     finished: bool
     finish_reason: str | None  # "stop" or "length" when finished, "abort" when aborted
+    cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class RequestOutput:
     ttft_s: float | None
     latency_s: float
     logits: list[torch.Tensor] | None = None  # per generated token, when SamplingParams.return_logits
+    cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -97,6 +103,7 @@ class LLMEngine:
                                  config.max_position_embeddings)
         self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size))
         self.scheduler = Scheduler(self.kv, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self.prefix_cache: PrefixCacheLink | None = None  # set by from_pretrained when a cache is configured
         self._block_offsets = torch.arange(engine_config.block_size)
         self._positions = torch.arange(self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
@@ -111,9 +118,15 @@ class LLMEngine:
         tokenizer = Tokenizer.from_dir(model_dir)
         if moe is not None:
             config, dense = load_dense_model(model_dir)
-            return cls(config, dense, moe, engine_config, tokenizer)
-        loaded = load_local_model(model_dir, quantize=engine_config.quantize)
-        return cls(loaded.config, loaded.dense, loaded.moe, engine_config, tokenizer)
+        else:
+            loaded = load_local_model(model_dir, quantize=engine_config.quantize)
+            config, dense, moe = loaded.config, loaded.dense, loaded.moe
+        engine = cls(config, dense, moe, engine_config, tokenizer)
+        if engine_config.cache is not None:
+            engine.prefix_cache = PrefixCacheLink.open(engine_config.cache, str(model_dir), engine_config.quantize,
+                                                       engine.kv)
+            engine.scheduler.on_admit = engine.prefix_cache.admit
+        return engine
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -148,6 +161,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params))
         seq.early_stop_ids = tuple(t for t in (*eos, *params.stop_token_ids) if 0 <= t < vocab)
         self._seqs[request_id] = seq
+        if self.prefix_cache is not None:
+            self.prefix_cache.lookup(seq)
         if self.tokenizer is not None and (stream or params.stop):
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
@@ -179,6 +194,8 @@ class LLMEngine:
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=time.perf_counter() - seq.arrival_time,
             logits=seq.logits if seq.params.return_logits else None,
+            cached_tokens=seq.cached_tokens,
+            cached_tokens_by_tier=seq.cached_by_tier,
         )
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[RequestOutput]:
@@ -196,15 +213,26 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
+        started = time.perf_counter()
         chunks = plan.decodes + plan.prefills
         sampling = [c.seq for c in chunks if c.samples]
         token_ids, batch, logits_rows = self._build_batch(plan)
         logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
         self._block_early_stops(logits, sampling)
         new_tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        prompts_done = [c.seq for c in plan.prefills if c.samples and not c.seq.output_ids]
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
+        if self.prefix_cache is not None and plan.prefills:
+            self._feed_cache(plan, prompts_done, time.perf_counter() - started)
         return [self._append(seq, token, logits, row) for row, (seq, token) in enumerate(zip(sampling, new_tokens))]
+
+    def _feed_cache(self, plan: StepPlan, prompts_done: list[Sequence], seconds: float) -> None:
+        """Prompts whose prefill just completed give their new blocks to the cache; prefill cost feeds its model."""
+        assert self.prefix_cache is not None
+        self.prefix_cache.report_prefill(sum(c.num_tokens for c in plan.prefills), seconds)
+        for seq in prompts_done:
+            self.prefix_cache.store_prompt(seq)
 
     @staticmethod
     def _block_early_stops(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -278,7 +306,7 @@ class LLMEngine:
             delta = self._truncate_at_stop(seq, delta)
         if reason is not None:
             self._finish(seq, reason)
-        return StepOutput(seq.request_id, token, delta, reason is not None, reason)
+        return StepOutput(seq.request_id, token, delta, reason is not None, reason, seq.cached_tokens)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

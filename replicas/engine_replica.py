@@ -26,7 +26,8 @@ class EngineReplica:
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine_config = EngineConfig(
-            quantize=settings.quantize, kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs
+            quantize=settings.quantize, kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
+            cache=settings.cache_config(),
         )
         self.engine = AsyncLLMEngine(LLMEngine.from_pretrained(settings.model_dir, engine_config))
 
@@ -40,7 +41,7 @@ class EngineReplica:
             stream = self.engine.generate(prompt_ids, params)
             async for out in stream:
                 yield {"token_id": out.token_id, "text": out.text_delta, "finished": out.finished,
-                       "finish_reason": out.finish_reason, "cached_tokens": 0, "replica": self.replica_id}
+                       "finish_reason": out.finish_reason, "cached_tokens": out.cached_tokens, "replica": self.replica_id}
         except ValueError as exc:
             yield {"error": {"status": 400, "message": str(exc)}}
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -40,7 +42,11 @@ class Sequence:
     first_token_time: float | None = None
     text: str = ""
     logits: list[torch.Tensor] = field(default_factory=list)
-    early_stop_ids: tuple[int, ...] = ()  # ids masked while below min_tokens: EOS (unless ignored), stop ids
+    early_stop_ids: tuple[int, ...] = ()  # ids masked while below min_tokens: EOS and stop ids
+    cache_keys: list[str] = field(default_factory=list)  # tiered-cache keys of the prompt's full blocks
+    cache_hit: Any = None  # a cache lookup waiting for admission (cache.CacheLookup)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
+    cached_by_tier: dict[str, int] = field(default_factory=dict)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Ids of positions [start, end) of prompt + output, without concatenating the whole sequence."""
@@ -83,8 +89,15 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, kv: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        kv: PagedKVCache,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        on_admit: Callable[[Sequence], None] | None = None,
+    ) -> None:
         self.kv = kv
+        self.on_admit = on_admit  # e.g. load a cached prompt prefix into pages before the first chunk
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -123,6 +136,8 @@ class Scheduler:
             # Admit only when the whole prompt fits beside what is running: avoids admit/preempt thrash.
             if self.kv.blocks_for(seq.num_tokens + 1) > self.kv.num_free_blocks:
                 break
+            if self.on_admit is not None:
+                self.on_admit(seq)
             chunk = self._reserve(seq, min(seq.num_uncomputed, budget))
             if chunk is None:
                 break

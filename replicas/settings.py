@@ -10,10 +10,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from moe_serve.cache import CacheConfig
 from moe_serve.replicas.autoscaling import POLICY_PATH
 from moe_serve.replicas.protocol import Limits
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
+REDIS_URL_ENV = "MOE_SERVE_REDIS_URL"
+COLD_CACHE_ENV = "MOE_SERVE_COLD_CACHE_URL"
+
+
+class CacheSettings(BaseModel):
+    """The tiered prompt-prefix KV cache of every engine replica; URLs default to the environment."""
+
+    redis_url: str | None = Field(None, description=f"Warm tier, redis://host:port/db; default: ${REDIS_URL_ENV}")
+    cold_url: str | None = Field(None, description=f"Cold tier, a Redis URL or directory; default: ${COLD_CACHE_ENV}")
+    hot_bytes: int = Field(256 << 20, ge=0, description="Replica-local hot tier budget")
+    warm_ttl_s: float = Field(3600.0, gt=0)
+    cold_ttl_s: float = Field(7 * 86400.0, gt=0)
 
 
 class AutoscalingSettings(BaseModel):
@@ -65,10 +78,20 @@ class AppSettings(BaseModel):
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     replica_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per engine replica")
     prefix_affinity: bool = Field(True, description="Route requests sharing a prompt prefix to the same replica")
+    cache: CacheSettings = Field(default_factory=CacheSettings)
 
     @property
     def served_name(self) -> str:
         return self.model_name or os.path.basename(os.path.normpath(self.model_dir))
+
+    def cache_config(self) -> CacheConfig | None:
+        """None when neither a warm nor a cold tier is configured (the cache is then off)."""
+        warm = self.cache.redis_url or os.environ.get(REDIS_URL_ENV) or None
+        cold = self.cache.cold_url or os.environ.get(COLD_CACHE_ENV) or None
+        if warm is None and cold is None:
+            return None
+        return CacheConfig(hot_bytes=self.cache.hot_bytes, warm_url=warm, warm_ttl_s=self.cache.warm_ttl_s,
+                           cold_url=cold, cold_ttl_s=self.cache.cold_ttl_s)
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None

@@ -1,0 +1,59 @@
+"""The engine with the tiered cache on a real redis-server: hits change no output, and blocks are shared across
+engines and processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import RedisServer, random_prompts
+
+from moe_serve.cache import CacheConfig
+from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def cached_engine(model_dir: Path, redis: RedisServer, hot_bytes: int = 0) -> LLMEngine:
+    config = EngineConfig(block_size=16, cache=CacheConfig(warm_url=redis.url(), hot_bytes=hot_bytes))
+    return LLMEngine.from_pretrained(model_dir, config)
+
+
+def test_warm_hit_equals_no_cache(mixtral_dir: Path, redis_db: RedisServer) -> None:
+    prompts = random_prompts([70, 45], 256, seed=31)
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(mixtral_dir).generate(prompts, GREEDY)]
+    writer = cached_engine(mixtral_dir, redis_db)
+    assert [o.token_ids for o in writer.generate(prompts, GREEDY)] == expected
+    assert writer.prefix_cache is not None and writer.prefix_cache.cache.flush()
+    reader = cached_engine(mixtral_dir, redis_db)  # a fresh engine: nothing hot, everything from Redis
+    outputs = reader.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == expected
+    assert [o.cached_tokens for o in outputs] == [64, 32]  # full blocks, the last prompt token recomputed
+    assert outputs[0].cached_tokens_by_tier["warm"] == 64
+
+
+def test_hot_hit_in_the_same_engine(mixtral_dir: Path, redis_db: RedisServer) -> None:
+    engine = cached_engine(mixtral_dir, redis_db, hot_bytes=16 << 20)
+    prompt = random_prompts([40], 256, seed=32)
+    first = engine.generate(prompt, GREEDY)[0]
+    second = engine.generate(prompt, GREEDY)[0]
+    assert second.token_ids == first.token_ids
+    assert second.cached_tokens_by_tier["hot"] == 32
+
+
+def test_second_process_reuses_blocks(tiny_model_dir: Path, redis_db: RedisServer) -> None:
+    def run() -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "moe_serve.cli", "generate", str(tiny_model_dir), "--token-ids",
+             ",".join(str(t) for t in range(10, 60)), "--max-tokens", "4", "--cache", redis_db.url()],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first, second = run(), run()
+    assert first["cached_tokens"] == 0
+    assert second["cached_tokens"] == 48 and second["token_ids"] == first["token_ids"]
