@@ -237,9 +237,14 @@ class LLMEngine:
     @staticmethod
     def _block_early_stops(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Below min_tokens, EOS and stop token ids cannot be sampled (as vLLM's and transformers' min tokens)."""
+        rows: list[int] = []
+        ids: list[int] = []
         for row, seq in enumerate(seqs):
             if seq.early_stop_ids and len(seq.output_ids) < seq.params.min_tokens:
-                logits[row, list(seq.early_stop_ids)] = float("-inf")
+                rows += [row] * len(seq.early_stop_ids)
+                ids += seq.early_stop_ids
+        if rows:  # one indexed write for the whole batch
+            logits[torch.tensor(rows), torch.tensor(ids)] = float("-inf")
 
     def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor | None]:
         """Token ids [T], the attention batch, and the rows needing logits (None: every row, as in pure decode)."""
