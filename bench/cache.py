@@ -195,7 +195,7 @@ def bench_ttft(model_dir: Path, port: int, prompt_tokens: int = PREFIX_TOKENS, r
         try:
             return ttft(engine)
         finally:
-            engine.kv_cache.close()  # type: ignore[attr-defined]
+            engine.prefix_cache.close()
 
     def flush_warm() -> None:
         with redis.Redis(port=port, db=4) as client:
@@ -207,9 +207,9 @@ def bench_ttft(model_dir: Path, port: int, prompt_tokens: int = PREFIX_TOKENS, r
     results["no_cache_s"] = statistics.median(ttft(plain) for _ in range(repeats))
     writer = make_engine(CacheConfig(warm_url=warm_url, cold_url=cold_url))
     ttft(writer)  # computes every block and stores the full ones behind the request
-    assert writer.kv_cache.flush(60)  # type: ignore[attr-defined]
+    assert writer.prefix_cache.cache.flush(60)
     results["hot_hit_s"] = statistics.median(ttft(writer) for _ in range(repeats))
-    writer.kv_cache.close()  # type: ignore[attr-defined]
+    writer.prefix_cache.close()
     results["warm_hit_s"] = statistics.median(fresh_ttft(CacheConfig(warm_url=warm_url)) for _ in range(repeats))
     cold_times = []
     for _ in range(repeats):
