@@ -24,6 +24,8 @@ class ExpertPlacement:
     shards: list[list[int]]  # base experts of each shard, same for every MoE layer
     # layer -> expert -> extra shards holding a copy, added by rebalancing
     copies: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    # layer -> holders of every expert, derived from the two above; dropped whenever a copy is added
+    _holder_tables: dict[int, list[list[int]]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def balanced(cls, num_experts: int, num_shards: int) -> ExpertPlacement:
@@ -55,6 +57,13 @@ class ExpertPlacement:
         """Every shard holding `expert` in `layer`: its home shard first, then copies."""
         return [self.home_shard(expert), *self.copies.get(layer, {}).get(expert, [])]
 
+    def holder_table(self, layer: int) -> list[list[int]]:
+        """`holders(layer, e)` for every expert e, computed once per layer and placement change."""
+        table = self._holder_tables.get(layer)
+        if table is None:
+            table = self._holder_tables[layer] = [self.holders(layer, e) for e in range(self.num_experts)]
+        return table
+
     def experts_on(self, layer: int, shard: int) -> list[int]:
         extra = [e for e, holders in sorted(self.copies.get(layer, {}).items()) if shard in holders]
         return self.shards[shard] + extra
@@ -63,6 +72,7 @@ class ExpertPlacement:
         if shard in self.holders(layer, expert):
             raise PlacementError(f"shard {shard} already holds expert {expert} of layer {layer}")
         self.copies.setdefault(layer, {}).setdefault(expert, []).append(shard)
+        self._holder_tables.pop(layer, None)
 
     def describe(self, nodes: Sequence[str] | None = None) -> dict[str, Any]:
         """JSON-ready summary: experts per shard (and its node when known) plus replicated experts."""

@@ -1,9 +1,10 @@
 """The expert shard: a Ray actor holding some experts of every MoE layer, on its own GPU when there is one.
 
 It reads only its own experts from the safetensors files and runs the grouped expert FFN for one batched call
-per layer: rows arrive sorted by expert, with the expert ids and row counts as small integer arrays. An expert it
-does not hold yet (a copy placed by rebalancing, or any expert after a restart) is loaded on first use, so a
-restarted shard heals itself from the checkpoint without the router replaying its history.
+per layer: rows arrive sorted by expert, with the expert ids and row counts as small integer arrays (`forward` for
+plain actor calls, `forward_packed` for the router's compiled graph, where every shard gets a message per layer,
+possibly empty). An expert it does not hold yet (a copy placed by rebalancing, or any expert after a restart) is
+loaded on first use, so a restarted shard heals itself from the checkpoint without the router replaying its history.
 Knows nothing of routing, serving or caching.
 """
 
@@ -14,6 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +36,15 @@ class ShardInfo:
     device: str
     experts: dict[int, list[int]]  # layer -> experts held
     expert_bytes: int
+
+
+class ShardMessage(NamedTuple):
+    """One shard's input for one MoE layer: `counts[i]` rows of `rows` for expert `expert_ids[i]`, in order."""
+
+    layer: int
+    rows: np.ndarray  # [n, D], n may be 0
+    expert_ids: np.ndarray  # [k] int64
+    counts: np.ndarray  # [k] int64
 
 
 class ExpertShard:
@@ -78,6 +89,12 @@ class ExpertShard:
         self.busy_s += time.perf_counter() - start_time
         self.calls += 1
         return result
+
+    def forward_packed(self, message: ShardMessage) -> np.ndarray:
+        """`forward` for one packed message; an empty message (no rows for this shard) costs no FFN call."""
+        if not len(message.rows):
+            return message.rows
+        return self.forward(*message)
 
     def info(self) -> ShardInfo:
         import ray

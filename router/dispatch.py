@@ -3,6 +3,7 @@
 Pure tensor code, no Ray. Rows are sorted by expert (`moe.dispatch`), then each expert's rows go to its holders:
 one holder takes them all; with copies from rebalancing the rows are split into near-equal contiguous pieces.
 Capacity-factor mode caps the rows per expert copy and moves overflow to each token's next-best expert.
+`LayerStep` carries what combine needs from dispatch, so the two can run as separate tasks of a compiled graph.
 Shape legend: T = tokens, E = experts, A = activated experts per token, N = T * A, D = hidden.
 """
 
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from moe_serve.cluster.placement import ExpertPlacement
-from moe_serve.model.moe import DispatchPlan, Routing
+from moe_serve.cluster.shard import ShardMessage
+from moe_serve.model.moe import DispatchPlan, Routing, combine
 
 
 @dataclass
@@ -25,39 +27,91 @@ class ShardBatch:
     shard: int
     expert_ids: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
-    sorted_rows: list[torch.Tensor] = field(default_factory=list)  # index ranges into the expert-sorted rows
+    # [lo, hi) ranges of the expert-sorted rows, adjacent ones merged: one range unless copies split experts
+    ranges: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
         return sum(self.counts)
 
-    def add(self, expert: int, rows: torch.Tensor) -> None:
+    def add(self, expert: int, lo: int, hi: int) -> None:
         self.expert_ids.append(expert)
-        self.counts.append(len(rows))
-        self.sorted_rows.append(rows)
+        self.counts.append(hi - lo)
+        if self.ranges and self.ranges[-1][1] == lo:
+            self.ranges[-1] = (self.ranges[-1][0], hi)
+        else:
+            self.ranges.append((lo, hi))
 
-    def row_index(self) -> torch.Tensor:
-        return torch.cat(self.sorted_rows)
+    def message(self, layer: int, x_sorted: torch.Tensor) -> ShardMessage:
+        """Rows [n, D], expert ids [k] and counts [k] as contiguous arrays: no per-token Python objects."""
+        if len(self.ranges) == 1:
+            lo, hi = self.ranges[0]
+            rows = x_sorted[lo:hi]  # a contiguous view: serialising the message is the only copy
+        else:
+            rows = torch.cat([x_sorted[lo:hi] for lo, hi in self.ranges])
+        return ShardMessage(layer, rows.numpy(), np.asarray(self.expert_ids, dtype=np.int64),
+                            np.asarray(self.counts, dtype=np.int64))
 
-    def message(self, x_sorted: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows [n, D], expert ids [k], counts [k]) as contiguous arrays: no per-token Python objects."""
-        rows = x_sorted.index_select(0, self.row_index()).numpy()
-        return rows, np.asarray(self.expert_ids, dtype=np.int64), np.asarray(self.counts, dtype=np.int64)
+    def scatter(self, out_sorted: np.ndarray, rows: np.ndarray) -> None:
+        """Put this shard's output rows back at their expert-sorted positions."""
+        start = 0
+        for lo, hi in self.ranges:
+            out_sorted[lo:hi] = rows[start : start + hi - lo]
+            start += hi - lo
+
+
+def empty_message(layer: int, hidden: int, dtype: np.dtype) -> ShardMessage:
+    """The message of a shard with no rows in this layer call (a compiled graph sends every shard one)."""
+    no_ids = np.zeros(0, dtype=np.int64)
+    return ShardMessage(layer, np.zeros((0, hidden), dtype=dtype), no_ids, no_ids)
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """One layer call between dispatch and combine: the routing, the expert sort, and each shard's rows."""
+
+    layer: int
+    routing: Routing
+    plan: DispatchPlan
+    batches: list[ShardBatch]  # shards with rows only
+    messages: list[ShardMessage]  # one per batch, same order
+    num_tokens: int
+    sorted_shape: tuple[int, int]  # [N, D]
+    dtype: torch.dtype
+
+    def combine(self, results: dict[int, np.ndarray]) -> torch.Tensor:
+        """Shard outputs (by shard id) -> routed-expert output [T, D]."""
+        out_sorted = torch.empty(self.sorted_shape, dtype=self.dtype)
+        out_view = out_sorted.numpy()  # numpy assignment takes the read-only arrays channels hand out
+        for batch in self.batches:
+            batch.scatter(out_view, results[batch.shard])
+        return combine(out_sorted, self.plan, self.routing, self.num_tokens)
 
 
 def split_by_shard(plan: DispatchPlan, placement: ExpertPlacement, layer: int) -> list[ShardBatch]:
-    """Assign every expert-sorted row to a shard holding that expert; only shards with rows are returned."""
-    batches = {shard: ShardBatch(shard) for shard in range(placement.num_shards)}
+    """Assign every expert-sorted row to a shard holding that expert; only shards with rows are returned.
+
+    An expert with copies has its rows split into near-equal contiguous pieces, one per holder.
+    """
+    holders_of = placement.holder_table(layer)
+    batches: dict[int, ShardBatch] = {}
     start = 0
     for expert, count in enumerate(plan.counts):
-        if count:
-            holders = placement.holders(layer, expert)
-            bounds = np.linspace(0, count, len(holders) + 1).round().astype(int)
-            for holder, lo, hi in zip(holders, bounds[:-1], bounds[1:]):
-                if hi > lo:
-                    batches[holder].add(expert, torch.arange(start + lo, start + hi))
-            start += count
-    return [batch for batch in batches.values() if batch.counts]
+        if not count:
+            continue
+        holders = holders_of[expert]
+        if len(holders) == 1:
+            bounds = [0, count]
+        else:
+            bounds = np.linspace(0, count, len(holders) + 1).round().astype(int).tolist()
+        for holder, lo, hi in zip(holders, bounds[:-1], bounds[1:]):
+            if hi > lo:
+                batch = batches.get(holder)
+                if batch is None:
+                    batch = batches[holder] = ShardBatch(holder)
+                batch.add(expert, start + lo, start + hi)
+        start += count
+    return sorted(batches.values(), key=lambda b: b.shard)
 
 
 def apply_capacity(

@@ -1,13 +1,18 @@
 """The router actor: gate, top-k, dispatch to expert shards, gather, combine; load statistics and rebalancing.
 
-It owns the gate weights of every MoE layer and the expert placement, nothing else of the model. Per layer call
-it sends one batched message to each shard that has rows, all concurrently, and retries a shard whose actor died
-(Ray restarts it and it reloads its experts), so a request running during a shard failure still completes with
-the same tokens. Calls are served one at a time, so `rebalance` always lands between two layer calls.
+It owns the gate weights of every MoE layer and the expert placement, nothing else of the model. Two ways in:
+- `moe` (plain actor call): sends one batched message to each shard that has rows, all concurrently, and retries a
+  shard whose actor died (Ray restarts it and it reloads its experts), so a request running during a shard
+  failure still completes with the same tokens;
+- `dispatch_all` -> every shard's `forward_packed` -> `combine_all`: the same layer call as three tasks of a Ray
+  compiled graph (router/transport.py), one message per shard, empty ones included.
+Both count the same load statistics. Plain calls are served one at a time; a compiled graph runs its tasks on a
+thread of its own, so a lock keeps `rebalance` between two dispatches either way.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +24,11 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.shard import ShardMessage
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
-from moe_serve.model.moe import Gate, combine, dispatch
-from moe_serve.router.dispatch import apply_capacity, split_by_shard
+from moe_serve.model.moe import Gate, dispatch
+from moe_serve.router.dispatch import LayerStep, apply_capacity, empty_message, split_by_shard
 from moe_serve.router.stats import LoadStats
 
 
@@ -66,31 +72,62 @@ class Router:
         self.stats = LoadStats(self.model.num_layers, self.model.num_experts, placement.num_shards)
         self._first_moe_layer = self.model.moe_layer_ids[0]
         self._calls_since_check = 0
+        self._lock = threading.RLock()
+        self._empty_messages: dict[tuple[int, int, str], ShardMessage] = {}
 
     def moe(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """Routed-expert output [T, D] for hidden states [T, D] of one MoE layer."""
+        """Routed-expert output [T, D] for hidden states [T, D] of one MoE layer (the plain transport)."""
+        step = self._dispatch(layer, x)
+        messages = {batch.shard: message for batch, message in zip(step.batches, step.messages)}
+        return self._combine(step, self._call_shards(messages))
+
+    # --- the compiled-graph transport: dispatch_all -> shard.forward_packed -> combine_all ------------------
+
+    def dispatch_all(self, layer: int, x: np.ndarray) -> tuple[ShardMessage | LayerStep, ...]:
+        """One message per shard (empty when it has no rows), then the step that `combine_all` needs."""
+        step = self._dispatch(layer, x)
+        key = (layer, x.shape[1], x.dtype.str)
+        empty = self._empty_messages.get(key)
+        if empty is None:
+            empty = self._empty_messages[key] = empty_message(layer, x.shape[1], x.dtype)
+        messages = [empty] * self.placement.num_shards
+        for batch, message in zip(step.batches, step.messages):
+            messages[batch.shard] = message
+        return (*messages, step)
+
+    def combine_all(self, step: LayerStep, *outputs: np.ndarray) -> np.ndarray:
+        """Every shard's output (by shard id, empty ones included) -> routed-expert output [T, D]."""
+        return self._combine(step, {batch.shard: outputs[batch.shard] for batch in step.batches})
+
+    # --- one layer call --------------------------------------------------------------------------------------
+
+    def _dispatch(self, layer: int, x: np.ndarray) -> LayerStep:
         hidden = torch.from_numpy(np.ascontiguousarray(x))
         gate = self.gates[layer]
         probs = gate.probs(hidden)
         routing = gate.route(probs, hidden.dtype)
-        if self.config.capacity_factor is not None:
-            routing, moved = apply_capacity(routing, probs, self.config.capacity_factor, gate.norm_topk_prob)
-            self.stats.capacity_fallbacks += moved
-        plan = dispatch(routing, self.model.num_experts)
-        self.stats.count_tokens(layer, plan.counts)
+        with self._lock:  # placement and stats are shared with `rebalance` when a compiled graph runs
+            if self.config.capacity_factor is not None:
+                routing, moved = apply_capacity(routing, probs, self.config.capacity_factor, gate.norm_topk_prob)
+                self.stats.capacity_fallbacks += moved
+            plan = dispatch(routing, self.model.num_experts)
+            self.stats.count_tokens(layer, plan.counts)
+            batches = split_by_shard(plan, self.placement, layer)
         x_sorted = hidden.index_select(0, plan.token_index)
-        out_sorted = torch.empty_like(x_sorted)
-        batches = split_by_shard(plan, self.placement, layer)
-        messages = {batch.shard: batch.message(x_sorted) for batch in batches}
-        results = self._call_shards(layer, messages)
-        for batch in batches:
-            out_sorted[batch.row_index()] = torch.from_numpy(results[batch.shard])
-            self.stats.count_shard_rows(batch.shard, batch.num_rows)
-        self._maybe_rebalance(layer)
-        return combine(out_sorted, plan, routing, hidden.shape[0]).numpy()
+        messages = [batch.message(layer, x_sorted) for batch in batches]
+        return LayerStep(layer, routing, plan, batches, messages, hidden.shape[0], tuple(x_sorted.shape),
+                         hidden.dtype)
 
-    def _call_shards(self, layer: int, messages: dict[int, tuple]) -> dict[int, np.ndarray]:
-        pending = {shard: self.shards[shard].forward.remote(layer, *msg) for shard, msg in messages.items()}
+    def _combine(self, step: LayerStep, results: dict[int, np.ndarray]) -> np.ndarray:
+        out = step.combine(results).numpy()
+        with self._lock:
+            for batch in step.batches:
+                self.stats.count_shard_rows(batch.shard, batch.num_rows)
+        self._maybe_rebalance(step.layer)
+        return out
+
+    def _call_shards(self, messages: dict[int, ShardMessage]) -> dict[int, np.ndarray]:
+        pending = {shard: self.shards[shard].forward.remote(*msg) for shard, msg in messages.items()}
         results: dict[int, np.ndarray] = {}
         for attempt in range(self.config.max_retries + 1):
             failed = {}
@@ -105,7 +142,7 @@ class Router:
             if attempt == self.config.max_retries:
                 raise ShardCallFailed(f"shards {sorted(failed)} failed {attempt + 1} times: {failed}")
             time.sleep(self.config.retry_backoff_s * (attempt + 1))
-            pending = {shard: self.shards[shard].forward.remote(layer, *messages[shard]) for shard in failed}
+            pending = {shard: self.shards[shard].forward.remote(*messages[shard]) for shard in failed}
         return results
 
     # --- load statistics and rebalancing -------------------------------------------------------------------
@@ -129,12 +166,13 @@ class Router:
         The copy's weights are loaded before routing changes, so no call ever waits on a missing expert.
         """
         added = []
-        for layer in self.model.moe_layer_ids:
-            for expert, target in self.stats.hot_expert_moves(layer, self.placement, copies_per_layer):
-                ray.get(self.shards[target].load_experts.remote(layer, [expert]))
-                self.placement.add_copy(layer, expert, target)
-                added.append({"layer": layer, "expert": expert, "shard": target})
-        self.stats.reset_window()
+        with self._lock:
+            for layer in self.model.moe_layer_ids:
+                for expert, target in self.stats.hot_expert_moves(layer, self.placement, copies_per_layer):
+                    ray.get(self.shards[target].load_experts.remote(layer, [expert]))
+                    self.placement.add_copy(layer, expert, target)
+                    added.append({"layer": layer, "expert": expert, "shard": target})
+            self.stats.reset_window()
         return added
 
     def _maybe_rebalance(self, layer: int) -> None:

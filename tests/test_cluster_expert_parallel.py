@@ -1,8 +1,10 @@
-"""Expert parallelism on a real local Ray: shards + router give the in-process engine's tokens, survive shard
-deaths and rebalancing, and refuse plans the cluster cannot hold."""
+"""Expert parallelism on a real local Ray: shards + router give the in-process engine's tokens over both
+transports (plain actor calls, a compiled graph), survive shard deaths and rebalancing, and refuse plans the
+cluster cannot hold."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from moe_serve.replicas.engine import LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
 from moe_serve.router.deploy import ExpertParallel, start_expert_parallel
 from moe_serve.router.router import RouterConfig
+from moe_serve.router.transport import CompiledGraphConfig
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -37,7 +40,7 @@ def test_distributed_greedy_equals_in_process(family_dir: str, num_shards: int, 
     model_dir = request.getfixturevalue(family_dir)
     prompts = random_prompts([6, 31, 18], 256, seed=num_shards)
     expected = in_process_tokens(model_dir, prompts)
-    parallel = start_expert_parallel(str(model_dir), num_shards)
+    parallel = start_expert_parallel(str(model_dir), num_shards, transport="plain")
     try:
         engine = LLMEngine.from_pretrained(model_dir, moe=parallel)
         assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
@@ -51,7 +54,7 @@ def test_distributed_greedy_equals_in_process(family_dir: str, num_shards: int, 
 
 @pytest.fixture(scope="module")
 def parallel(mixtral_dir: Path) -> Iterator[ExpertParallel]:
-    group = start_expert_parallel(str(mixtral_dir), 4)
+    group = start_expert_parallel(str(mixtral_dir), 4, transport="plain")
     yield group
     group.shutdown()
 
@@ -95,7 +98,8 @@ def test_killed_shard_fails_no_request(mixtral_dir: Path, parallel: ExpertParall
 
 
 def test_capacity_factor_mode_counts_fallbacks(mixtral_dir: Path) -> None:
-    parallel = start_expert_parallel(str(mixtral_dir), 2, router_config=RouterConfig(capacity_factor=0.5))
+    parallel = start_expert_parallel(str(mixtral_dir), 2, router_config=RouterConfig(capacity_factor=0.5),
+                                     transport="plain")
     try:
         engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
         outputs = engine.generate(random_prompts([40, 20], 256, seed=13), GREEDY)
@@ -133,7 +137,7 @@ def test_load_stats_and_prometheus_counters(mixtral_dir: Path, parallel: ExpertP
 
 def test_auto_rebalance_copies_hot_experts(mixtral_dir: Path) -> None:
     config = RouterConfig(auto_rebalance_every=2, imbalance_threshold=1.0)
-    parallel = start_expert_parallel(str(mixtral_dir), 2, router_config=config)
+    parallel = start_expert_parallel(str(mixtral_dir), 2, router_config=config, transport="plain")
     try:
         prompts = random_prompts([20, 8], 256, seed=15)
         expected = in_process_tokens(mixtral_dir, prompts)
@@ -143,3 +147,96 @@ def test_auto_rebalance_copies_hot_experts(mixtral_dir: Path) -> None:
         assert parallel.describe()["copies"]
     finally:
         parallel.shutdown()
+
+
+# --- the compiled-graph transport ------------------------------------------------------------------------------
+
+FAST_RECOVERY = CompiledGraphConfig(recompile_after_s=0.2, idle_teardown_s=None)
+
+
+def test_compiled_transport_two_shards_sleeping_reads_idle_teardown(mixtral_dir: Path) -> None:
+    """Two shards, readers that sleep instead of spinning, and a graph torn down when idle, then compiled again."""
+    prompts = random_prompts([6, 31, 18], 256, seed=32)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    config = CompiledGraphConfig(poll="sleep", idle_teardown_s=0.5)
+    parallel = start_expert_parallel(str(mixtral_dir), 2, transport="compiled", graph_config=config)
+    try:
+        engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+        first = parallel.describe()["transport"]
+        assert first["graph_calls"] > 0 and first["fallback_calls"] == 0
+        deadline = time.monotonic() + 10
+        while parallel.transport.live and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not parallel.transport.live
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+        again = parallel.transport.stats()
+        assert again["live"] and again["idle_teardowns"] >= 1 and again["compiles"] == again["idle_teardowns"] + 1
+        stats = ray.get(parallel.router.load_stats.remote())  # the graph's layer calls are counted too
+        assert sum(stats["shard_rows"]) == sum(map(sum, stats["expert_tokens"])) > 0
+    finally:
+        parallel.shutdown()
+    assert not parallel.transport.live
+
+
+@pytest.fixture(scope="module")
+def compiled(mixtral_dir: Path) -> Iterator[ExpertParallel]:
+    group = start_expert_parallel(str(mixtral_dir), 4, transport="compiled", graph_config=FAST_RECOVERY)
+    yield group
+    group.shutdown()
+
+
+def test_compiled_transport_four_shards_greedy_equals_in_process(
+    mixtral_dir: Path, compiled: ExpertParallel
+) -> None:
+    prompts = random_prompts([6, 31, 18], 256, seed=34)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    engine = LLMEngine.from_pretrained(mixtral_dir, moe=compiled)
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+    transport = compiled.describe()["transport"]
+    assert transport["live"] and transport["compiles"] == 1
+    assert transport["graph_calls"] > 0 and transport["fallback_calls"] == 0
+    stats = ray.get(compiled.router.load_stats.remote())
+    assert sum(stats["shard_rows"]) == sum(map(sum, stats["expert_tokens"])) > 0
+
+
+def test_compiled_transport_rebalance_between_steps(mixtral_dir: Path, compiled: ExpertParallel) -> None:
+    prompts = random_prompts([12, 25, 9, 40], 256, seed=31)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    engine = LLMEngine.from_pretrained(mixtral_dir, moe=compiled)
+    added: list = []
+    tokens = generate_with_hook(engine, prompts, 4, lambda: added.extend(ray.get(compiled.router.rebalance.remote(2))))
+    assert tokens == expected
+    assert added, "rebalance placed no copies"
+    transport = compiled.transport.stats()
+    assert transport["live"] and transport["fallback_calls"] == 0  # copies need no new graph
+    copy = added[0]
+    assert copy["shard"] in compiled.describe()["copies"][str(copy["layer"])][str(copy["expert"])]
+
+
+def test_compiled_transport_killed_shard_falls_back_then_recompiles(
+    mixtral_dir: Path, compiled: ExpertParallel
+) -> None:
+    prompts = random_prompts([14, 5, 33], 256, seed=32)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    engine = LLMEngine.from_pretrained(mixtral_dir, moe=compiled)
+    victim = compiled.shards.actors[2]
+    pid_before = ray.get(victim.info.remote()).pid
+    before = compiled.transport.stats()
+    tokens = generate_with_hook(engine, prompts, 3, lambda: ray.kill(victim, no_restart=False))
+    assert tokens == expected
+    assert ray.get(victim.info.remote()).pid != pid_before  # restarted, experts reloaded
+    after = compiled.transport.stats()
+    assert after["graph_failures"] == before["graph_failures"] + 1
+    assert after["fallback_calls"] > before["fallback_calls"]
+    # Later calls run on a graph compiled again over the restarted shard, with the same tokens.
+    time.sleep(FAST_RECOVERY.recompile_after_s)
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+    final = compiled.transport.stats()
+    assert final["live"] and final["compiles"] >= max(before["compiles"], 1) + 1
+    assert final["graph_calls"] > after["graph_calls"]
+
+
+def test_unknown_transport_is_refused(mixtral_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown transport 'grpc'"):
+        start_expert_parallel(str(mixtral_dir), 2, transport="grpc")  # type: ignore[arg-type]

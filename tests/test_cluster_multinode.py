@@ -54,6 +54,9 @@ def test_shards_land_one_per_gpu_node(cluster: FakeGpuCluster, mixtral_dir: Path
         expected = [o.token_ids for o in LLMEngine.from_pretrained(mixtral_dir).generate(prompts, params)]
         engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
         assert [o.token_ids for o in engine.generate(prompts, params)] == expected
-        assert sorted(parallel.describe()["nodes"]) == sorted(cluster.worker_node_ids)
+        described = parallel.describe()
+        assert sorted(described["nodes"]) == sorted(cluster.worker_node_ids)
+        # the default transport, a compiled graph, spans the nodes: no layer call fell back to plain actor calls
+        assert described["transport"]["kind"] == "compiled" and described["transport"]["fallback_calls"] == 0
     finally:
         parallel.shutdown()

@@ -1,0 +1,260 @@
+"""Transports: how a replica's MoE layer call reaches the router and its shards, and comes back.
+
+- `PlainTransport`: one actor call to `Router.moe`, which makes one actor call per shard (two nested hops).
+- `CompiledTransport`: a Ray compiled graph, caller -> `Router.dispatch_all` -> every shard's `forward_packed`
+  -> `Router.combine_all` -> caller, over preallocated shared-memory channels. When the graph fails (a shard died,
+  a channel broke) it is torn down and the call is made again on the plain transport, whose router retries until
+  Ray has restarted the shard; the graph is compiled again `recompile_after_s` later.
+Compiled-graph channel readers busy-poll: Ray 2.60's `PlasmaObjectHeader::ReadAcquire` loops on `sched_yield`
+until the next value is written, so every actor of a live graph spins while it waits (20-40 % of a core each on
+the 2-core machine this was measured on, even with no call in flight). Two remedies, both optional:
+`idle_teardown_s` tears an unused graph down (the next call compiles it again), and `poll="sleep"` makes the
+graph's readers poll with a short exponential-backoff sleep instead of spinning (`install_sleeping_reads`).
+Knows nothing of models or serving: arrays in, arrays out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError
+
+logger = logging.getLogger(__name__)
+
+TransportKind = Literal["plain", "compiled"]
+PollMode = Literal["spin", "sleep"]
+TRANSPORTS: tuple[TransportKind, ...] = ("plain", "compiled")
+# Errors after which a compiled graph is no longer trusted: dead actors, closed or timed-out channels.
+GRAPH_ERRORS = (RayActorError, RaySystemError, GetTimeoutError)
+
+
+class Transport(Protocol):
+    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """Routed-expert output [T, D] of MoE layer `layer` for hidden states [T, D]."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CompiledGraphConfig:
+    buffer_size_bytes: int | None = None  # per channel; None: Ray's default (1 MB); channels grow when needed
+    submit_timeout_s: float = 10.0  # waiting for the graph to take an input
+    get_timeout_s: float = 60.0  # waiting for a layer's result (a restarted shard reloads its experts first)
+    recompile_after_s: float = 2.0  # after a failure, plain calls for this long before compiling again
+    ready_timeout_s: float = 1.0  # every actor must answer within this before a compile is tried
+    idle_teardown_s: float | None = 10.0  # tear an unused graph down after this long; None: keep it
+    max_compile_failures: int = 3  # then stay on plain calls for good
+    poll: PollMode = "spin"  # "sleep": readers back off between polls (`install_sleeping_reads`)
+    poll_sleep_s: tuple[float, float] = (1e-5, 5e-5)  # first and longest sleep between polls in "sleep" mode
+
+    def __post_init__(self) -> None:
+        if self.buffer_size_bytes is not None and self.buffer_size_bytes <= 0:
+            raise ValueError(f"CompiledGraphConfig.buffer_size_bytes must be positive, got {self.buffer_size_bytes}")
+        if self.poll not in ("spin", "sleep"):
+            raise ValueError(f"CompiledGraphConfig.poll must be spin or sleep, got {self.poll!r}")
+        for name in ("submit_timeout_s", "get_timeout_s", "recompile_after_s", "ready_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CompiledGraphConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.idle_teardown_s is not None and self.idle_teardown_s <= 0:
+            raise ValueError(
+                f"CompiledGraphConfig.idle_teardown_s must be positive or None, got {self.idle_teardown_s}")
+
+
+class PlainTransport:
+    def __init__(self, router: Any) -> None:
+        self.router = router
+        self.calls = 0
+
+    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return np.array(ray.get(self.router.moe.remote(layer, x)))  # the object-store copy is read-only
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "plain", "calls": self.calls}
+
+    def close(self) -> None:
+        pass
+
+
+def install_sleeping_reads(min_sleep_s: float, max_sleep_s: float) -> None:
+    """Make this process's shared-memory channel reads poll without spinning: try once, then sleep with
+    exponential backoff (min_sleep_s doubling up to max_sleep_s) until the value is there or the timeout passes.
+
+    Patches `ray.experimental.channel.shared_memory_channel.Channel.read` (Ray 2.60) in this process only; a
+    zero timeout keeps its single-try meaning. Idempotent; the latest backoff wins.
+    """
+    from ray.exceptions import RayChannelTimeoutError
+    from ray.experimental.channel import shared_memory_channel
+
+    channel = shared_memory_channel.Channel
+    spinning_read = getattr(channel.read, "spinning_read", channel.read)
+
+    def read(self: Any, timeout: float | None = None) -> Any:
+        if timeout == 0:
+            return spinning_read(self, 0)
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        delay = min_sleep_s
+        while True:
+            try:
+                return spinning_read(self, 0)
+            except RayChannelTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, max_sleep_s)
+
+    read.spinning_read = spinning_read  # type: ignore[attr-defined]
+    channel.read = read
+
+
+def _install_sleeping_reads_on_actor(actor_self: Any, min_sleep_s: float, max_sleep_s: float) -> None:
+    install_sleeping_reads(min_sleep_s, max_sleep_s)
+
+
+def compile_exchange(router: Any, shards: list[Any], config: CompiledGraphConfig) -> Any:
+    """The per-layer graph: (layer, x) -> router.dispatch_all -> shard_i.forward_packed -> router.combine_all."""
+    from ray.dag import InputNode
+
+    if config.poll == "sleep":  # in every process that reads a channel of this graph (actors restart bare)
+        install_sleeping_reads(*config.poll_sleep_s)
+        ray.get([a.__ray_call__.remote(_install_sleeping_reads_on_actor, *config.poll_sleep_s)
+                 for a in (router, *shards)])
+    with InputNode() as inp:
+        # num_shards messages, then the LayerStep, which stays in the router's process (intra-process channel)
+        outs = router.dispatch_all.options(num_returns=len(shards) + 1).bind(inp[0], inp[1])
+        results = [shard.forward_packed.bind(outs[i]) for i, shard in enumerate(shards)]
+        dag = router.combine_all.bind(outs[len(shards)], *results)
+    return dag.experimental_compile(
+        _submit_timeout=config.submit_timeout_s,
+        _buffer_size_bytes=config.buffer_size_bytes,
+        _max_inflight_executions=1,  # layer l + 1 needs layer l's output: nothing to pipeline
+    )
+
+
+class CompiledTransport:
+    """The compiled graph when it is up, the plain transport while it is down. Calls are serialised by a lock."""
+
+    def __init__(self, router: Any, shards: list[Any], config: CompiledGraphConfig = CompiledGraphConfig()) -> None:
+        self.router = router
+        self.shards = shards
+        self.config = config
+        self.plain = PlainTransport(router)
+        self._graph: Any = None
+        self._retry_at = 0.0  # monotonic time from which a compile may be tried
+        self._last_call = time.monotonic()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._counts = {"graph_calls": 0, "fallback_calls": 0, "compiles": 0, "compile_failures": 0,
+                        "graph_failures": 0, "idle_teardowns": 0}
+        self._idle_watch: threading.Thread | None = None
+
+    def __reduce__(self) -> tuple:
+        # The graph belongs to the process that compiled it: a copy elsewhere compiles its own.
+        return CompiledTransport, (self.router, self.shards, self.config)
+
+    @property
+    def live(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            try:
+                return self._call(layer, x)
+            finally:
+                self._last_call = time.monotonic()  # idle time counts from the end of the last call
+
+    def _call(self, layer: int, x: np.ndarray) -> np.ndarray:
+        if self._graph is None and not self._closed and time.monotonic() >= self._retry_at:
+            self._compile()
+        if self._graph is not None:
+            try:
+                out = ray.get(self._graph.execute(layer, x), timeout=self.config.get_timeout_s)
+                self._counts["graph_calls"] += 1
+                return np.array(out)  # own the memory: the channel buffer is reused by the next call
+            except GRAPH_ERRORS as exc:
+                logger.warning("compiled graph failed (%s: %s); plain calls until it is rebuilt",
+                               type(exc).__name__, exc)
+                self._counts["graph_failures"] += 1
+                self._teardown()
+                self._retry_at = time.monotonic() + self.config.recompile_after_s
+        self._counts["fallback_calls"] += 1
+        return self.plain(layer, x)
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "compiled", "live": self.live, **self._counts}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._teardown()
+
+    # --- graph lifecycle (called with the lock held) ------------------------------------------------------
+
+    def _compile(self) -> None:
+        if self._counts["compile_failures"] >= self.config.max_compile_failures:
+            return
+        actors = [self.router, *self.shards]
+        ready, _ = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors),
+                            timeout=self.config.ready_timeout_s)
+        if len(ready) < len(actors):  # a shard is still restarting: stay plain a while longer
+            self._retry_at = time.monotonic() + self.config.recompile_after_s
+            return
+        try:
+            self._graph = compile_exchange(self.router, self.shards, self.config)
+            self._counts["compiles"] += 1
+        except Exception as exc:  # noqa: BLE001 - any compile failure leaves the plain transport working
+            logger.warning("compiling the expert graph failed (%s: %s); using plain calls",
+                           type(exc).__name__, exc)
+            self._counts["compile_failures"] += 1
+            self._retry_at = time.monotonic() + self.config.recompile_after_s
+            return
+        self._start_idle_watch()
+
+    def _teardown(self) -> None:
+        graph, self._graph = self._graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception as exc:  # noqa: BLE001 - a half-dead graph must not fail the call that drops it
+                logger.warning("compiled graph teardown: %s: %s", type(exc).__name__, exc)
+
+    def _start_idle_watch(self) -> None:
+        if self.config.idle_teardown_s is None or (self._idle_watch is not None and self._idle_watch.is_alive()):
+            return
+        self._idle_watch = threading.Thread(target=self._watch_idle, name="moe-graph-idle", daemon=True)
+        self._idle_watch.start()
+
+    def _watch_idle(self) -> None:
+        """Tear the graph down once it has been unused for `idle_teardown_s`: its readers spin while idle."""
+        idle_s = self.config.idle_teardown_s
+        assert idle_s is not None
+        while True:
+            time.sleep(idle_s / 4)
+            with self._lock:
+                if self._graph is None:
+                    self._idle_watch = None
+                    return
+                if time.monotonic() - self._last_call >= idle_s:
+                    self._counts["idle_teardowns"] += 1
+                    self._teardown()
+                    self._idle_watch = None
+                    return
+
+
+def make_transport(
+    kind: TransportKind, router: Any, shards: list[Any], config: CompiledGraphConfig = CompiledGraphConfig()
+) -> Transport:
+    if kind == "plain":
+        return PlainTransport(router)
+    if kind == "compiled":
+        return CompiledTransport(router, shards, config)
+    raise ValueError(f"unknown transport {kind!r}; choose one of {', '.join(TRANSPORTS)}")
