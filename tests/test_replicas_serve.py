@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -47,12 +48,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Server]:
+def server(tiny_model_dir: Path, redis_server: Any) -> Iterator[Server]:
     connect_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = AppSettings(model_dir=str(tiny_model_dir), model_name=MODEL, api_key=API_KEY,
                            limits={"max_prompt_tokens": 600, "max_tokens": 4000},
+                           cache={"redis_url": redis_server.url(5)},
                            autoscaling={"min_replicas": 1, "max_replicas": 1})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     yield Server(f"http://127.0.0.1:{port}", tiny_model_dir)
@@ -193,3 +195,13 @@ def test_client_disconnect_frees_its_slot(server: Server) -> None:
         stats = handle.stats.remote().result()
     assert stats["running"] == 0 and stats["kv_used_fraction"] == 0.0
     assert 'moe_requests_total{outcome="aborted"}' in httpx.get(f"{server.base}/metrics").text
+
+
+def test_repeated_long_prompt_reports_cached_tokens(server: Server) -> None:
+    prompt = list(range(20, 220))  # 200 tokens: 12 full blocks of 16 before the last token
+    client = server.client()
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 192
+    assert second.choices[0].text == first.choices[0].text
