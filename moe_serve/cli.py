@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-replicas", type=int, default=1)
     up.add_argument("--max-replicas", type=int, default=2)
     up.add_argument("--api-key", default=None, help="require this bearer token (default: $MOE_SERVE_API_KEY)")
+    up.add_argument("--redis", default=None, metavar="URL|auto|off",
+                    help="warm cache tier; default: $MOE_SERVE_REDIS_URL, else a child redis-server (auto)")
 
     state = commands.add_parser("status", help="replicas and load of a running application")
     state.add_argument("--address", default="auto")
@@ -88,7 +91,7 @@ def cmd_up(args: argparse.Namespace) -> dict:
         "api_key": args.api_key,
         "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas},
     }
-    run_up(settings, args.host, args.port)
+    run_up(settings, args.host, args.port, args.redis or os.environ.get("MOE_SERVE_REDIS_URL") or "auto")
     return {"stopped": True}
 
 

@@ -1,7 +1,8 @@
 """`moe-serve up` and `moe-serve status`: the one-command local cluster and a look at a running one.
 
 `up` with no arguments is the embedded default: a local Ray (its GCS on a random port, never Redis's 6379), the
-tiny model generated on first run into a cache directory, and the Serve application on 127.0.0.1. It blocks until
+tiny model generated on first run into a cache directory, a child redis-server on a free port for the warm
+cache tier, and the Serve application on 127.0.0.1. It blocks until
 Ctrl-C or SIGTERM and then stops everything it started.
 """
 
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,32 @@ def ensure_default_model() -> Path:
     return model_dir
 
 
-def run_up(settings_args: dict[str, Any], host: str, port: int) -> None:
+def start_redis(work_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A child redis-server on a free loopback port for the warm tier, with an eviction policy, no persistence."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server not found: run `make install`, or pass --redis URL")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--maxmemory", "512mb", "--maxmemory-policy", "allkeys-lru", "--dir", str(work_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    process.kill()
+    raise ConnectionError(f"redis-server did not start on port {port}")
+
+
+def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | None) -> None:
+    """`redis`: a URL, "auto" (a child redis-server on a free port) or "off"."""
     from ray import serve
 
     from moe_serve.cluster.bringup import connect_ray
@@ -40,6 +70,11 @@ def run_up(settings_args: dict[str, Any], host: str, port: int) -> None:
 
     if not settings_args.get("model_dir"):
         settings_args["model_dir"] = str(ensure_default_model())
+    redis_process = None
+    if redis == "auto":
+        redis_process, redis = start_redis(cache_dir() / "redis")
+    if redis and redis != "off":
+        settings_args["cache"] = {"redis_url": redis}
     settings = AppSettings.model_validate(settings_args)
     connect_ray()
     stop = threading.Event()
@@ -50,6 +85,8 @@ def run_up(settings_args: dict[str, Any], host: str, port: int) -> None:
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
         base = f"http://{host}:{port}"
         print(f"moe-serve is up: {base}/v1 serving {settings.served_name!r} from {settings.model_dir}", flush=True)
+        if redis and redis != "off":
+            print(f"  prefix KV cache: hot in each replica, warm in {redis}", flush=True)
         print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{settings.served_name}\", \"prompt\": \"The router\", \"max_tokens\": 16}}'",
               flush=True)
@@ -60,6 +97,9 @@ def run_up(settings_args: dict[str, Any], host: str, port: int) -> None:
 
         serve.shutdown()
         ray.shutdown()
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(timeout=10)
 
 
 def status(address: str) -> dict[str, Any]:
