@@ -207,7 +207,8 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
         self.metrics.observe_replica(await self.engine.stats.remote(), _replica_count())
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        cache = await self.engine.cache_metrics.remote()  # one replica's tiered-cache counters
+        return PlainTextResponse(self.metrics.render() + cache, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:

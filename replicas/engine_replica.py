@@ -51,6 +51,11 @@ class EngineReplica:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    def cache_metrics(self) -> bytes:
+        """Prometheus text of this replica's tiered cache (hits, misses, bytes, latency per tier); empty when off."""
+        link = self.engine.engine.prefix_cache
+        return link.cache.prometheus_text() if link is not None else b""
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Load this replica reports to Serve's autoscaler (read by replicas/autoscaling.py)."""
         stats = self.engine.stats()

@@ -205,3 +205,5 @@ def test_repeated_long_prompt_reports_cached_tokens(server: Server) -> None:
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens == 192
     assert second.choices[0].text == first.choices[0].text
+    metrics = httpx.get(f"{server.base}/metrics").text
+    assert 'moe_cache_hits_total{tier="hot"}' in metrics
