@@ -4,6 +4,7 @@ engines and processes."""
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,25 @@ def test_second_process_reuses_blocks(tiny_model_dir: Path, redis_db: RedisServe
     first, second = run(), run()
     assert first["cached_tokens"] == 0
     assert second["cached_tokens"] == 48 and second["token_ids"] == first["token_ids"]
+
+
+def test_redis_killed_mid_run_fails_no_request_and_caching_returns(mixtral_dir: Path, make_redis) -> None:  # noqa: ANN001
+    redis = make_redis()
+    prompts = random_prompts([50, 60, 40, 55], 256, seed=33)
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(mixtral_dir).generate(prompts, GREEDY)]
+    engine = cached_engine(mixtral_dir, redis)
+    ids = [engine.add_request(p, GREEDY) for p in prompts[:2]]
+    engine.step()
+    redis.kill()  # in the middle of the run: prefills done, writes behind may be in flight
+    ids += [engine.add_request(p, GREEDY) for p in prompts[2:]]  # lookups while Redis is down
+    while engine.has_unfinished():
+        engine.step()
+    assert [engine.pop_result(i).token_ids for i in ids] == expected
+    redis.restart()  # empty, as after a crash
+    time.sleep(2.5)  # the breaker's cool-down; the next call is its probe
+    later = random_prompts([48], 256, seed=34)
+    engine.generate(later, GREEDY)
+    engine.generate(random_prompts([30], 256, seed=35), GREEDY)
+    assert engine.prefix_cache is not None and engine.prefix_cache.cache.flush()
+    reader = cached_engine(mixtral_dir, redis)
+    assert reader.generate(later, GREEDY)[0].cached_tokens == 32  # written after Redis came back
