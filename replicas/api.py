@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from moe_serve.cache import PromptCache, PromptCacheConfig
 from moe_serve.model.tokenizer import Tokenizer
 from moe_serve.replicas.metrics import ServingMetrics
 from moe_serve.replicas.protocol import (
@@ -193,6 +194,10 @@ class Ingress:
         self.settings = settings
         self.api_key = settings.resolved_api_key()
         self.tokenizer = Tokenizer.from_dir(settings.model_dir)
+        # text -> ids cache shared by every ingress through Redis: a repeated long prompt is tokenized once
+        cache = settings.cache_config()
+        self.prompt_cache = None if self.tokenizer is None else PromptCache(
+            self.tokenizer.fingerprint, PromptCacheConfig(warm_url=cache.warm_url if cache else None))
         self.metrics = ServingMetrics()
         self._max_model_len: int | None = None
 
@@ -219,7 +224,7 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._authorize(request)
         self._check_common(body)
-        prompt_ids = self._completion_prompt(body)
+        prompt_ids = await self._completion_prompt(body)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
         stream = await self._start(prompt_ids, body, max_tokens)
         echo = self.tokenizer.decode(prompt_ids) if body.echo and self.tokenizer else ""
@@ -239,7 +244,8 @@ class Ingress:
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
             messages = [{"role": m.role, "content": _utf8(m.content, "messages")} for m in body.messages]
-            prompt_ids = self.tokenizer.encode_chat(messages)
+            text = self.tokenizer.apply_chat_template(messages)
+            prompt_ids = await self._encode(text, add_special_tokens=False)  # the template has them
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         self._check_prompt_length(prompt_ids)
@@ -275,7 +281,15 @@ class Ingress:
             raise APIError(400, f"max_tokens={body.max_tokens} exceeds the limit of {limits.max_tokens}",
                            param="max_tokens")
 
-    def _completion_prompt(self, body: CompletionRequest) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        assert self.tokenizer is not None and self.prompt_cache is not None
+        tokenizer = self.tokenizer
+        return await self.prompt_cache.aencode(
+            text, lambda t: tokenizer.encode(t, add_special_tokens=add_special_tokens),
+            variant=f"special={int(add_special_tokens)}",
+        )
+
+    async def _completion_prompt(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -286,7 +300,7 @@ class Ingress:
                 raise APIError(400, "prompt is empty", param="prompt")
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send token ids as the prompt", param="prompt")
-            prompt_ids = self.tokenizer.encode(_utf8(prompt, "prompt"))
+            prompt_ids = await self._encode(_utf8(prompt, "prompt"), add_special_tokens=True)
         else:
             prompt_ids = list(prompt)
         self._check_prompt_length(prompt_ids)

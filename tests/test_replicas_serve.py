@@ -112,7 +112,7 @@ def test_chat_greedy_and_streaming_agree(server: Server, reference: LLMEngine) -
 
 
 def test_streaming_completion_ends_with_done(server: Server) -> None:
-    body = f'{{"model": "{MODEL}", "prompt": "Cache", "max_tokens": 5, "stream": true}}'
+    body = f'{{"model": "{MODEL}", "prompt": "Cache", "max_tokens": 5, "ignore_eos": true, "stream": true}}'
     with httpx.stream("POST", f"{server.base}/v1/completions", content=body, timeout=60,
                       headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}) as r:
         assert r.status_code == 200
