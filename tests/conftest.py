@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +85,6 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
 # --- a real redis-server for the cache tests ------------------------------------------------------------------
 
 REDIS_SERVER_BIN = "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:
@@ -183,3 +178,28 @@ def make_redis(tmp_path: Path) -> Any:
     yield make
     for server in servers:
         server.kill()  # SIGKILL ends a paused (SIGSTOP) server too
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(settings: Any) -> Iterator[str]:
+    """The Serve application of `settings` on a local Ray and a free loopback port; yields its base URL."""
+    import ray
+    from moe_serve.cluster.bringup import connect_ray
+    from moe_serve.replicas.app import APP_NAME, build_app
+    from ray import serve
+
+    connect_ray()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

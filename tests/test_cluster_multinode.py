@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import ray
-from conftest import random_prompts
+from conftest import free_port, random_prompts
 from ray.cluster_utils import Cluster
 
 from moe_serve.replicas.engine import LLMEngine
@@ -34,12 +33,6 @@ def cluster() -> Iterator[FakeGpuCluster]:
     yield FakeGpuCluster(cluster, [w.node_id for w in workers])
     ray.shutdown()
     cluster.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_shards_land_one_per_gpu_node(cluster: FakeGpuCluster, mixtral_dir: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -10,20 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
-from ray import serve
-from ray.serve.config import AutoscalingConfig
-
-from moe_serve.cluster.bringup import connect_ray
-from moe_serve.replicas.app import APP_NAME, build_app
+from conftest import serve_app
+from moe_serve.replicas.app import APP_NAME
 from moe_serve.replicas.autoscaling import POLICY_PATH
 from moe_serve.replicas.settings import AppSettings, AutoscalingSettings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ray import serve
+from ray.serve.config import AutoscalingConfig
 
 
 def engine_replicas() -> int:
@@ -40,17 +31,12 @@ def test_autoscaling_settings_build_a_valid_serve_config() -> None:
 
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dir: Path) -> Iterator[str]:
-    connect_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     autoscaling = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1,
                        downscale_delay_s=6, metrics_interval_s=0.5, look_back_period_s=2)
     settings = AppSettings(model_dir=str(tiny_model_dir), model_name="tiny", autoscaling=autoscaling,
                            replica_num_cpus=0.25)
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(settings) as url:
+        yield url
 
 
 def test_scale_up_under_load_and_back_down(base_url: str) -> None:

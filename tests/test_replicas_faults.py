@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 import uuid
@@ -23,11 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from ray import serve
-
-from moe_serve.cluster.bringup import connect_ray
-from moe_serve.replicas.app import APP_NAME, build_app
+from conftest import serve_app
+from moe_serve.replicas.app import APP_NAME
 from moe_serve.replicas.settings import AppSettings
+from ray import serve
 
 MODEL = "tiny"
 CLIENTS = 4  # half stream, half do not
@@ -38,23 +36,12 @@ MAX_REQUESTS_PER_CLIENT = 300
 REPLICA_PREFIX = f"SERVE_REPLICA::{APP_NAME}#EngineReplica#"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dir: Path) -> Iterator[str]:
-    connect_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = AppSettings(model_dir=str(tiny_model_dir), model_name=MODEL, replica_num_cpus=0.25,
                            autoscaling={"min_replicas": 2, "max_replicas": 2})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(settings) as url:
+        yield url
 
 
 @dataclass(frozen=True)

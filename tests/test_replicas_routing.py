@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import ray
-from ray import serve
-
-from moe_serve.cluster.bringup import connect_ray
+from conftest import serve_app
 from moe_serve.replicas.api import REPLICA_HEADER
-from moe_serve.replicas.app import APP_NAME, build_app
 from moe_serve.replicas.routing import prefix_digest, rendezvous_order
 from moe_serve.replicas.settings import AppSettings
 
@@ -36,17 +31,10 @@ def test_digest_covers_only_the_affinity_prefix() -> None:
 
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dir: Path) -> Iterator[str]:
-    connect_ray()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = AppSettings(model_dir=str(tiny_model_dir), model_name="tiny", replica_num_cpus=0.25,
                            autoscaling={"min_replicas": 2, "max_replicas": 2})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(settings) as url:
+        yield url
 
 
 def served_by(base_url: str, prompt: list[int]) -> str:

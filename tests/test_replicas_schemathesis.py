@@ -10,7 +10,6 @@ A 5xx is collected, not raised, so one run lists every failing request (as curl)
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,17 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 import requests
 import schemathesis
+from conftest import serve_app
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from ray import serve
-from schemathesis import Case, GenerationMode
-
-from moe_serve.cluster.bringup import connect_ray
-from moe_serve.replicas.app import APP_NAME, build_app
 from moe_serve.replicas.settings import AppSettings
+from schemathesis import Case, GenerationMode
 
 MODEL = "tiny"
 MAX_TOKENS = 16  # the app's limit here: longer asks are a 400, so no valid request generates for long
@@ -43,23 +38,12 @@ GET_REPEATS = 7  # /health, /metrics, /v1/models have one distinct request each:
 TOTAL_AT_LEAST = 900
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dir: Path) -> Iterator[str]:
-    connect_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings_ = AppSettings(model_dir=str(tiny_model_dir), model_name=MODEL, limits={"max_tokens": MAX_TOKENS},
                             autoscaling={"min_replicas": 1, "max_replicas": 1})
-    serve.run(build_app(settings_), name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(settings_) as url:
+        yield url
 
 
 @dataclass

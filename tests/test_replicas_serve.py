@@ -3,7 +3,6 @@ streaming, concurrency and client disconnects."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,15 +13,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import ray
-from ray import serve
-
-from moe_serve.cluster.bringup import connect_ray
-from moe_serve.model.tokenizer import Tokenizer
-from moe_serve.replicas.app import APP_NAME, build_app
+from conftest import serve_app
+from moe_serve.replicas.app import APP_NAME
 from moe_serve.replicas.engine import LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
 from moe_serve.replicas.settings import AppSettings
+from ray import serve
+
+from moe_serve.model.tokenizer import Tokenizer
 
 API_KEY = "test-key-123"
 MODEL = "tiny"
@@ -41,25 +39,14 @@ class Server:
         return httpx.post(f"{self.base}{path}", content=content, headers=headers, timeout=60)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, redis_server: Any) -> Iterator[Server]:
-    connect_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = AppSettings(model_dir=str(tiny_model_dir), model_name=MODEL, api_key=API_KEY,
                            limits={"max_prompt_tokens": 600, "max_tokens": 4000},
                            cache={"redis_url": redis_server.url(5)},
                            autoscaling={"min_replicas": 1, "max_replicas": 1})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    yield Server(f"http://127.0.0.1:{port}", tiny_model_dir)
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(settings) as url:
+        yield Server(url, tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
