@@ -77,9 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", default=None, help="require this bearer token (default: $MOE_SERVE_API_KEY)")
     up.add_argument("--redis", default=None, metavar="URL|auto|off",
                     help="warm cache tier; default: $MOE_SERVE_REDIS_URL, else a child redis-server (auto)")
+    up.add_argument("--shards", type=int, default=0,
+                    help="experts on N shard actors shared by all replicas (one GPU each where there are GPUs)")
+    up.add_argument("--placement", choices=["pack", "spread", "strict_spread"], default="pack")
 
-    state = commands.add_parser("status", help="replicas and load of a running application")
-    state.add_argument("--address", default="auto")
+    state = commands.add_parser("status", help="replicas, shards, expert load and cache stats of a running app")
+    state.add_argument("--address", default=None,
+                       help="Ray address; default: the one `moe-serve up` recorded, else auto")
     return parser
 
 
@@ -88,7 +92,7 @@ def cmd_up(args: argparse.Namespace) -> dict:
 
     settings = {
         "model_dir": args.model_dir, "model_name": args.model_name, "quantize": args.quantize,
-        "api_key": args.api_key,
+        "api_key": args.api_key, "shards": args.shards, "placement": args.placement,
         "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas},
     }
     run_up(settings, args.host, args.port, args.redis or os.environ.get("MOE_SERVE_REDIS_URL") or "auto")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL_NAME = "tiny-mixtral"
+UP_STATE_FILE = "up.json"  # where `up` records its Ray address and URL for `status`
 
 
 def cache_dir() -> Path:
@@ -77,6 +78,7 @@ def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | Non
         settings_args["cache"] = {"redis_url": redis}
     settings = AppSettings.model_validate(settings_args)
     connect_ray()
+    state_file = cache_dir() / UP_STATE_FILE
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -84,7 +86,11 @@ def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | Non
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
         base = f"http://{host}:{port}"
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"address": ray_address(), "url": base, "pid": os.getpid()}))
         print(f"moe-serve is up: {base}/v1 serving {settings.served_name!r} from {settings.model_dir}", flush=True)
+        if settings.shards:
+            print(f"  experts on {settings.shards} shard actors ({settings.placement})", flush=True)
         if redis and redis != "off":
             print(f"  prefix KV cache: hot in each replica, warm in {redis}", flush=True)
         print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
@@ -95,6 +101,7 @@ def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | Non
     finally:
         import ray
 
+        state_file.unlink(missing_ok=True)
         serve.shutdown()
         ray.shutdown()
         if redis_process is not None:
@@ -102,22 +109,45 @@ def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | Non
             redis_process.wait(timeout=10)
 
 
-def status(address: str) -> dict[str, Any]:
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def recorded_address() -> str:
+    """The Ray address a running `moe-serve up` recorded, else "auto" (a `ray start` cluster on this machine)."""
+    try:
+        return json.loads((cache_dir() / UP_STATE_FILE).read_text())["address"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return "auto"
+
+
+def status(address: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    # Read when Ray is imported: a dead address makes ray.init retry for minutes, so bound it; and Ray's token
+    # authentication is on by default, so a joining driver must present the token too.
+    os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", str(int(timeout_s)))
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray import serve
 
     from moe_serve.replicas.app import APP_NAME
 
-    ray.init(address=address, log_to_driver=False)
+    ray.init(address=address or recorded_address(), log_to_driver=False)
     try:
         app = serve.status().applications.get(APP_NAME)
         if app is None:
             return {"application": APP_NAME, "status": "not running"}
         deployments = {name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
                        for name, d in app.deployments.items()}
-        engine_stats = serve.get_deployment_handle("EngineReplica", APP_NAME).stats.remote().result(timeout_s=10)
-        return {"application": APP_NAME, "status": str(app.status), "deployments": deployments,
-                "engine_replica_sample": engine_stats}
+        engine = serve.get_deployment_handle("EngineReplica", APP_NAME)
+        result = {"application": APP_NAME, "status": str(app.status), "deployments": deployments,
+                  "engine_replica_sample": engine.stats.remote().result(timeout_s=timeout_s),
+                  "cache_sample": engine.cache_stats.remote().result(timeout_s=timeout_s)}
+        if "ExpertShards" in deployments:
+            experts = serve.get_deployment_handle("ExpertShards", APP_NAME)
+            result["experts"] = experts.describe.remote().result(timeout_s=timeout_s)
+        return result
     finally:
         ray.shutdown()
 

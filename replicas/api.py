@@ -188,9 +188,11 @@ async def _limit_body_size(request: Request, call_next: Any) -> Any:
 # Defined last: serve.ingress snapshots the module when it wraps the class, so helpers must exist before it.
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, settings: AppSettings) -> None:
+    def __init__(self, engine: DeploymentHandle, settings: AppSettings, experts: DeploymentHandle | None = None
+                 ) -> None:
         app.state.max_body_bytes = settings.limits.max_body_bytes
         self.engine = engine
+        self.experts = experts  # the ExpertShards deployment when experts run on shard actors
         self.settings = settings
         self.api_key = settings.resolved_api_key()
         self.tokenizer = Tokenizer.from_dir(settings.model_dir)
@@ -213,7 +215,8 @@ class Ingress:
     async def metrics(self) -> PlainTextResponse:
         self.metrics.observe_replica(await self.engine.stats.remote(), _replica_count())
         cache = await self.engine.cache_metrics.remote()  # one replica's tiered-cache counters
-        return PlainTextResponse(self.metrics.render() + cache, media_type="text/plain; version=0.0.4")
+        experts = await self.experts.metrics_text.remote() if self.experts is not None else b""  # per-expert load
+        return PlainTextResponse(self.metrics.render() + cache + experts, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:

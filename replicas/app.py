@@ -1,4 +1,5 @@
-"""Build the Serve application: ingress (OpenAI API) bound to autoscaled engine replicas.
+"""Build the Serve application: ingress (OpenAI API) bound to autoscaled engine replicas, and with `shards` set,
+the `ExpertShards` deployment whose router and shard actors every engine replica shares.
 
 `build_app(settings)` is a small pure builder; `app_builder(args)` is the import path `serve deploy` and
 `serve run` use with a dict of settings.
@@ -13,16 +14,21 @@ from ray.serve import Application
 
 from moe_serve.replicas.api import Ingress
 from moe_serve.replicas.engine_replica import engine_deployment
+from moe_serve.replicas.experts import ExpertShards
 from moe_serve.replicas.settings import AppSettings
 
 APP_NAME = "moe-serve"
 
 
 def build_app(settings: AppSettings) -> Application:
-    engine = engine_deployment(settings).bind(settings)
+    experts = None
+    if settings.shards:
+        experts = serve.deployment(ExpertShards, name="ExpertShards", num_replicas=1,
+                                   ray_actor_options={"num_cpus": 0}).bind(settings)
+    engine = engine_deployment(settings).bind(settings, experts)
     ingress = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.25},
                                max_ongoing_requests=1000)
-    return ingress.bind(engine, settings)
+    return ingress.bind(engine, settings, experts)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from moe_serve.cache import CacheConfig
 from moe_serve.replicas.autoscaling import POLICY_PATH
@@ -79,6 +79,17 @@ class AppSettings(BaseModel):
     replica_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per engine replica")
     prefix_affinity: bool = Field(True, description="Route requests sharing a prompt prefix to the same replica")
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    shards: int = Field(0, ge=0, description="Expert shard actors (one GPU each where the cluster has GPUs) that all "
+                                             "engine replicas share through one router; 0: experts in every replica")
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy of the shards: STRICT_SPREAD puts each on its own node")
+    auto_rebalance_every: int | None = Field(
+        None, gt=0, description="Copy hot experts to less-loaded shards, checked every N first-layer calls; None: off")
+
+    @field_validator("placement", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def served_name(self) -> str:

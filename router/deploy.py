@@ -67,7 +67,8 @@ def start_expert_parallel(
     config = ModelConfig.from_dir(model_dir)
     placement = ExpertPlacement.balanced(config.num_experts, num_shards)
     shards = start_shards(model_dir, placement, strategy, use_gpus=use_gpus, quantize=quantize)
-    router = ray.remote(Router).options(num_cpus=0, max_concurrency=1).remote(
+    # A router that dies (its node went) comes back with the same gates and shards; callers retry meanwhile.
+    router = ray.remote(Router).options(num_cpus=0, max_concurrency=1, max_restarts=-1).remote(
         model_dir, placement, shards.actors, router_config
     )
     ray.get(router.placement_plan.remote())  # surface constructor errors now

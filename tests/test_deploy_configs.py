@@ -36,8 +36,6 @@ CLUSTER_YAML = REPO / "ray_configs" / "cluster.yaml"
 CHART = REPO / "helm" / "moe-serve"
 RAYSERVICE_SCHEMA = Path(__file__).parent / "schemas" / "rayservice-ray-v1.json"
 KUBE_VERSIONS = ("1.27", "1.37")  # the chart's kubeVersion floor and the newest schemas kubernetes-validate has
-# Args the Serve YAML and the chart may pass before AppSettings has them (expert shards; cache tiers).
-PENDING_ARGS = {"shards", "cache"}
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -69,8 +67,8 @@ def check_serve_config(config: dict[str, Any]) -> Any:
     schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.applications
     assert app.name == "moe-serve" and app.route_prefix == "/"
-    pending = set(unknown_keys(AppSettings, app.args)) - PENDING_ARGS
-    assert not pending, f"args AppSettings does not know (they would be ignored): {sorted(pending)}"
+    unknown = unknown_keys(AppSettings, app.args)
+    assert not unknown, f"args AppSettings does not know (they would be ignored): {sorted(unknown)}"
     builder = import_attr(app.import_path)
     built = build_app(builder(app.args), name=app.name, route_prefix=app.route_prefix)
     engine = next(d for d in built.deployments if d.name == "EngineReplica")
@@ -190,7 +188,7 @@ def serve_args(rayservice: dict[str, Any]) -> dict[str, Any]:
 def test_serve_yaml_is_a_valid_serve_deploy_config() -> None:
     config = load_yaml(SERVE_YAML)
     built = check_serve_config(config)
-    assert {d.name for d in built.deployments} == {"Ingress", "EngineReplica"}
+    assert {d.name for d in built.deployments} == {"Ingress", "EngineReplica", "ExpertShards"}
     assert built.ingress_deployment_name == "Ingress"
     autoscaling = engine_autoscaling(built)
     written = config["applications"][0]["args"]["autoscaling"]
@@ -335,6 +333,7 @@ def test_chart_external_redis_existing_secret_and_bounds(helm: str, tmp_path: Pa
         "engine": {"autoscaling": {"minReplicas": 2, "maxReplicas": 12, "initialReplicas": None,
                                    "downscaleToZeroDelaySeconds": 300}},
         "shards": 16,
+        "shardPlacement": "STRICT_SPREAD",
         "cache": {"warmTtlSeconds": 1800, "coldTtlSeconds": 86400, "hotBytes": 1 << 30},
         "workers": {"gpusPerWorker": 8, "replicas": 2, "minReplicas": 2, "maxReplicas": 6},
         "apiKey": {"existingSecret": "moe-api", "existingSecretKey": "token"},
@@ -352,7 +351,7 @@ def test_chart_external_redis_existing_secret_and_bounds(helm: str, tmp_path: Pa
     assert "initial_replicas" not in args["autoscaling"]
     assert args["autoscaling"]["downscale_to_zero_delay_s"] == 300
     assert (args["model_dir"], args["model_name"], args["quantize"]) == ("/models/mixtral-8x7b", "mixtral", "int8")
-    assert args["shards"] == 16
+    assert args["shards"] == 16 and args["placement"] == "STRICT_SPREAD"
     assert args["cache"] == {"warm_ttl_s": 1800, "cold_ttl_s": 86400, "hot_bytes": 1 << 30}
     built = check_serve_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
     assert (engine_autoscaling(built).min_replicas, engine_autoscaling(built).max_replicas) == (2, 12)
@@ -385,6 +384,8 @@ def test_chart_created_secret_hostpath_and_persistent_redis(helm: str, tmp_path:
                   "resources": {"requests": {"memory": "7Gi"}, "limits": {"memory": "7Gi"}}},
         "metrics": {"prometheusAnnotations": False},
         "workers": {"rayStartParams": {"object-store-memory": "4000000000"}},
+        "shards": None, "shardPlacement": None,  # null: left to the app's defaults
+        "cache": {"hotBytes": None, "warmTtlSeconds": None, "coldTtlSeconds": None},
     }
     objects = render(helm, tmp_path, values)
     for obj in objects:
@@ -398,7 +399,7 @@ def test_chart_created_secret_hostpath_and_persistent_redis(helm: str, tmp_path:
             "secretKeyRef": {"name": secret["metadata"]["name"], "key": "api-key"}}
     args = serve_args(rayservice)
     assert (args["autoscaling"]["min_replicas"], args["autoscaling"]["initial_replicas"]) == (0, 0)
-    assert "shards" not in args and "cache" not in args
+    assert "shards" not in args and "placement" not in args and "cache" not in args
     cluster = rayservice["spec"]["rayClusterConfig"]
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["rayStartParams"]["object-store-memory"] == "4000000000"
@@ -433,6 +434,7 @@ BAD_VALUES = [
     pytest.param({"engine": {"kvCacheBytes": 0}}, "kvCacheBytes", id="below-minimum"),
     pytest.param({"engine": {"batchSize": 8}}, "batchSize", id="unknown-key"),
     pytest.param({"shards": 0}, "shards", id="zero-shards"),
+    pytest.param({"shardPlacement": "RANDOM"}, "shardPlacement", id="placement-enum"),
     pytest.param({"redis": {"maxmemoryPolicy": "noeviction"}}, "maxmemoryPolicy", id="no-eviction"),
     pytest.param({"redis": {"maxmemory": "lots"}}, "maxmemory", id="maxmemory-format"),
     pytest.param({"redis": {"external": {"url": "http://cache:6379"}}}, "url", id="redis-url-scheme"),

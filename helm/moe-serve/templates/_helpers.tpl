@@ -136,9 +136,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.model.name -}}
 {{- $_ := set $args "model_name" .Values.model.name -}}
 {{- end -}}
-{{- /* PENDING settings: passed only when set; the app reads them once AppSettings has `shards` and `cache`. */ -}}
+{{- /* Passed only when set, so the app's defaults apply otherwise. */ -}}
 {{- if not (kindIs "invalid" .Values.shards) -}}
 {{- $_ := set $args "shards" (int .Values.shards) -}}
+{{- end -}}
+{{- if .Values.shardPlacement -}}
+{{- $_ := set $args "placement" .Values.shardPlacement -}}
 {{- end -}}
 {{- $c := .Values.cache -}}
 {{- $cache := dict -}}
