@@ -255,6 +255,20 @@ class TieredKVCache:
         except TimeoutError:
             return False
 
+    def drain(self, timeout_s: float = 20.0) -> int:
+        """Write every hot block to the remote tiers and wait for it (a replica going away keeps its hits for the
+        others). Existence-checked, so blocks already there cost one EXISTS. Returns the blocks handed over."""
+        if not (self._remote_open and self.tiers.remote):
+            return 0
+        entries = [(k, b) for k, b in self.hot.snapshot() if not b.lossy]
+        deadline = time.monotonic() + timeout_s
+        chunk = max(1, self.config.max_pending_blocks // 2)  # never more than the write queue takes at once
+        for start in range(0, len(entries), chunk):
+            self._submit(_Job("demote", tuple(t.name for t in self.tiers.remote), entries[start : start + chunk]))
+            if not self.flush(max(0.0, deadline - time.monotonic())):
+                return start
+        return len(entries)
+
     def clear_hot(self) -> None:
         self.hot.clear()
 

@@ -275,6 +275,11 @@ class HotTier:
                 evicted.append((old_key, old))
             return evicted
 
+    def snapshot(self) -> list[tuple[str, CachedBlock]]:
+        """Every entry, least recently used first (a copy of the list; the blocks are shared)."""
+        with self._lock:
+            return list(self._entries.items())
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -8,28 +8,41 @@ its KV blocks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
 
 from moe_serve.replicas.async_engine import AsyncLLMEngine
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.experts import RemoteExperts
 from moe_serve.replicas.routing import ROUTER_PATH
 from moe_serve.replicas.sampling import SamplingParams
 from moe_serve.replicas.settings import AppSettings
 
+logger = logging.getLogger("ray.serve")
+
 
 class EngineReplica:
-    def __init__(self, settings: AppSettings) -> None:
+    async def __init__(self, settings: AppSettings, experts: DeploymentHandle | None = None) -> None:  # type: ignore[misc]
+        """`experts`: the `ExpertShards` deployment when the experts live on shard actors (settings.shards > 0).
+
+        Async (Serve awaits it) so the router's handle can be awaited: blocking on a handle in the loop is refused."""
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine_config = EngineConfig(
             quantize=settings.quantize, kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
             cache=settings.cache_config(),
         )
-        self.engine = AsyncLLMEngine(LLMEngine.from_pretrained(settings.model_dir, engine_config))
+        self.remote_experts = None
+        if experts is not None:
+            [router] = await experts.router.remote()
+            self.remote_experts = RemoteExperts(experts, router)
+        self.engine = AsyncLLMEngine(
+            LLMEngine.from_pretrained(settings.model_dir, engine_config, moe=self.remote_experts))
 
     async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         stats = self.engine.stats()
@@ -56,10 +69,28 @@ class EngineReplica:
         link = self.engine.engine.prefix_cache
         return link.cache.prometheus_text() if link is not None else b""
 
+    def cache_stats(self) -> dict[str, Any] | None:
+        """This replica's tiered-cache counters as a dict (for `moe-serve status`); None when the cache is off."""
+        link = self.engine.engine.prefix_cache
+        return link.cache.stats_dict() if link is not None else None
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Load this replica reports to Serve's autoscaler (read by replicas/autoscaling.py)."""
         stats = self.engine.stats()
         return {"running": stats["running"], "waiting": stats["waiting"], "kv_used_fraction": stats["kv_used_fraction"]}
+
+    def __del__(self) -> None:
+        """Serve calls this on scale-down after the replica's in-flight requests finished (graceful drain): stop the
+        engine thread and write the hot KV blocks to the warm tier so the surviving replicas keep the hits."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return
+        engine.shutdown()
+        link = engine.engine.prefix_cache
+        if link is not None:
+            drained = link.drain()
+            logger.info("drained %d hot KV blocks to the lower cache tiers", drained)
+            link.close()
 
     def check_health(self) -> None:
         if not self.engine.stats()["healthy"]:

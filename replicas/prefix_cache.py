@@ -62,5 +62,9 @@ class PrefixCacheLink:
     def report_prefill(self, num_tokens: int, seconds: float) -> None:
         self.cache.report_prefill(num_tokens, seconds)
 
+    def drain(self) -> int:
+        """Hand every hot block to the warm/cold tiers before this replica goes (see `TieredKVCache.drain`)."""
+        return self.cache.drain()
+
     def close(self) -> None:
         self.cache.close()

@@ -243,3 +243,18 @@ def test_lookup_async_resolves_without_blocking_and_close_is_final(redis_db: Any
     cache.close()
     assert cache.lookup(keys).tiers == ["hot"] * 4  # after close: hot only, no error
     cache.store(cache.block_keys(make_prompt(1, seed=5)), make_blocks(1, seed=5))
+
+
+def test_drain_writes_hot_blocks_lost_from_warm_back_for_other_replicas(redis_db: Any) -> None:
+    """A replica going away hands its hot blocks down: warm keys evicted meanwhile come back, present ones stay."""
+    with make_cache(redis_db, cold_url=None, max_pending_blocks=12) as leaving:  # drains in chunks of 6
+        keys, blocks = stored(leaving, 10)
+        with redis_db.client(0) as client:
+            client.delete(*list(client.scan_iter())[:7])  # as allkeys-lru eviction or an expired TTL would
+            assert client.dbsize() == 3
+        assert leaving.drain() == 10
+        with redis_db.client(0) as client:
+            assert client.dbsize() == 10
+    with make_cache(redis_db, cold_url=None) as survivor:
+        found = survivor.lookup(keys)
+        assert found.tiers == ["warm"] * 10 and same(found.blocks, blocks)
