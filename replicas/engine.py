@@ -28,7 +28,7 @@ from moe_serve.model.config import ModelConfig
 from moe_serve.model.loader import load_dense_model, load_local_model
 from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moe_serve.model.transformer import DenseModel, MoEBackend
-from moe_serve.replicas.kv_cache import KVCacheSpec, PagedKVCache
+from moe_serve.replicas.kv_cache import DecodeWorkspace, KVCacheSpec, PagedKVCache
 from moe_serve.replicas.prefix_cache import PrefixCacheLink
 from moe_serve.replicas.sampling import SamplingParams, make_generator, sample
 from moe_serve.replicas.scheduler import ScheduledChunk, Scheduler, Sequence, SequenceStatus, StepPlan
@@ -46,6 +46,9 @@ class EngineConfig:
     # torch's default otherwise. Process-wide: the engine owns its process.
     num_threads: int | None = None
     cache: CacheConfig | None = None  # tiered prompt-prefix KV cache (hot / Redis warm / cold); None: off
+    # Contiguous copy of the decoding batch's K/V kept across steps (kv_cache.DecodeWorkspace), so a decode step
+    # writes one token per sequence instead of gathering every key from the pages; 0: off. Memory beyond the pages.
+    decode_workspace_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -103,6 +106,7 @@ class LLMEngine:
                                  config.max_position_embeddings)
         self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size))
         self.scheduler = Scheduler(self.kv, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self.workspace = DecodeWorkspace(self.kv.spec, engine_config.decode_workspace_bytes, self.max_model_len)
         self.prefix_cache: PrefixCacheLink | None = None  # set by from_pretrained when a cache is configured
         self._block_offsets = torch.arange(engine_config.block_size)
         self._positions = torch.arange(self.max_model_len)
@@ -217,7 +221,11 @@ class LLMEngine:
         chunks = plan.decodes + plan.prefills
         sampling = [c.seq for c in chunks if c.samples]
         token_ids, batch, logits_rows = self._build_batch(plan)
-        logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
+        try:
+            logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
+        except BaseException:
+            self.workspace.invalidate()  # a half-updated workspace must not be trusted next step
+            raise
         self._block_early_stops(logits, sampling)
         new_tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         prompts_done = [c.seq for c in plan.prefills if c.samples and not c.seq.output_ids]
@@ -244,7 +252,7 @@ class LLMEngine:
                 rows += [row] * len(seq.early_stop_ids)
                 ids += seq.early_stop_ids
         if rows:  # one indexed write for the whole batch
-            logits[torch.tensor(rows), torch.tensor(ids)] = float("-inf")
+            logits.index_put_((_long_tensor(rows), _long_tensor(ids)), torch.tensor(float("-inf")))
 
     def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor | None]:
         """Token ids [T], the attention batch, and the rows needing logits (None: every row, as in pure decode)."""
@@ -266,11 +274,18 @@ class LLMEngine:
             slots += key_slots[0, start:end].tolist()
             if chunk.samples:
                 logits_rows.append(len(token_ids) - 1)
-        decode_slots = decode_pos = None
+        positions_t = _long_tensor(positions)
+        decode_slots = decode_pos = decode_kv = None
         if plan.decodes:
-            decode_slots, decode_pos = self._key_slots(plan.decodes)
-        batch = AttentionBatch(_long_tensor(positions), _long_tensor(slots), len(plan.decodes), decode_slots,
-                               decode_pos, prefills)
+            lengths = [c.seq.num_computed + 1 for c in plan.decodes]
+            decode_pos = self._key_positions(lengths)
+            decode_kv = self.workspace.prepare([c.seq for c in plan.decodes], lengths, positions_t[: len(lengths)])
+            if decode_kv is None or decode_kv.rebuild:  # keys come from the pages this step
+                decode_slots, _ = self._key_slots(plan.decodes)
+        else:
+            self.workspace.invalidate()
+        batch = AttentionBatch(positions_t, _long_tensor(slots), len(plan.decodes), decode_slots, decode_pos, prefills,
+                               decode_kv)
         rows = None if len(logits_rows) == len(token_ids) else _long_tensor(logits_rows)
         return _long_tensor(token_ids), batch, rows
 
@@ -286,10 +301,15 @@ class LLMEngine:
             tables += [0] * (width - len(c.seq.block_table))
         blocks = _long_tensor(tables).view(len(chunks), width, 1)
         slots = (blocks * bs + self._block_offsets).view(len(chunks), width * bs)[:, :max_len]
-        positions = self._positions[:max_len].expand(len(chunks), max_len)
+        return slots, self._key_positions(lengths)
+
+    def _key_positions(self, lengths: list[int]) -> torch.Tensor:
+        """Positions [B, L] of the keys of sequences `lengths` long, -1 past each one's end (L = the longest)."""
+        max_len = max(lengths)
+        positions = self._positions[:max_len].expand(len(lengths), max_len)
         if min(lengths) < max_len:
             positions = torch.where(positions < _long_tensor(lengths).unsqueeze(1), positions, -1)
-        return slots, positions
+        return positions
 
     def _append(self, seq: Sequence, token: int, logits: torch.Tensor, row: int) -> StepOutput:
         if seq.first_token_time is None:

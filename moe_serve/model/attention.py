@@ -27,6 +27,32 @@ class PrefillChunk:
     key_positions: torch.Tensor  # [L]
 
 
+@dataclass(frozen=True)
+class DecodeKV:
+    """This step's view of the decode workspace, handed to attention through the batch.
+
+    Shape legend: B = decoding sequences, L = keys attended (the longest sequence), Lc = workspace capacity.
+    """
+
+    layers: list[torch.Tensor]  # per layer [B, 2, KVH, Lc, Hd]
+    write_rows: torch.Tensor  # [B * 2 * KVH] rows of a layer's [B * 2 * KVH * Lc, Hd] view the new K/V go to
+    length: int  # L
+    rebuild: bool  # gather the batch's keys from the pages (AttentionBatch.decode_key_slots) before attending
+
+    def update(self, layer: int, kv_cache: torch.Tensor, new_kv: torch.Tensor,
+               key_slots: torch.Tensor | None) -> torch.Tensor:
+        """Bring layer `layer` up to date with this step's keys (new_kv [B, 2, KVH, Hd]) -> [B, 2, KVH, Lc, Hd]."""
+        ws = self.layers[layer]
+        if self.rebuild:
+            assert key_slots is not None
+            b, length = key_slots.shape
+            gathered = kv_cache.index_select(0, key_slots.flatten()).view(b, length, *kv_cache.shape[1:])
+            ws[:, :, :, :length].copy_(gathered.permute(0, 2, 3, 1, 4))
+        else:
+            ws.view(-1, ws.shape[-1]).index_copy_(0, self.write_rows, new_kv.reshape(-1, ws.shape[-1]))
+        return ws
+
+
 @dataclass
 class AttentionBatch:
     positions: torch.Tensor  # [T] position of every new token
@@ -35,6 +61,7 @@ class AttentionBatch:
     decode_key_slots: torch.Tensor | None  # [B, L] padded with slot 0
     decode_key_positions: torch.Tensor | None  # [B, L] padded with -1
     prefills: list[PrefillChunk]
+    decode_kv: DecodeKV | None = None  # the decode workspace; None: decode keys are gathered from the pages
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
     _rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -110,22 +137,35 @@ def paged_attention(
     kv_cache: torch.Tensor,  # [S, 2, KVH, Hd], already holding this step's keys and values
     batch: AttentionBatch,
     window: int | None,
+    decode_kv: torch.Tensor | None = None,  # [B, 2, KVH, Lc, Hd] the decode workspace of this layer, up to date
 ) -> torch.Tensor:
     """Attention of every new token over its sequence's cached keys -> [T, H, Hd]."""
     b = batch.num_decode
     if b and not batch.prefills:  # pure decode step: no output buffer to fill piecewise
-        assert batch.decode_key_slots is not None
-        return _grouped_attention(q.unsqueeze(1), kv_cache, batch.decode_key_slots, batch.decode_mask(window))[:, 0]
+        return _decode_attention(q, kv_cache, batch, window, decode_kv)
     out = torch.empty_like(q)
     if b:
-        assert batch.decode_key_slots is not None
-        decode_q = q[:b].unsqueeze(1)  # [B, 1, H, Hd]
-        out[:b] = _grouped_attention(decode_q, kv_cache, batch.decode_key_slots, batch.decode_mask(window))[:, 0]
+        out[:b] = _decode_attention(q[:b], kv_cache, batch, window, decode_kv)
     for index, chunk in enumerate(batch.prefills):
         chunk_q = q[chunk.start : chunk.end].unsqueeze(0)  # [1, C, H, Hd]
         mask = batch.prefill_mask(index, window)
         out[chunk.start : chunk.end] = _grouped_attention(chunk_q, kv_cache, chunk.key_slots[None], mask)[0]
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, window: int | None, workspace: torch.Tensor | None
+) -> torch.Tensor:
+    """One query per decoding sequence, q [B, H, Hd] -> [B, H, Hd]: over the workspace when there is one."""
+    mask = batch.decode_mask(window)  # [B, 1, 1, L]
+    if workspace is None:
+        assert batch.decode_key_slots is not None
+        return _grouped_attention(q.unsqueeze(1), kv_cache, batch.decode_key_slots, mask)[:, 0]
+    b, h, hd = q.shape
+    kvh, length = workspace.shape[2], mask.shape[-1]
+    k, v = workspace[:, 0, :, :length], workspace[:, 1, :, :length]  # [B, KVH, L, Hd]
+    out = F.scaled_dot_product_attention(q.view(b, kvh, h // kvh, hd), k, v, attn_mask=mask)  # [B, KVH, G, Hd]
+    return out.reshape(b, h, hd)
 
 
 def _grouped_attention(

@@ -41,6 +41,15 @@ class Gate:
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)  # [T, E]
 
+    def dense_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """Combine weights [T, E] from gate logits [T, E] (float32): the routed experts' weights, 0 elsewhere."""
+        if self.norm_topk_prob:  # the renormalised top-k of a softmax is the softmax of the top-k logits
+            values, expert_ids = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(values, dim=-1)
+        else:
+            weights, expert_ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        return torch.zeros_like(logits).scatter_(1, expert_ids, weights)
+
     def route(self, probs: torch.Tensor, dtype: torch.dtype) -> Routing:
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
         if self.norm_topk_prob:
@@ -122,21 +131,25 @@ class DenseMLP:
 
 
 class DenseExperts:
-    """Every expert of one layer as two matrices, for batches where the dispatch loop's overhead dominates."""
+    """Every expert of one layer and its gate as two matrices, for batches where the dispatch loop's overhead
+    dominates. The gate's rows ride along in the first matmul, so routing costs no matmul of its own."""
 
-    def __init__(self, stack: ExpertStack) -> None:
+    def __init__(self, stack: ExpertStack, gate: Gate) -> None:
         i = stack.intermediate_size
         w13 = [w.dequantize() for w in stack.w13]
-        self.gate_up = torch.cat([w[:i] for w in w13] + [w[i:] for w in w13])  # [2 E I, D]: all gates, then all ups
+        # [2 E I + E, D]: all gates, then all ups, then the router's rows
+        self.gate_up_router = torch.cat([w[:i] for w in w13] + [w[i:] for w in w13] + [gate.weight.float()])
         self.down = torch.cat([w.dequantize() for w in stack.w2], dim=1)  # [D, E I]
+        self.gate = gate
         self.num_experts = len(w13)
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], dense combine weights [T, E] (0 for unrouted experts) -> [T, D]."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D], every expert computed and weighted by its (zero when unrouted) combine weight."""
         t, ei = x.shape[0], self.down.shape[1]
-        gate_up = F.linear(x, self.gate_up)  # [T, 2 E I]
-        hidden = F.silu(gate_up[:, :ei]).mul_(gate_up[:, ei:])  # [T, E I]
-        hidden = hidden.view(t, self.num_experts, -1).mul_(weights.unsqueeze(2)).view(t, ei)
+        y = F.linear(x, self.gate_up_router)  # [T, 2 E I + E]
+        weights = self.gate.dense_weights(y[:, 2 * ei :])  # [T, E]
+        hidden = F.silu(y[:, :ei]).mul_(y[:, ei : 2 * ei])  # [T, E I]
+        hidden.view(t, self.num_experts, -1).mul_(weights.unsqueeze(2))
         return F.linear(hidden, self.down)  # the sum over experts happens inside the matmul
 
 
@@ -151,10 +164,9 @@ class LocalMoE:
         self._dense_max_tokens = {layer: self._dense_break_even(layer) for layer in experts}
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        routing = self.gates[layer](x)
         if x.shape[0] <= self._dense_max_tokens[layer] and x.dtype == torch.float32:
-            weights = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype)
-            return self._dense_experts(layer)(x, weights.scatter_(1, routing.expert_ids, routing.weights))
+            return self._dense_experts(layer)(x)
+        routing = self.gates[layer](x)
         plan = dispatch(routing, self.num_experts)
         expert_out = self.experts[layer].grouped_ffn(x[plan.token_index], plan.counts)
         return combine(expert_out, plan, routing, x.shape[0])
@@ -173,5 +185,5 @@ class LocalMoE:
 
     def _dense_experts(self, layer: int) -> DenseExperts:
         if layer not in self._dense:
-            self._dense[layer] = DenseExperts(self.experts[layer])
+            self._dense[layer] = DenseExperts(self.experts[layer], self.gates[layer])
         return self._dense[layer]

@@ -121,7 +121,7 @@ class DenseModel:
         eps = self.config.rms_norm_eps
         x = self.embed[token_ids]  # [T, D]
         for i, layer in enumerate(self.layers):
-            x.add_(self._attention(i, layer, rms_norm(x, layer.input_norm, eps), batch, kv_cache[i]))
+            x = self._attention(i, layer, rms_norm(x, layer.input_norm, eps), batch, kv_cache[i], x)
             h = rms_norm(x, layer.post_attention_norm, eps)
             if self.config.moe_layers[i]:
                 x.add_(moe(i, h))
@@ -132,12 +132,22 @@ class DenseModel:
         return F.linear(rms_norm(x, self.norm, eps), self.lm_head)
 
     def _attention(
-        self, i: int, layer: LayerWeights, x: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor
+        self,
+        i: int,
+        layer: LayerWeights,
+        x: torch.Tensor,
+        batch: AttentionBatch,
+        kv_cache: torch.Tensor,
+        residual: torch.Tensor,
     ) -> torch.Tensor:
+        """residual + attention(x): the residual add rides in the output projection's matmul."""
         q, kv = self._qkv(layer, x, batch)
         kv_cache.index_copy_(0, batch.slot_mapping, kv)
-        out = paged_attention(q, kv_cache, batch, self.config.sliding_windows[i])
-        return F.linear(out.reshape(x.shape[0], -1), layer.o_proj)
+        workspace = None
+        if batch.decode_kv is not None:
+            workspace = batch.decode_kv.update(i, kv_cache, kv[: batch.num_decode], batch.decode_key_slots)
+        out = paged_attention(q, kv_cache, batch, self.config.sliding_windows[i], workspace)
+        return torch.addmm(residual, out.reshape(x.shape[0], -1), layer.o_proj.t())
 
     def _qkv(self, layer: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, Hd] and kv [T, 2, KVH, Hd], queries and keys rotated by position."""
