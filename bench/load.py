@@ -11,6 +11,10 @@ Phases, in this order:
   `moe_engine_replicas` gauge of GET /metrics). Reported: scale-up time (load start -> needed replicas running),
   scale-down time (last request done -> back to min), and flapping (the count changed direction more than once:
   up, down, up ...). Runs first, from a settled min, so the throughput levels cannot leave it scaled up.
+  With `--start`, the Serve controller's and the replicas' logs then say where the scale-up time went: when the
+  policy first asked for more than min, when the controller upscaled, and per new replica when it was added, its
+  Ray worker process was up, the replica actor was built (the deployment class unpickled: imports of torch and
+  moe_serve), EngineReplica.__init__ was done (model load, engine thread) and the controller saw it RUNNING.
 - throughput: per concurrency level (default 1, 4, 16), `--requests` streaming completions of exactly
   `--max-tokens` tokens (EOS ignored, greedy). Reported: requests/s and tokens/s over the level's wall time, TTFT
   (request sent -> first token event) and latency (request sent -> [DONE]) p50/p99, errors, most replicas seen.
@@ -98,7 +102,33 @@ class ScaleResult:
     changes: int
     flapped: bool  # the count changed direction more than once (up, down, up ...)
     down_under_load: bool  # the count went down while the load was still running
+    load_start_wall: float = 0.0  # time.time() at load start, to place log lines
     samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, running, running + starting)
+    timeline: Timeline | None = None
+
+
+@dataclass
+class ReplicaStart:
+    """One engine replica started by the scale-up; seconds since load start (None: not in the logs)."""
+
+    replica: str
+    added_s: float  # the controller starts it (after the policy's decision and the upscale delay)
+    worker_s: float | None = None  # its Ray worker process is up (python started, ray imported)
+    built_s: float | None = None  # replica actor built: deployment class unpickled (imports torch, moe_serve)
+    constructed_s: float | None = None  # EngineReplica.__init__ done (model load, engine thread)
+    running_s: float | None = None  # the controller saw it ready: RUNNING
+    pid: int | None = None
+
+
+@dataclass
+class Timeline:
+    """Where the scale-up time went, from the Serve controller's and the new replicas' logs."""
+
+    logs_dir: str
+    policy_wants: list[tuple[float, int]] = field(default_factory=list)  # (t, replicas the policy asked for)
+    upscales: list[tuple[float, int, int]] = field(default_factory=list)  # (t, from, to) the controller's decisions
+    downscales: list[tuple[float, int, int]] = field(default_factory=list)
+    starts: list[ReplicaStart] = field(default_factory=list)
 
 
 # --- replica count -------------------------------------------------------------------------------------------
@@ -324,7 +354,7 @@ def scale_down_time(samples: list[tuple[float, Count]], min_replicas: int, load_
 def scaling_phase(args: argparse.Namespace, base_url: str, sampler: ReplicaSampler) -> ScaleResult:
     needed = min(args.max_replicas, max(args.min_replicas, math.ceil(args.scale_concurrency / args.target_ongoing)))
     settled = wait_until(sampler, lambda: sampler.latest() == args.min_replicas, args.settle_s, "settle at min")
-    load_start = sampler.now()
+    load_start, load_start_wall = sampler.now(), time.time()
     results = asyncio.run(run_for(base_url, args.scale_concurrency, args.scale_load_s, args.scale_max_tokens, sampler))
     load_stop = sampler.now()  # the last request is done: silence from here
     wait_until(sampler, back_at_min(sampler, args.min_replicas, load_start, args.hold_s), args.silence_s,
@@ -345,8 +375,61 @@ def scaling_phase(args: argparse.Namespace, base_url: str, sampler: ReplicaSampl
         peak_replicas=max(counts, default=0), changes=sum(a != b for a, b in zip(counts, counts[1:], strict=False)),
         flapped=len(runs) > 2,
         down_under_load=any(b < a for a, b in zip(under_load, under_load[1:], strict=False)),
-        samples=[(round(t, 2), c.running, c.requested) for t, c in sampler.samples],
+        load_start_wall=load_start_wall, samples=[(round(t, 2), c.running, c.requested) for t, c in sampler.samples],
     )
+
+
+# --- where the scale-up time goes: the Serve controller's and the replicas' logs ---------------------------------
+
+LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+ENGINE = "deployment='EngineReplica'"
+POLICY_WANTS = re.compile(r"llm_load_policy: wants (\d+)")
+SCALING = re.compile(r"(Upscaling|Downscaling) Deployment\(name='EngineReplica'.* from (\d+) to (\d+) replicas")
+STARTING = re.compile(r"Starting Replica\(id='(\w+)', deployment='EngineReplica'")
+STARTED = re.compile(r"Replica\(id='(\w+)', deployment='EngineReplica'.* started successfully .*\(PID: (\d+)\)")
+
+
+def log_lines(path: Path) -> Iterator[tuple[float, str]]:
+    """(wall time, line) for every timestamped line of a Ray or Serve log."""
+    if not path.is_file():
+        return
+    for line in path.read_text(errors="replace").splitlines():
+        if match := LOG_TIME.search(line[:40]):
+            yield dt.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), line
+
+
+def first_line_time(path: Path, needle: str = "") -> float | None:
+    return next((t for t, line in log_lines(path) if needle in line), None)
+
+
+def startup_timeline(logs_dir: Path, load_start_wall: float, load_stop_wall: float) -> Timeline:
+    """Policy wishes, controller decisions and each new replica's startup phases during the autoscaling phase."""
+    timeline = Timeline(logs_dir=str(logs_dir))
+    starts: dict[str, ReplicaStart] = {}
+    for path in sorted((logs_dir / "serve").glob("controller_*.log")):
+        for wall, line in log_lines(path):
+            t = round(wall - load_start_wall, 2)
+            if wall < load_start_wall - 1:
+                continue
+            if match := POLICY_WANTS.search(line):
+                timeline.policy_wants.append((t, int(match.group(1))))
+            elif match := SCALING.search(line):
+                step = (t, int(match.group(2)), int(match.group(3)))
+                (timeline.upscales if match.group(1) == "Upscaling" else timeline.downscales).append(step)
+            elif (match := STARTING.search(line)) and wall <= load_stop_wall:
+                starts[match.group(1)] = ReplicaStart(replica=match.group(1), added_s=t)
+            elif (match := STARTED.search(line)) and match.group(1) in starts:
+                starts[match.group(1)].running_s, starts[match.group(1)].pid = t, int(match.group(2))
+    for start in starts.values():
+        replica_log = logs_dir / "serve" / f"replica_moe-serve_EngineReplica_{start.replica}.log"
+        for attr, needle in (("built_s", "Started initializing replica"), ("constructed_s", "Finished initializing")):
+            if (wall := first_line_time(replica_log, needle)) is not None:
+                setattr(start, attr, round(wall - load_start_wall, 2))
+        worker_logs = list(logs_dir.glob(f"python-core-worker-*_{start.pid}.log")) if start.pid else []
+        if worker_logs and (wall := first_line_time(worker_logs[0])) is not None:
+            start.worker_s = round(wall - load_start_wall, 2)
+    timeline.starts = sorted(starts.values(), key=lambda s: s.added_s)
+    return timeline
 
 
 # --- the app, when this process starts it -------------------------------------------------------------------------
@@ -370,13 +453,15 @@ def ensure_model(model_dir: Path | None) -> Path:
 def autoscaling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                  "target_ongoing_requests": args.target_ongoing, "upscale_delay_s": args.upscale_delay_s,
-                 "downscale_delay_s": args.downscale_delay_s}
+                 "downscale_delay_s": args.downscale_delay_s, "metrics_interval_s": args.metrics_interval_s,
+                 "look_back_period_s": args.look_back_period_s}
     return {k: v for k, v in overrides.items() if v is not None}
 
 
 @contextmanager
-def local_app(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A local Ray (GCS on a free port, never 6379) + Serve app on 127.0.0.1; stopped on the way out."""
+def local_app(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any], Path]]:
+    """A local Ray (GCS on a free port, never 6379) + Serve app on 127.0.0.1, with its logs directory; stopped on
+    the way out."""
     import ray
     from ray import serve
 
@@ -391,7 +476,8 @@ def local_app(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}", settings.model_dump(mode="json")
+        logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
+        yield f"http://127.0.0.1:{port}", settings.model_dump(mode="json"), logs_dir
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -443,6 +529,26 @@ def print_report(levels: list[LevelResult], scale: ScaleResult | None) -> None:
         print("  note: the count was not at min when the load started")
     if scale.first_error:
         print(f"  first error of the load: {scale.first_error}")
+    if scale.timeline is not None:
+        print_timeline(scale.timeline, scale.load_stop_s - scale.load_start_s, scale.min_replicas)
+
+
+def print_timeline(timeline: Timeline, load_s: float, min_replicas: int) -> None:
+    """The scale-up, phase by phase: seconds since load start, each phase's own duration in parentheses."""
+    print("\nWhere the scale-up time went (s since load start; Serve controller and replica logs)")
+    wants = [f"{n}@{t:.1f}" for t, n in timeline.policy_wants if t <= load_s]
+    first = next((t for t, n in timeline.policy_wants if n > min_replicas), None)
+    print(f"  policy first asked for more than min at {fmt(first, ' s', 1)}; its wishes under load: "
+          f"{', '.join(wants[:12]) or '-'}{' ...' if len(wants) > 12 else ''}")
+    steps = ", ".join(f"{a}->{b} at {t:.1f} s" for t, a, b in timeline.upscales if t <= load_s)
+    print(f"  controller upscaled: {steps or '-'}")
+    print(f"  {'replica':<10} {'added':>6} {'worker up':>14} {'actor built':>14} {'init done':>14} {'running':>14}")
+    for st in timeline.starts:
+        cells, before = [], st.added_s
+        for value in (st.worker_s, st.built_s, st.constructed_s, st.running_s):
+            cells.append("-" if value is None else f"{value:.1f} (+{value - before:.1f})")
+            before = value if value is not None else before
+        print(f"  {st.replica:<10} {st.added_s:>6.1f} " + " ".join(f"{c:>14}" for c in cells))
 
 
 def plot(levels: list[LevelResult], scale: ScaleResult | None, out_dir: Path) -> list[Path]:
@@ -479,6 +585,8 @@ def plot(levels: list[LevelResult], scale: ScaleResult | None, out_dir: Path) ->
         ax.step(t, [s[2] for s in scale.samples], where="post", linestyle=":", label="running + starting")
         ax.axvline(0, color="tab:green", linestyle="--", label="load start")
         ax.axvline(scale.load_stop_s - scale.load_start_s, color="tab:red", linestyle="--", label="load stop")
+        if scale.timeline is not None and scale.timeline.upscales:
+            ax.axvline(scale.timeline.upscales[0][0], color="tab:orange", linestyle=":", label="controller upscales")
         ax.axhline(scale.needed_replicas, color="gray", linestyle=":", label="needed")
         ax.set(xlabel="seconds since load start", ylabel="replicas", title="Engine replicas over time",
                ylim=(0, scale.max_replicas + 0.5))
@@ -511,12 +619,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"target ongoing requests per replica (default: the app's, {defaults.target_ongoing_requests})")
     p.add_argument("--upscale-delay-s", type=float, default=None, help="--start only (default: the app's)")
     p.add_argument("--downscale-delay-s", type=float, default=None, help="--start only (default: the app's)")
+    p.add_argument("--metrics-interval-s", type=float, default=None, help="--start only (default: the app's)")
+    p.add_argument("--look-back-period-s", type=float, default=None, help="--start only (default: the app's)")
     p.add_argument("--scale-concurrency", type=int, default=24, help="clients during the autoscaling load")
     p.add_argument("--scale-load-s", type=float, default=45.0)
     p.add_argument("--scale-max-tokens", type=int, default=64)
     p.add_argument("--settle-s", type=float, default=90.0, help="longest wait for min replicas before the load")
     p.add_argument("--silence-s", type=float, default=60.0, help="longest wait for min replicas after the load")
     p.add_argument("--hold-s", type=float, default=5.0, help="watch this long at min for a flap back up")
+    p.add_argument("--client-nice", type=int, default=0,
+                   help="lower the load generator's CPU priority by this much (os.nice) after the app is up, so\n"
+                        "that on a small machine the clients do not take CPU from the replicas they measure")
     p.add_argument("--skip-autoscaling", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -527,13 +640,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, base_url: str, count: Callable[[], Count], app: dict[str, Any] | None
-        ) -> dict[str, Any]:
+def run(args: argparse.Namespace, base_url: str, count: Callable[[], Count], app: dict[str, Any] | None,
+        logs_dir: Path | None = None) -> dict[str, Any]:
     httpx.post(f"{base_url}/v1/completions", json={"model": MODEL_NAME, "prompt": "warm up", "max_tokens": 2},
                timeout=120).raise_for_status()
+    if args.client_nice:
+        os.nice(args.client_nice)  # this thread and the ones it starts from here: the Ray processes keep theirs
     sampler = ReplicaSampler(count).start()
     try:
         scale = None if args.skip_autoscaling else scaling_phase(args, base_url, sampler)
+        if scale is not None and logs_dir is not None:
+            load_stop_wall = scale.load_start_wall + scale.load_stop_s - scale.load_start_s
+            scale.timeline = startup_timeline(logs_dir, scale.load_start_wall, load_stop_wall)
         levels = throughput_phase(args, base_url, sampler)
     finally:
         sampler.stop()
@@ -558,8 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args.count_source = "serve.status" if args.start else "metrics"
     if args.start:
-        with local_app(args) as (base_url, app):
-            report = run(args, base_url, serve_status_count, app)
+        with local_app(args) as (base_url, app, logs_dir):
+            report = run(args, base_url, serve_status_count, app, logs_dir)
     else:
         base_url = args.url.rstrip("/")
         report = run(args, base_url, metrics_gauge_count(base_url), None)
