@@ -322,7 +322,7 @@ class LLMEngine:
         if detok is not None:
             delta = detok.add(token)
             seq.text += delta
-        reason = self._finish_reason(seq, token)
+        reason = self._finish_reason(seq, token, len(delta))
         if reason is not None and detok is not None:
             tail = detok.finish()  # flush text held back for an incomplete character
             seq.text += tail
@@ -333,16 +333,28 @@ class LLMEngine:
             self._finish(seq, reason)
         return StepOutput(seq.request_id, token, delta, reason is not None, reason, seq.cached_tokens)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int, delta_len: int) -> str | None:
         params = seq.params
         eos = () if params.ignore_eos else self.eos_token_ids
         if token in params.stop_token_ids or token in eos:
             return "stop"
-        if len(seq.output_ids) >= params.min_tokens and params.stop and any(s in seq.text for s in params.stop):
+        if params.stop and len(seq.output_ids) >= params.min_tokens and self._stop_string_in_text(seq, delta_len):
             return "stop"
         if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    @staticmethod
+    def _stop_string_in_text(seq: Sequence, delta_len: int) -> bool:
+        """Whether a stop string is in the output text; only the part this step's delta could complete is scanned
+        (linear, not quadratic, in the output length), except at the step reaching min_tokens, where a stop string
+        completed earlier, while stops were not allowed yet, must still end the request."""
+        text, stop = seq.text, seq.params.stop
+        if len(seq.output_ids) > seq.params.min_tokens:
+            if not delta_len:
+                return False
+            text = text[max(0, len(text) - delta_len - max(map(len, stop)) + 1) :]
+        return any(s in text for s in stop)
 
     @staticmethod
     def _truncate_at_stop(seq: Sequence, delta: str) -> str:

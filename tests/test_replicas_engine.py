@@ -71,6 +71,50 @@ def test_stop_string_truncates_text(tiny_model_dir: Path) -> None:
     assert stop not in out.text
 
 
+def test_stop_string_spanning_two_deltas_is_found(tiny_model_dir: Path) -> None:
+    """The stop-string scan looks at a tail window only; one that starts in an earlier delta must still be found."""
+    engine = LLMEngine.from_pretrained(tiny_model_dir)
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The router sends every token to")
+    full = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    texts = [engine.tokenizer.decode(full.token_ids[:k]) for k in range(len(full.token_ids) + 1)]
+    stop = None
+    for k in range(1, len(texts) - 1):  # the end of delta k and the start of delta k + 1, first found there
+        delta = texts[k + 1][len(texts[k]) :]
+        candidate = texts[k][-2:] + delta[:2]
+        if texts[k + 1].startswith(texts[k]) and delta and candidate.strip() and len(texts[k]) >= 2 \
+                and full.text.find(candidate) == len(texts[k]) - 2:
+            stop = candidate
+            break
+    assert stop is not None, f"no stop string spans two deltas of {full.text!r}"
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
+    out = engine.generate([prompt], params)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.find(stop)]
+
+
+def test_stop_string_before_min_tokens_stops_at_min_tokens(tiny_model_dir: Path) -> None:
+    """A stop string completed while min_tokens forbade stopping ends the request at the min_tokens step, even
+    though it lies outside the tail window scanned at that step."""
+    engine = LLMEngine.from_pretrained(tiny_model_dir)
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The router sends every token to")
+    full = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    min_tokens = 12
+    early = engine.tokenizer.decode(full.token_ids[:3])
+    text_at_min = engine.tokenizer.decode(full.token_ids[:min_tokens])
+    stop = early.strip()[:3]
+    assert stop and text_at_min.find(stop) + len(stop) <= len(early), f"pick an early stop string from {full.text!r}"
+    before_min = engine.tokenizer.decode(full.token_ids[: min_tokens - 1])
+    window = len(text_at_min) - len(before_min) + len(stop) - 1
+    assert stop not in text_at_min[-window:], "the stop string must lie outside the last step's window"
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,), min_tokens=min_tokens)
+    out = engine.generate([prompt], params)[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[:min_tokens]
+    assert out.text == text_at_min[: text_at_min.find(stop)]
+
+
 def test_abort_frees_blocks(engine: LLMEngine) -> None:
     free_before = engine.kv.num_free_blocks
     request_id = engine.add_request(prompts(engine, [40])[0], SamplingParams(max_tokens=100, temperature=0))
