@@ -44,6 +44,11 @@ class ShardGroup:
     infos: list[ShardInfo]
     uses_gpus: bool
 
+    def refresh_infos(self, timeout_s: float = 30.0) -> list[ShardInfo]:
+        """Ask every shard again: a restarted shard may be on another node now (its bundle was placed again)."""
+        self.infos = ray.get([actor.info.remote() for actor in self.actors], timeout=timeout_s)
+        return self.infos
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)

@@ -38,9 +38,10 @@ class ExpertParallel:
     __call__ = moe
 
     def describe(self) -> dict[str, Any]:
-        nodes = [info.node_id for info in self.shards.infos]
+        infos = self.shards.refresh_infos()
+        nodes = [info.node_id for info in infos]
         plan = ray.get(self.router.placement_plan.remote())
-        for entry, info in zip(plan["shards"], self.shards.infos):
+        for entry, info in zip(plan["shards"], infos):
             entry.update(node=info.node_id, gpu_ids=info.gpu_ids, device=info.device)
         return {**plan, "nodes": sorted(set(nodes)), "uses_gpus": self.shards.uses_gpus,
                 "transport": self.transport.stats()}
