@@ -53,8 +53,9 @@ def peak_total(series: Mapping[Hashable, Series], since: float) -> float:
 
 
 def current_load(ctx: AutoscalingContext) -> float:
-    """Sequences the deployment holds: the window peak of running + waiting at the replicas plus the requests
-    queued at handles, never less than Serve's own (window mean) count of ongoing requests."""
+    """Sequences the deployment holds: the window peak of running + waiting at the replicas, or Serve's own count
+    of ongoing requests (window mean, with those still queued at handles when the replicas are full) if higher.
+    Not their sum: a request moves from a handle's queue to a replica within the window and would count twice."""
     series = sequences_per_replica(ctx.raw_metrics or {})
     if series:
         now = ctx.current_time if ctx.current_time is not None else max(p[-1][0] for p in series.values() if p)
@@ -62,8 +63,7 @@ def current_load(ctx: AutoscalingContext) -> float:
     else:
         metrics = ctx.aggregated_metrics or {}
         sequences = sum(sum(metrics.get(name, {}).values()) for name in SEQUENCE_METRICS)
-    queued = ctx.total_queued_requests or 0.0
-    return max(sequences + queued, float(ctx.total_num_requests))
+    return max(sequences, float(ctx.total_num_requests))
 
 
 def llm_load_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:

@@ -24,7 +24,8 @@ DEPLOYMENT = DeploymentID(name="EngineReplica", app_name=APP_NAME)
 
 def make_ctx(reports: dict[str, list[tuple[float, float]]], target: int | None = None, handle_requests: float = 0.0,
              queued: float = 0.0, **config: float) -> AutoscalingContext:
-    """One policy tick at NOW: `reports` maps a replica to its (seconds before NOW, running sequences) reports."""
+    """One policy tick at NOW: `reports` maps a replica to its (seconds before NOW, running sequences) reports;
+    `handle_requests` is Serve's ongoing count (queued at handles included), `queued` the part still queued."""
     replicas = {name: ReplicaID(unique_id=name, deployment_id=DEPLOYMENT) for name in reports}
     raw = {"running": {replicas[n]: [TimeStampedValue(NOW - ago, v) for ago, v in points]
                        for n, points in reports.items()},
@@ -73,9 +74,9 @@ def test_policy_reads_the_window_peak_so_a_dip_neither_undoes_an_upscale_nor_sta
     assert llm_load_policy(make_ctx(dip, target=4, look_back_period_s=0.9))[0] == 2  # 4 + 10 after the dip
 
 
-def test_policy_counts_requests_queued_at_handles_and_scales_down_when_idle() -> None:
-    assert llm_load_policy(make_ctx({"r1": [(0.3, 8.0)]}, queued=9.0))[0] == 3
-    assert llm_load_policy(make_ctx({"r1": [(0.3, 0.0)]}, handle_requests=17.0))[0] == 3
+def test_policy_counts_requests_queued_at_handles_once_and_scales_down_when_idle() -> None:
+    assert llm_load_policy(make_ctx({"r1": [(0.3, 16.0)]}, handle_requests=10.0, queued=2.0))[0] == 2
+    assert llm_load_policy(make_ctx({"r1": [(0.3, 0.0)]}, handle_requests=17.0, queued=17.0))[0] == 3
     idle = {"r1": [(5.0, 8.0), (2.5, 0.0)], "r2": [(5.0, 8.0), (2.5, 0.0)], "r3": [(2.5, 0.0), (0.5, 0.0)]}
     assert llm_load_policy(make_ctx(idle))[0] == 1
 
