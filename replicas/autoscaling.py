@@ -76,7 +76,8 @@ def llm_load_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
     kv_used = (ctx.aggregated_metrics or {}).get("kv_used_fraction", {})
     if kv_used:
         desired = max(desired, current * max(kv_used.values()) / KV_HIGH_WATER)
-    wanted = max(1, math.ceil(desired - 1e-9))
+    # 0 only when idle; Serve's wrapper clamps to min_replicas and holds 1 -> 0 for downscale_to_zero_delay_s
+    wanted = math.ceil(desired - 1e-9)
     if wanted != ctx.policy_state.get("wanted", ctx.target_num_replicas):
         logger.info(f"llm_load_policy: wants {wanted} (running {current}, target {ctx.target_num_replicas}); "
                     f"load {load:.1f} sequences")

@@ -23,7 +23,7 @@ DEPLOYMENT = DeploymentID(name="EngineReplica", app_name=APP_NAME)
 
 
 def make_ctx(reports: dict[str, list[tuple[float, float]]], target: int | None = None, handle_requests: float = 0.0,
-             queued: float = 0.0, **config: float) -> AutoscalingContext:
+             queued: float = 0.0, kv_used: float = 0.1, **config: float) -> AutoscalingContext:
     """One policy tick at NOW: `reports` maps a replica to its (seconds before NOW, running sequences) reports;
     `handle_requests` is Serve's ongoing count (queued at handles included), `queued` the part still queued."""
     replicas = {name: ReplicaID(unique_id=name, deployment_id=DEPLOYMENT) for name in reports}
@@ -37,7 +37,7 @@ def make_ctx(reports: dict[str, list[tuple[float, float]]], target: int | None =
         deployment_id=DEPLOYMENT, deployment_name=DEPLOYMENT.name, app_name=APP_NAME,
         current_num_replicas=len(reports), target_num_replicas=target or len(reports),
         running_replicas=list(replicas.values()), total_num_requests=handle_requests, total_queued_requests=queued,
-        aggregated_metrics={"kv_used_fraction": {r: 0.1 for r in replicas.values()}}, raw_metrics=raw,
+        aggregated_metrics={"kv_used_fraction": {r: kv_used for r in replicas.values()}}, raw_metrics=raw,
         capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=8, policy_state={},
         last_scale_up_time=None, last_scale_down_time=None, current_time=NOW,
         config=AutoscalingConfig(**settings.serve_config()),
@@ -79,6 +79,8 @@ def test_policy_counts_requests_queued_at_handles_once_and_scales_down_when_idle
     assert llm_load_policy(make_ctx({"r1": [(0.3, 0.0)]}, handle_requests=17.0, queued=17.0))[0] == 3
     idle = {"r1": [(5.0, 8.0), (2.5, 0.0)], "r2": [(5.0, 8.0), (2.5, 0.0)], "r3": [(2.5, 0.0), (0.5, 0.0)]}
     assert llm_load_policy(make_ctx(idle))[0] == 1
+    silent = {"r1": [(5.0, 0.0), (0.5, 0.0)]}
+    assert llm_load_policy(make_ctx(silent, kv_used=0.0))[0] == 0  # Serve raises it to min_replicas; 0 allows scale to zero
 
 
 @pytest.fixture(scope="module")
