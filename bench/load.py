@@ -586,7 +586,7 @@ def plot(levels: list[LevelResult], scale: ScaleResult | None, out_dir: Path) ->
         ax.axvline(0, color="tab:green", linestyle="--", label="load start")
         ax.axvline(scale.load_stop_s - scale.load_start_s, color="tab:red", linestyle="--", label="load stop")
         if scale.timeline is not None and scale.timeline.upscales:
-            ax.axvline(scale.timeline.upscales[0][0], color="tab:orange", linestyle=":", label="controller upscales")
+            ax.axvline(scale.timeline.upscales[0][0], color="tab:purple", linestyle="-.", label="controller upscales")
         ax.axhline(scale.needed_replicas, color="gray", linestyle=":", label="needed")
         ax.set(xlabel="seconds since load start", ylabel="replicas", title="Engine replicas over time",
                ylim=(0, scale.max_replicas + 0.5))
