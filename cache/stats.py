@@ -102,9 +102,10 @@ class CacheStats:
                 "circuit": {name: state() for name, state in self._circuits.items()},
             }
 
-    def prometheus_text(self) -> bytes:
+    def prometheus_text(self, prefix: str = "moe_cache") -> bytes:
+        """`prefix` starts every metric name: one process can then show two caches' counters (KV and prompt)."""
         registry = CollectorRegistry()
-        registry.register(_StatsCollector(self))
+        registry.register(_StatsCollector(self, prefix))
         return generate_latest(registry)
 
 
@@ -125,17 +126,18 @@ _TIER_COUNTERS = {
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: CacheStats) -> None:
+    def __init__(self, stats: CacheStats, prefix: str) -> None:
         self.stats = stats
+        self.prefix = prefix
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         snap = self.stats.as_dict()
         for name, doc in _TIER_COUNTERS.items():
-            family = CounterMetricFamily(f"moe_cache_{name}", doc, labels=["tier"])
+            family = CounterMetricFamily(f"{self.prefix}_{name}", doc, labels=["tier"])
             for tier, counters in snap["tiers"].items():
                 family.add_metric([tier], float(counters[name]))
             yield family
-        latency = HistogramMetricFamily("moe_cache_get_seconds", "Latency of one get (a batched lookup) per tier",
+        latency = HistogramMetricFamily(f"{self.prefix}_get_seconds", "Latency of one get (a batched lookup) per tier",
                                         labels=["tier"])
         for tier, counters in snap["tiers"].items():
             cumulative, buckets = 0, []
@@ -144,19 +146,19 @@ class _StatsCollector(Collector):
                 buckets.append((str(bound) if bound != float("inf") else "+Inf", float(cumulative)))
             latency.add_metric([tier], buckets, counters["get_seconds_sum"])
         yield latency
-        corrupt = CounterMetricFamily("moe_cache_corrupt", "Values rejected by the codec", labels=["kind"])
+        corrupt = CounterMetricFamily(f"{self.prefix}_corrupt", "Values rejected by the codec", labels=["kind"])
         for kind, n in snap["corrupt"].items():
             corrupt.add_metric([kind], float(n))
         yield corrupt
-        prompt = CounterMetricFamily("moe_cache_prompt_hits", "Prompt-cache hits", labels=["tier"])
+        prompt = CounterMetricFamily(f"{self.prefix}_prompt_hits", "Prompt-cache hits", labels=["tier"])
         for tier, n in snap["prompt_hits"].items():
             prompt.add_metric([tier], float(n))
         yield prompt
-        yield CounterMetricFamily("moe_cache_prompt_misses", "Prompts tokenized", value=snap["prompt_misses"])
-        yield CounterMetricFamily("moe_cache_lookups", "Prefix lookups", value=snap["lookups"])
-        yield CounterMetricFamily("moe_cache_lookup_timeouts", "Lookups cut short by the caller's timeout",
+        yield CounterMetricFamily(f"{self.prefix}_prompt_misses", "Prompts tokenized", value=snap["prompt_misses"])
+        yield CounterMetricFamily(f"{self.prefix}_lookups", "Prefix lookups", value=snap["lookups"])
+        yield CounterMetricFamily(f"{self.prefix}_lookup_timeouts", "Lookups cut short by the caller's timeout",
                                   value=snap["lookup_timeouts"])
-        circuit = GaugeMetricFamily("moe_cache_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
+        circuit = GaugeMetricFamily(f"{self.prefix}_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
                                     labels=["tier"])
         for tier, state in snap["circuit"].items():
             circuit.add_metric([tier], float(CIRCUIT_STATES[state]))

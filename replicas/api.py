@@ -216,7 +216,9 @@ class Ingress:
         self.metrics.observe_replica(await self.engine.stats.remote(), _replica_count())
         cache = await self.engine.cache_metrics.remote()  # one replica's tiered-cache counters
         experts = await self.experts.metrics_text.remote() if self.experts is not None else b""  # per-expert load
-        return PlainTextResponse(self.metrics.render() + cache + experts, media_type="text/plain; version=0.0.4")
+        prompts = self.prompt_cache.stats.prometheus_text(prefix="moe_prompt_cache") if self.prompt_cache else b""
+        return PlainTextResponse(self.metrics.render() + cache + experts + prompts,
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
@@ -323,8 +325,8 @@ class Ingress:
 
     async def _start(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int) -> TokenStream:
         sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                        seed=body.seed, stop=tuple(_utf8(s, "stop") for s in body.stop or ()), min_tokens=min(body.min_tokens, max_tokens),
-                        ignore_eos=body.ignore_eos)
+                        seed=body.seed, stop=tuple(_utf8(s, "stop") for s in body.stop or ()),
+                        min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos)
         if body.stop and self.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")
         stream = TokenStream(self.engine.options(stream=True).generate.remote(prompt_ids, sampling), self.metrics)

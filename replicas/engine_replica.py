@@ -27,7 +27,9 @@ logger = logging.getLogger("ray.serve")
 
 
 class EngineReplica:
-    async def __init__(self, settings: AppSettings, experts: DeploymentHandle | None = None) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, settings: AppSettings, experts: DeploymentHandle | None = None
+    ) -> None:
         """`experts`: the `ExpertShards` deployment when the experts live on shard actors (settings.shards > 0).
 
         Async (Serve awaits it) so the router's handle can be awaited: blocking on a handle in the loop is refused."""
@@ -54,7 +56,8 @@ class EngineReplica:
             stream = self.engine.generate(prompt_ids, params)
             async for out in stream:
                 yield {"token_id": out.token_id, "text": out.text_delta, "finished": out.finished,
-                       "finish_reason": out.finish_reason, "cached_tokens": out.cached_tokens, "replica": self.replica_id}
+                       "finish_reason": out.finish_reason, "cached_tokens": out.cached_tokens,
+                       "replica": self.replica_id}
         except ValueError as exc:
             yield {"error": {"status": 400, "message": str(exc)}}
 

@@ -80,7 +80,8 @@ def test_policy_counts_requests_queued_at_handles_once_and_scales_down_when_idle
     idle = {"r1": [(5.0, 8.0), (2.5, 0.0)], "r2": [(5.0, 8.0), (2.5, 0.0)], "r3": [(2.5, 0.0), (0.5, 0.0)]}
     assert llm_load_policy(make_ctx(idle))[0] == 1
     silent = {"r1": [(5.0, 0.0), (0.5, 0.0)]}
-    assert llm_load_policy(make_ctx(silent, kv_used=0.0))[0] == 0  # Serve raises it to min_replicas; 0 allows scale to zero
+    # Serve raises it to min_replicas; a min of 0 allows scale to zero
+    assert llm_load_policy(make_ctx(silent, kv_used=0.0))[0] == 0
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,8 @@ def test_health_models_and_metrics(server: Server) -> None:
     metrics = httpx.get(f"{server.base}/metrics").text
     for name in ("moe_requests_total", "moe_time_to_first_token_seconds", "moe_request_latency_seconds",
                  "moe_generated_tokens_total", "moe_queue_depth", "moe_running_sequences",
-                 "moe_kv_cache_used_fraction", "moe_engine_replicas"):
+                 "moe_kv_cache_used_fraction", "moe_engine_replicas", "moe_cache_lookups_total",
+                 "moe_prompt_cache_prompt_misses_total"):
         assert name in metrics, name
 
 
