@@ -34,11 +34,11 @@ class AutoscalingSettings(BaseModel):
     max_replicas: int = Field(2, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica Serve aims for")
-    upscale_delay_s: float = Field(3.0, ge=0)
-    downscale_delay_s: float = Field(20.0, ge=0)
+    upscale_delay_s: float = Field(1.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0, description="Long enough to ride out dips in the load (no flapping)")
     downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Idle time before the last replica goes")
-    metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas report their load")
-    look_back_period_s: float = Field(5.0, gt=0, description="Window the reported load is averaged over")
+    metrics_interval_s: float = Field(0.5, gt=0, description="How often replicas report their load")
+    look_back_period_s: float = Field(2.0, gt=0, description="Window the policy takes the peak load over")
     llm_policy: bool = Field(True, description="Scale on sequences and KV use (our policy) instead of Serve's "
                                                 "request-count default")
 
