@@ -47,6 +47,17 @@ class ShardMessage(NamedTuple):
     counts: np.ndarray  # [k] int64
 
 
+def shard_device(quantize: QuantMode) -> torch.device:
+    """The GPU Ray gave this actor (CUDA_VISIBLE_DEVICES holds just it) when torch sees one, else the CPU.
+
+    The int8/int4 packed-weight kernels are torch's CPU kernels, so quantized experts stay on the CPU. The CUDA
+    branch has not run on a real GPU yet (none was available to the tests); CI covers the CPU branch.
+    """
+    if quantize == "none" and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
 class ExpertShard:
     def __init__(
         self, model_dir: str, shard_id: int, experts: list[int], quantize: QuantMode = "none"
@@ -55,8 +66,7 @@ class ExpertShard:
         self.config = ModelConfig.from_dir(model_dir)
         self.checkpoint = Checkpoint(Path(model_dir), self.config)
         self.quantize = quantize
-        # Expert FFNs run on the CPU path everywhere for now; the CUDA/vLLM path is still to be built.
-        self.device = torch.device("cpu")
+        self.device = shard_device(quantize)
         torch.set_num_threads(1)  # shards share the node's cores with each other and the replica
         # layer -> expert id -> (stack, index in stack); a stack per load keeps loading incremental
         self._experts: dict[int, dict[int, tuple[ExpertStack, int]]] = {}
@@ -70,7 +80,8 @@ class ExpertShard:
         missing = [e for e in experts if e not in held]
         if not missing:
             return
-        stack = ExpertStack(missing, *self.checkpoint.load_experts(layer, missing), quantize=self.quantize)
+        w13, w2 = self.checkpoint.load_experts(layer, missing)
+        stack = ExpertStack(missing, w13.to(self.device), w2.to(self.device), quantize=self.quantize)
         held.update({expert: (stack, index) for index, expert in enumerate(missing)})
 
     def forward(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
