@@ -4,21 +4,47 @@ The gate and the stacked expert weights are separate objects on purpose: the rou
 shard actors of the cluster room own experts, and the in-process engine wires both together with `LocalMoE`.
 Shape legend: T = tokens, D = hidden, E = experts, A = activated experts per token (top-k), N = T * A,
 I = expert intermediate size.
+
+Paths of `LocalMoE` per batch, us per layer on the bench's tiny Mixtral (D 64, I 128, E 8, top-2; 1 thread,
+best of 30 interleaved blocks of CPU time on a loaded 2-core AVX2 EPYC; loop = one expert at a time):
+    T            1     16     32     64    256    512
+    fp32 dense   73    210    302    559   4206   5511
+    fp32 routed  130   210    269    383   1235   1996
+    fp32 loop    -     -      538    608   1676   1802
+    int8 routed  190   282    338    447   1370   2024   (int8 dense at T = 16: 289; old int8 loop: 530)
+    int8 loop    228    530   604    770   8518  15844
+    int4 dense   105    295    486    938   6907  11033
+    int4 loop    219    519   578    739   1855   2900
+Quantized experts cannot match fp32 at this size: the weights fit in cache, so fp32 GEMM is compute-bound and
+int8 pays a conversion pass (~30 us per layer) on top of it, the int4 kernel is slower per MAC than fp32 here.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from moe_serve.model.quant import DenseWeight, PackedWeight, QuantMode, pack_weight
+from moe_serve.model.quant import (
+    DenseWeight,
+    Int4Weight,
+    Int8Weight,
+    PackedWeight,
+    QuantMode,
+    _int4pack,
+    int4_codes,
+    pack_weight,
+)
 
 # MACs one expert's turn of the dispatch loop costs in fixed per-op overhead (~15 us at ~40 GMAC/s, 1 CPU thread,
 # measured on the tiny model): dense MoE wins while its extra MACs stay below this per expert.
 LOOP_OVERHEAD_MACS_PER_EXPERT = 600_000
+# Batch sizes where the routed stacked path beats the dense one (from) and the dispatch loop (up to), fp32.
+ROUTED_MIN_TOKENS = 24
+ROUTED_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,14 @@ class Gate:
         else:
             weights, expert_ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
         return torch.zeros_like(logits).scatter_(1, expert_ids, weights)
+
+    def route_logits(self, logits: torch.Tensor) -> Routing:
+        """Routing from gate logits [T, E], weights in float32 (as `route(probs(x))`)."""
+        if self.norm_topk_prob:
+            values, expert_ids = torch.topk(logits, self.top_k, dim=-1)
+            return Routing(torch.softmax(values, dim=-1), expert_ids)
+        weights, expert_ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        return Routing(weights, expert_ids)
 
     def route(self, probs: torch.Tensor, dtype: torch.dtype) -> Routing:
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
@@ -130,46 +164,221 @@ class DenseMLP:
         return out
 
 
-class DenseExperts:
-    """Every expert of one layer and its gate as two matrices, for batches where the dispatch loop's overhead
-    dominates. The gate's rows ride along in the first matmul, so routing costs no matmul of its own."""
+class StackedExperts:
+    """Every expert of one layer as two stacked matrices, for batches where the dispatch loop's per-op overhead
+    dominates. Two ways to run them, picked per batch by its size (LocalMoE):
+    - dense: every expert for every token, weighted by its (zero when unrouted) combine weight, the sum over
+      experts done inside the second matmul; the gate's rows ride along in the first matmul;
+    - routed: only what the tokens picked: rows gathered per expert into a [E, C, D] block (C = the busiest
+      expert's rows), two bmm over views of the same stacked weights, one gather back.
+    The stack's per-expert weights become views of the stacked ones, so the layer's experts are held once
+    (int4 keeps a second, input-stacked packing of its down weights: the CPU layout cannot be sliced along K).
+    Storage stays the stack's: fp32 is used in place; int8 is converted at each call into fp32 scratch shared by
+    every layer (conversion ~1 op per matrix, scales applied to the outputs); int4 runs its kernel on stacked packs.
+    Shape legend: T tokens, D hidden, E experts, I expert width, C rows per expert in the routed block.
+    """
 
-    def __init__(self, stack: ExpertStack, gate: Gate) -> None:
-        i = stack.intermediate_size
-        w13 = [w.dequantize() for w in stack.w13]
-        # [2 E I + E, D]: all gates, then all ups, then the router's rows
-        self.gate_up_router = torch.cat([w[:i] for w in w13] + [w[i:] for w in w13] + [gate.weight.float()])
-        self.down = torch.cat([w.dequantize() for w in stack.w2], dim=1)  # [D, E I]
-        self.gate = gate
-        self.num_experts = len(w13)
+    def __init__(self, stack: ExpertStack, gate: Gate, scratch: dict[str, torch.Tensor]) -> None:
+        e, i = len(stack.w13), stack.intermediate_size
+        d = stack.w13[0].in_features
+        self.gate, self.num_experts, self.intermediate_size = gate, e, i
+        self.mode: QuantMode = _stack_mode(stack)
+        self._scratch = scratch
+        router = gate.weight.float()
+        if self.mode == "none":
+            # [E 2I + E, D]: expert e's gate rows then its up rows, for every expert, then the router's rows
+            self.gate_up_router = torch.cat([w.dequantize() for w in stack.w13] + [router])
+            self.down = torch.cat([w.dequantize() for w in stack.w2], dim=1)  # [D, E I]
+            stack.w13 = [DenseWeight(w) for w in self.gate_up_router[: 2 * e * i].view(e, 2 * i, d)]
+            stack.w2 = [DenseWeight(w) for w in self.down.view(d, e, i).unbind(1)]
+        elif self.mode == "int8":
+            w13, w2 = [_as_int8(w) for w in stack.w13], [_as_int8(w) for w in stack.w2]
+            self.q13 = torch.cat([w.qweight for w in w13])  # [E 2I, D] int8
+            scales13 = torch.cat([w.scales for w in w13])  # [E 2I] bf16
+            self.s13 = scales13.float()
+            self.q2 = torch.stack([w.qweight for w in w2])  # [E, D, I] int8: per-expert row scales, no K-stacking
+            scales2 = torch.stack([w.scales for w in w2])  # [E, D] bf16
+            self.s2 = scales2.float().t().unsqueeze(2)  # [D, E, 1]
+            self.router = router
+            stack.w13 = [Int8Weight(q, s) for q, s in zip(self.q13.view(e, 2 * i, d), scales13.view(e, 2 * i))]
+            stack.w2 = [Int8Weight(q, s) for q, s in zip(self.q2, scales2)]
+        else:
+            w13, w2 = [_as_int4(w) for w in stack.w13], [_as_int4(w) for w in stack.w2]
+            self.group_size = w13[0].group_size
+            self.p13 = torch.cat([w.packed for w in w13])  # the CPU layout is row-blocked: rows stack exactly
+            self.sz13 = torch.cat([w.scales_and_zeros for w in w13], dim=1)  # [D/G, E 2I, 2]
+            self.p2 = _int4pack(torch.cat([int4_codes(w) for w in w2], dim=1))  # [D, E I] codes, repacked
+            self.sz2 = torch.cat([w.scales_and_zeros for w in w2])  # [E I/G, D, 2]
+            self.router = router
+            rows = 2 * i
+            stack.w13 = [Int4Weight(self.p13[k * rows : (k + 1) * rows], w.scales_and_zeros, w.group_size)
+                         for k, w in enumerate(w13)]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> [T, D], every expert computed and weighted by its (zero when unrouted) combine weight."""
-        t, ei = x.shape[0], self.down.shape[1]
-        y = F.linear(x, self.gate_up_router)  # [T, 2 E I + E]
-        weights = self.gate.dense_weights(y[:, 2 * ei :])  # [T, E]
-        hidden = F.silu(y[:, :ei]).mul_(y[:, ei : 2 * ei])  # [T, E I]
-        hidden.view(t, self.num_experts, -1).mul_(weights.unsqueeze(2))
-        return F.linear(hidden, self.down)  # the sum over experts happens inside the matmul
+    def __call__(self, x: torch.Tensor, routed: bool) -> torch.Tensor:
+        """x [T, D] fp32 -> [T, D]: the weighted sum of each token's routed experts."""
+        if self.mode == "int4":
+            return self._dense_int4(x)
+        gate_up_router, down = self._fp32_weights()
+        ei = self.num_experts * self.intermediate_size
+        if routed:
+            logits = F.linear(x, gate_up_router[2 * ei :])
+            y = None
+        else:
+            y = F.linear(x, gate_up_router)  # [T, 2 E I + E]
+            logits = y[:, 2 * ei :]
+            if self.mode == "int8":
+                y[:, : 2 * ei].mul_(self.s13)
+        if routed:
+            return self._routed(x, logits, gate_up_router, down)
+        assert y is not None
+        return self._dense(y[:, : 2 * ei], self.gate.dense_weights(logits), down)
+
+    def _fp32_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E 2I + E, D] and [D, E I] float32; int8 is converted into the shared scratch (scales of gate_up left
+        to its output, those of down applied in the scratch)."""
+        if self.mode == "none":
+            return self.gate_up_router, self.down
+        e, i = self.num_experts, self.intermediate_size
+        d = self.q13.shape[1]
+        gate_up_router = _scratch(self._scratch, "gate_up_router", (2 * e * i + e, d))
+        down = _scratch(self._scratch, "down", (d, e * i))
+        gate_up_router[: 2 * e * i].copy_(self.q13)
+        gate_up_router[2 * e * i :].copy_(self.router)
+        torch.mul(self.q2.permute(1, 0, 2), self.s2, out=down.view(d, e, i))
+        return gate_up_router, down
+
+    def _dense(self, gate_up: torch.Tensor, weights: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, E 2I] (expert-major), combine weights [T, E] -> [T, D]."""
+        t, e, i = gate_up.shape[0], self.num_experts, self.intermediate_size
+        y = gate_up.view(t, e, 2 * i)
+        hidden = F.silu(y[..., :i]).mul_(y[..., i:])  # [T, E, I]
+        hidden.mul_(weights.unsqueeze(2))
+        return F.linear(hidden.view(t, e * i), down)  # the sum over experts happens inside the matmul
+
+    def _routed(self, x: torch.Tensor, logits: torch.Tensor, gate_up_router: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape
+        e, i, k = self.num_experts, self.intermediate_size, self.gate.top_k
+        routing = self.gate.route_logits(logits)
+        block = RoutedBlock.plan(routing.expert_ids, e)
+        xs = x[block.source_token].view(e, block.capacity, d)  # [E, C, D]
+        w13 = gate_up_router[: 2 * e * i].view(e, 2 * i, d).transpose(1, 2)  # [E, D, 2I], a view
+        y = torch.bmm(xs, w13)  # [E, C, 2I]
+        if self.mode == "int8":
+            y.mul_(self.s13.view(e, 1, 2 * i))
+        hidden = F.silu(y[..., :i]).mul_(y[..., i:])  # [E, C, I]
+        out = torch.bmm(hidden, down.view(d, e, i).permute(1, 2, 0)).view(-1, d)[block.slot]  # [T K, D]
+        return out.view(t, k, d).mul_(routing.weights.unsqueeze(2)).sum(1)
+
+    def _dense_int4(self, x: torch.Tensor) -> torch.Tensor:
+        t, e, i = x.shape[0], self.num_experts, self.intermediate_size
+        xb = x.bfloat16()
+        gate_up = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.p13, self.group_size, self.sz13).float()
+        weights = self.gate.dense_weights(F.linear(x, self.router))
+        y = gate_up.view(t, e, 2 * i)
+        hidden = F.silu(y[..., :i]).mul_(y[..., i:])
+        hidden.mul_(weights.unsqueeze(2))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            hidden.view(t, e * i).bfloat16(), self.p2, self.group_size, self.sz2
+        ).float()
+
+
+@dataclass(frozen=True)
+class RoutedBlock:
+    """Where each token-expert pair sits in a [E, C] block of rows, C = the busiest expert's pair count.
+
+    Built on the host from the [T, A] expert ids (one small copy): for the few dozen pairs of a decode step
+    Python is cheaper than the half-dozen tensor ops (sort, bincount, cumsum, ...) that would do it on tensors.
+    """
+
+    source_token: torch.Tensor  # [E C] token each block row reads (pad rows read token 0, never read back)
+    slot: torch.Tensor  # [T A] block row of each pair, in routing order
+    capacity: int  # C
+
+    @staticmethod
+    def plan(expert_ids: torch.Tensor, num_experts: int) -> RoutedBlock:
+        top_k = expert_ids.shape[1]
+        flat = expert_ids.flatten().tolist()
+        counts = [0] * num_experts
+        rank = []
+        for e in flat:
+            rank.append(counts[e])
+            counts[e] += 1
+        capacity = max(counts)
+        slots = [e * capacity + r for e, r in zip(flat, rank)]
+        source = [0] * (num_experts * capacity)
+        for pair, s in enumerate(slots):
+            source[s] = pair // top_k
+        return RoutedBlock(_long(source), _long(slots), capacity)
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.frombuffer(array("q", values), dtype=torch.int64)
+
+
+def _stack_mode(stack: ExpertStack) -> QuantMode:
+    first = stack.w13[0]
+    if isinstance(first, Int8Weight):
+        return "int8"
+    if isinstance(first, Int4Weight):
+        return "int4"
+    return "none"
+
+
+def _as_int8(w: PackedWeight) -> Int8Weight:
+    assert isinstance(w, Int8Weight)
+    return w
+
+
+def _as_int4(w: PackedWeight) -> Int4Weight:
+    assert isinstance(w, Int4Weight)
+    return w
+
+
+def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
+    buf = buffers.get(name)
+    if buf is None or buf.shape != shape:
+        buf = buffers[name] = torch.empty(shape)
+    return buf
 
 
 class LocalMoE:
-    """In-process MoE backend: every layer's gate and all its experts in this process."""
+    """In-process MoE backend: every layer's gate and all its experts in this process.
+
+    Per batch, one of three paths (`_path`): dense or routed over the stacked experts, or the dispatch loop
+    (one expert at a time), which is also the only path for layers too big for dense ever to pay.
+    """
 
     def __init__(self, gates: dict[int, Gate], experts: dict[int, ExpertStack], num_experts: int) -> None:
         self.gates = gates
         self.experts = experts
         self.num_experts = num_experts
-        self._dense: dict[int, DenseExperts] = {}  # built on first use, so big models never pay the copy
+        self._stacked: dict[int, StackedExperts] = {}  # built on first use, so big models never pay the copy
+        self._scratch: dict[str, torch.Tensor] = {}  # int8 -> fp32 conversion buffers, shared by every layer
         self._dense_max_tokens = {layer: self._dense_break_even(layer) for layer in experts}
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self._dense_max_tokens[layer] and x.dtype == torch.float32:
-            return self._dense_experts(layer)(x)
+        path = self._path(layer, x.shape[0]) if x.dtype == torch.float32 else "loop"
+        if path != "loop":
+            return self._stacked_experts(layer)(x, routed=path == "routed")
         routing = self.gates[layer](x)
         plan = dispatch(routing, self.num_experts)
         expert_out = self.experts[layer].grouped_ffn(x[plan.token_index], plan.counts)
         return combine(expert_out, plan, routing, x.shape[0])
+
+    def _path(self, layer: int, t: int) -> str:
+        """dense, routed (both on the stacked experts) or loop, for a batch of t tokens (bench numbers in the
+        module docstring). Only layers small enough for dense to ever pay (dense_max > 0) are stacked."""
+        dense_max = self._dense_max_tokens[layer]
+        if not dense_max:
+            return "loop"
+        mode = _stack_mode(self.experts[layer])
+        if mode == "int4":  # its kernel only pays stacked while dense is cheap
+            return "dense" if t <= dense_max else "loop"
+        if t < ROUTED_MIN_TOKENS and t <= dense_max:
+            return "dense"
+        # int8 through fp32 scratch beats its per-expert kernels at every T measured (8x at 512 tokens)
+        return "routed" if mode == "int8" or t <= ROUTED_MAX_TOKENS else "loop"
 
     def _dense_break_even(self, layer: int) -> int:
         """Most tokens for which dense MoE's extra MACs cost less than the loop's overhead; 0: never dense."""
@@ -177,13 +386,24 @@ class LocalMoE:
         weights = stack.w13 + stack.w2
         if stack.expert_ids != list(range(self.num_experts)) or layer not in self.gates:
             return 0
-        if not all(isinstance(w, DenseWeight) and w.weight.dtype == torch.float32 for w in weights):
+        if not _stackable(weights):
             return 0
         hidden = stack.w13[0].in_features
         extra_per_token = (self.num_experts - self.gates[layer].top_k) * 3 * hidden * stack.intermediate_size
         return LOOP_OVERHEAD_MACS_PER_EXPERT * self.num_experts // max(extra_per_token, 1)
 
-    def _dense_experts(self, layer: int) -> DenseExperts:
-        if layer not in self._dense:
-            self._dense[layer] = DenseExperts(self.experts[layer], self.gates[layer])
-        return self._dense[layer]
+    def _stacked_experts(self, layer: int) -> StackedExperts:
+        if layer not in self._stacked:
+            self._stacked[layer] = StackedExperts(self.experts[layer], self.gates[layer], self._scratch)
+        return self._stacked[layer]
+
+
+def _stackable(weights: Sequence[PackedWeight]) -> bool:
+    """fp32 dense weights, or all int8, or all int4 with one group size whose down weights stack along K."""
+    if all(isinstance(w, DenseWeight) and w.weight.dtype == torch.float32 for w in weights):
+        return True
+    if all(isinstance(w, Int8Weight) for w in weights):
+        return True
+    if all(isinstance(w, Int4Weight) for w in weights):
+        return len({w.group_size for w in weights if isinstance(w, Int4Weight)}) == 1
+    return False

@@ -147,11 +147,18 @@ class Int4Weight:
 
     def dequantize(self) -> Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size
-        q = torch.empty(n * k, dtype=torch.float32)
-        q[_int4pack_source_index(n, k)] = _nibbles(self.packed).float()
+        q = int4_codes(self).float()
         scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/G] each
         groups = (q.reshape(n, k // g, g) - 8) * scales[..., None] + zeros[..., None]
         return groups.reshape(n, k)
+
+
+def int4_codes(w: Int4Weight) -> Tensor:
+    """The [N, K] int32 codes (0..15) an int4 weight holds, read back exactly from its packed layout."""
+    n, k = w.out_features, w.in_features
+    q = torch.empty(n * k, dtype=torch.int32)
+    q[_int4pack_source_index(n, k)] = _nibbles(w.packed).to(torch.int32)
+    return q.view(n, k)
 
 
 def pack_weight(w: Tensor, mode: QuantMode, group_size: int = DEFAULT_GROUP_SIZE) -> PackedWeight:

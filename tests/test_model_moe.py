@@ -1,0 +1,81 @@
+"""LocalMoE's three paths (dense and routed over the stacked experts, the dispatch loop) give the same output.
+
+The loop path is the reference: it runs each expert's own weights. Tolerances: fp32 paths agree to float rounding
+(< 1e-5 relative); the stacked int8 path multiplies the exactly dequantized weights in fp32 while the loop runs the
+bf16 kernels, so they differ by the kernels' bf16 rounding (< 1%, as tests/test_model_quant.py's KERNEL_TOL).
+Shape legend: T = tokens, D = hidden, E = experts, I = expert width.
+"""
+
+import pytest
+import torch
+
+from moe_serve.model.moe import ROUTED_MAX_TOKENS, ROUTED_MIN_TOKENS, ExpertStack, Gate, LocalMoE, combine, dispatch
+
+E, D, I, TOP_K = 8, 64, 128, 2
+TOL = {"none": 1e-5, "int8": 1e-2, "int4": 1e-2}
+
+
+def make_moe(mode: str, norm_topk_prob: bool = True, seed: int = 0) -> tuple[LocalMoE, ExpertStack, Gate]:
+    g = torch.Generator().manual_seed(seed)
+    gate = Gate(torch.randn(E, D, generator=g), TOP_K, norm_topk_prob)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
+    reference = ExpertStack(range(E), w13, w2, mode)  # never stacked: keeps its own per-expert weights
+    return LocalMoE({0: gate}, {0: ExpertStack(range(E), w13, w2, mode)}, E), reference, gate
+
+
+def loop_output(stack: ExpertStack, gate: Gate, x: torch.Tensor) -> torch.Tensor:
+    routing = gate(x)
+    plan = dispatch(routing, E)
+    return combine(stack.grouped_ffn(x[plan.token_index], plan.counts), plan, routing, x.shape[0])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+@pytest.mark.parametrize("tokens", [1, 5, ROUTED_MIN_TOKENS, 32, 100, ROUTED_MAX_TOKENS + 8])
+def test_every_path_matches_the_loop(mode: str, norm_topk_prob: bool, tokens: int) -> None:
+    moe, reference, gate = make_moe(mode, norm_topk_prob)
+    x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert rel_err(moe(0, x), loop_output(reference, gate, x)) < TOL[mode]
+
+
+@pytest.mark.parametrize("mode", ["none", "int8"])
+@pytest.mark.parametrize("tokens", [1, 16, 40])
+def test_dense_and_routed_agree(mode: str, tokens: int) -> None:
+    moe, _, _ = make_moe(mode)
+    x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        stacked = moe._stacked_experts(0)
+        assert rel_err(stacked(x, routed=True), stacked(x, routed=False)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_stacking_keeps_one_copy_and_the_loop_exact(mode: str) -> None:
+    """After stacking, the stack's per-expert weights are views of the stacked ones and the loop is unchanged."""
+    moe, reference, gate = make_moe(mode)
+    stack = moe.experts[0]
+    before = stack.nbytes
+    x = torch.randn(48, D, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        moe._stacked_experts(0)
+        assert torch.equal(loop_output(stack, gate, x), loop_output(reference, gate, x))
+    assert stack.nbytes == before
+    if mode != "int4":  # int4 keeps a K-stacked repack of its down weights besides the per-expert ones
+        first = stack.w13[0]
+        storage = first.weight if mode == "none" else first.qweight  # type: ignore[union-attr]
+        assert storage.untyped_storage().nbytes() >= E * 2 * I * D * storage.element_size()
+
+
+def test_paths_by_batch_size() -> None:
+    moe, _, _ = make_moe("none")
+    assert moe._path(0, 1) == "dense"
+    assert moe._path(0, ROUTED_MIN_TOKENS) == "routed"
+    assert moe._path(0, ROUTED_MAX_TOKENS + 1) == "loop"
+    int8, _, _ = make_moe("int8")
+    assert int8._path(0, 4 * ROUTED_MAX_TOKENS) == "routed"
+    int4, _, _ = make_moe("int4")
+    assert int4._path(0, 1) == "dense" and int4._path(0, 4 * ROUTED_MAX_TOKENS) == "loop"
