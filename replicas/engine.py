@@ -247,6 +247,11 @@ class LLMEngine:
         """Below min_tokens, EOS and stop token ids cannot be sampled (as vLLM's and transformers' min tokens)."""
         rows: list[int] = []
         ids: list[int] = []
+        blocked = [seq for seq in seqs if seq.early_stop_ids and len(seq.output_ids) < seq.params.min_tokens]
+        if blocked and len(blocked) == len(seqs) and all(s.early_stop_ids == seqs[0].early_stop_ids for s in seqs):
+            # every row bans the same ids (the usual case): one column fill, no index tensors per row
+            logits.index_fill_(1, _long_tensor(list(seqs[0].early_stop_ids)), float("-inf"))
+            return
         for row, seq in enumerate(seqs):
             if seq.early_stop_ids and len(seq.output_ids) < seq.params.min_tokens:
                 rows += [row] * len(seq.early_stop_ids)
@@ -276,8 +281,10 @@ class LLMEngine:
                 logits_rows.append(len(token_ids) - 1)
         positions_t = _long_tensor(positions)
         decode_slots = decode_pos = decode_kv = None
+        same_length = False
         if plan.decodes:
             lengths = [c.seq.num_computed + 1 for c in plan.decodes]
+            same_length = min(lengths) == max(lengths)  # no padded keys: decode attention needs no mask
             decode_pos = self._key_positions(lengths)
             decode_kv = self.workspace.prepare([c.seq for c in plan.decodes], lengths, positions_t[: len(lengths)])
             if decode_kv is None or decode_kv.rebuild:  # keys come from the pages this step
@@ -285,7 +292,7 @@ class LLMEngine:
         else:
             self.workspace.invalidate()
         batch = AttentionBatch(positions_t, _long_tensor(slots), len(plan.decodes), decode_slots, decode_pos, prefills,
-                               decode_kv)
+                               decode_kv, same_length)
         rows = None if len(logits_rows) == len(token_ids) else _long_tensor(logits_rows)
         return _long_tensor(token_ids), batch, rows
 

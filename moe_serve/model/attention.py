@@ -62,6 +62,7 @@ class AttentionBatch:
     decode_key_positions: torch.Tensor | None  # [B, L] padded with -1
     prefills: list[PrefillChunk]
     decode_kv: DecodeKV | None = None  # the decode workspace; None: decode keys are gathered from the pages
+    decode_same_length: bool = False  # every decoding sequence attends to the same L keys (no padding)
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
     _rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -71,11 +72,14 @@ class AttentionBatch:
             self._rope = rotary.tables(self.positions)
         return self._rope
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, L] additive float mask: 0 where the key is real, not in the future and inside the window."""
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """[B, 1, 1, L] additive float mask: 0 where the key is real, not in the future and inside the window;
+        None when it would be all zeros (no padding, every key inside the window)."""
+        assert self.decode_key_positions is not None
+        if self.decode_same_length and (window is None or window >= self.decode_key_positions.shape[1]):
+            return None  # a decode query sits at its sequence's last position: no key is in its future
         key = ("decode", 0, window)
         if key not in self._masks:
-            assert self.decode_key_positions is not None
             q_pos = self.positions[: self.num_decode].unsqueeze(1)
             self._masks[key] = _additive(_allowed(q_pos, self.decode_key_positions, window))[:, None, None, :]
         return self._masks[key]
@@ -157,12 +161,13 @@ def _decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, window: int | None, workspace: torch.Tensor | None
 ) -> torch.Tensor:
     """One query per decoding sequence, q [B, H, Hd] -> [B, H, Hd]: over the workspace when there is one."""
-    mask = batch.decode_mask(window)  # [B, 1, 1, L]
+    mask = batch.decode_mask(window)  # [B, 1, 1, L] or None
     if workspace is None:
         assert batch.decode_key_slots is not None
         return _grouped_attention(q.unsqueeze(1), kv_cache, batch.decode_key_slots, mask)[:, 0]
+    assert batch.decode_key_positions is not None
     b, h, hd = q.shape
-    kvh, length = workspace.shape[2], mask.shape[-1]
+    kvh, length = workspace.shape[2], batch.decode_key_positions.shape[1]
     k, v = workspace[:, 0, :, :length], workspace[:, 1, :, :length]  # [B, KVH, L, Hd]
     out = F.scaled_dot_product_attention(q.view(b, kvh, h // kvh, hd), k, v, attn_mask=mask)  # [B, KVH, G, Hd]
     return out.reshape(b, h, hd)
@@ -172,7 +177,7 @@ def _grouped_attention(
     q: torch.Tensor,  # [B, C, H, Hd]
     kv_cache: torch.Tensor,  # [S, 2, KVH, Hd]
     slots: torch.Tensor,  # [B, L]
-    mask: torch.Tensor,  # [B, 1, C, L] additive
+    mask: torch.Tensor | None,  # [B, 1, C, L] additive; None: every key
 ) -> torch.Tensor:
     """Grouped-query attention without copying K/V per query head -> [B, C, H, Hd].
 
@@ -185,7 +190,7 @@ def _grouped_attention(
     kv = kv_cache.index_select(0, slots.flatten()).view(b, length, 2, kvh, hd)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, KVH, L, Hd]
     q = q.view(b, c, kvh, groups, hd).permute(0, 2, 3, 1, 4).reshape(b, kvh, groups * c, hd)
-    if c > 1 and groups > 1:
+    if c > 1 and groups > 1 and mask is not None:
         mask = mask.repeat(1, 1, groups, 1)  # rows ordered (group, token), as q
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, KVH, G * C, Hd]
     return out.view(b, kvh, groups, c, hd).permute(0, 3, 1, 2, 4).reshape(b, c, h, hd)
