@@ -61,15 +61,18 @@ def start_expert_parallel(
     use_gpus: bool | None = None,
     transport: TransportKind = DEFAULT_TRANSPORT,
     graph_config: CompiledGraphConfig = CompiledGraphConfig(),
+    router_concurrency: int = 1,
 ) -> ExpertParallel:
-    """Shards + router; `transport` "compiled" (a Ray compiled graph per layer call) or "plain" (actor calls)."""
+    """Shards + router; `transport` "compiled" (a Ray compiled graph per layer call) or "plain" (actor calls).
+
+    `router_concurrency`: plain calls the router serves at once (one per engine replica that shares it)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
     config = ModelConfig.from_dir(model_dir)
     placement = ExpertPlacement.balanced(config.num_experts, num_shards)
     shards = start_shards(model_dir, placement, strategy, use_gpus=use_gpus, quantize=quantize)
     # A router that dies (its node went) comes back with the same gates and shards; callers retry meanwhile.
-    router = ray.remote(Router).options(num_cpus=0, max_concurrency=1, max_restarts=-1).remote(
+    router = ray.remote(Router).options(num_cpus=0, max_concurrency=router_concurrency, max_restarts=-1).remote(
         model_dir, placement, shards.actors, router_config
     )
     ray.get(router.placement_plan.remote())  # surface constructor errors now

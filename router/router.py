@@ -6,8 +6,9 @@ It owns the gate weights of every MoE layer and the expert placement, nothing el
   failure still completes with the same tokens;
 - `dispatch_all` -> every shard's `forward_packed` -> `combine_all`: the same layer call as three tasks of a Ray
   compiled graph (router/transport.py), one message per shard, empty ones included.
-Both count the same load statistics. Plain calls are served one at a time; a compiled graph runs its tasks on a
-thread of its own, so a lock keeps `rebalance` between two dispatches either way.
+Both count the same load statistics. Plain calls may come from several engine replicas at once (the actor then
+runs them on a few threads); a compiled graph runs its tasks on a thread of its own; a lock keeps `rebalance`
+between two dispatches and the counters consistent either way.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class Router:
                     failed[shard] = exc
             if not failed:
                 return results
-            self.stats.shard_retries += len(failed)
+            with self._lock:  # several callers may be retrying at once (a threaded router)
+                self.stats.shard_retries += len(failed)
             if attempt == self.config.max_retries:
                 raise ShardCallFailed(f"shards {sorted(failed)} failed {attempt + 1} times: {failed}")
             time.sleep(self.config.retry_backoff_s * (attempt + 1))
