@@ -55,14 +55,15 @@ def test_dense_and_routed_agree(mode: str, tokens: int) -> None:
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_stacking_keeps_one_copy_and_the_loop_exact(mode: str) -> None:
-    """After stacking, the stack's per-expert weights are views of the stacked ones and the loop is unchanged."""
+    """After stacking, the stack's per-expert weights are views of the stacked ones and the loop gives the same
+    output (to float rounding: fp32 down weights are now read transposed)."""
     moe, reference, gate = make_moe(mode)
     stack = moe.experts[0]
     before = stack.nbytes
     x = torch.randn(48, D, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         moe._stacked_experts(0)
-        assert torch.equal(loop_output(stack, gate, x), loop_output(reference, gate, x))
+        assert rel_err(loop_output(stack, gate, x), loop_output(reference, gate, x)) < 1e-6
     assert stack.nbytes == before
     if mode != "int4":  # int4 keeps a K-stacked repack of its down weights besides the per-expert ones
         first = stack.w13[0]

@@ -115,7 +115,7 @@ class Int8Weight:
     def matmul(self, x: Tensor) -> Tensor:
         x = _kernel_input(x)
         if x.shape[0] <= INT8_KERNEL_MAX_TOKENS:
-            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales).float()
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight.contiguous(), self.scales).float()
         return F.linear(x, self.qweight.to(COMPUTE_DTYPE)).float().mul_(self.scales)
 
     def dequantize(self) -> Tensor:
