@@ -6,17 +6,21 @@ Shape legend: T = tokens, D = hidden, E = experts, A = activated experts per tok
 I = expert intermediate size.
 
 Paths of `LocalMoE` per batch, us per layer on the bench's tiny Mixtral (D 64, I 128, E 8, top-2; 1 thread,
-best of 30 interleaved blocks of CPU time on a loaded 2-core AVX2 EPYC; loop = one expert at a time):
-    T            1     16     32     64    256    512
-    fp32 dense   73    210    302    559   4206   5511
-    fp32 routed  130   210    269    383   1235   1996
-    fp32 loop    -     -      538    608   1676   1802
-    int8 routed  190   282    338    447   1370   2024   (int8 dense at T = 16: 289; old int8 loop: 530)
-    int8 loop    228    530   604    770   8518  15844
-    int4 dense   105    295    486    938   6907  11033
-    int4 loop    219    519   578    739   1855   2900
-Quantized experts cannot match fp32 at this size: the weights fit in cache, so fp32 GEMM is compute-bound and
-int8 pays a conversion pass (~30 us per layer) on top of it, the int4 kernel is slower per MAC than fp32 here.
+best of 12-25 interleaved blocks of CPU time on a loaded 2-core AVX2 EPYC; loop = one expert at a time, the only
+path before dd05ea5 besides fp32 dense; runs vary by ~10%, and dense vs routed at T = 16 flips between runs):
+    T              1     16     32     64    256    512
+    fp32 dense     75    224    345    703   4589   6471
+    fp32 routed   125    193    247    420   1264   2817
+    fp32 loop      -      -      -      -    1365   2687
+    int8 dense    137    279    396    756   3004   5610
+    int8 routed   188    254    311    457   1351   2995
+    int8 loop     227    539    634    772   7273  18584
+    int4 dense    102    291    510    995   4236  11758
+    int4 loop     238    506    575    710   1705   4192
+Quantized experts cannot beat fp32 per layer at this size: int8 pays a conversion pass into fp32 scratch (~60 us
+per layer) on top of the same GEMMs, and the int4 kernel is slower than fp32 GEMM at every shape here. Over a
+whole decode step (attention, host work) the gap was ~3% (16 sequences, steps of both engines alternated in one
+process), within run-to-run noise of bench/engine.py.
 """
 
 from __future__ import annotations
