@@ -168,7 +168,8 @@ def test_serve_deploy_on_two_nodes_survives_losing_the_worker(cluster: TwoNodeCl
         "--head", "--port", str(cluster.gcs_port), "--num-cpus", "4", "--temp-dir", str(cluster.temp_dir),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(cluster.dashboard_port), *common)
     wait_until(lambda: cluster.nodes_when(1), 120, "the head node")
-    cluster.worker = cluster.start_node("--address", cluster.address, "--num-cpus", "2", *common)
+    cluster.worker = cluster.start_node("--address", cluster.address, "--num-cpus", "2",
+                                        "--temp-dir", str(cluster.temp_dir), *common)
     nodes = wait_until(lambda: cluster.nodes_when(2), 240, "the worker node")
     assert all(n["gpus"] == 2 for n in nodes)
 
@@ -213,8 +214,9 @@ def test_serve_deploy_on_two_nodes_survives_losing_the_worker(cluster: TwoNodeCl
     failures = [o for o in outcomes if not o.ok]
     outside = [o for o in failures if o.end < killed_at or o.start > killed_at + RECOVERY_WINDOW_S]
     assert not outside, outside
-    print(f"\nrequests: {len(outcomes)}, failed during recovery: {len(failures)}, "
-          f"recovery took {recovered_at - killed_at:.1f} s")
+    longest = max(o.end - o.start for o in outcomes)
+    print(f"\nrequests: {len(outcomes)}, failed during recovery: {len(failures)}, both shards on the head "
+          f"{recovered_at - killed_at:.1f} s after the stop, longest request {longest:.1f} s")
     response = httpx.post(f"{base}/v1/completions", timeout=120,
                           json={"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
                                 "ignore_eos": True})
