@@ -73,6 +73,17 @@ def test_placement_and_expert_load_are_visible(base_url: str) -> None:
     assert "moe_shard_rows_total" in metrics
 
 
+def test_rebalance_through_the_deployment_keeps_outputs(base_url: str, tiny_model_dir: Path) -> None:
+    expected = in_process_text(tiny_model_dir, 16)
+    experts = serve.get_deployment_handle("ExpertShards", APP_NAME)
+    complete(base_url, 16)  # some load to rank the experts by
+    added = experts.rebalance.remote().result(timeout_s=60)
+    assert added and all(copy["shard"] in (0, 1) for copy in added)
+    copies = experts.describe.remote().result(timeout_s=30)["copies"]
+    assert any(copies.values())
+    assert complete(base_url, 16) == expected
+
+
 def stream_text(base_url: str, max_tokens: int, first_token: threading.Event) -> str:
     stream = client(base_url).completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": True})
