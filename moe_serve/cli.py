@@ -13,9 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from moe_serve.cluster.placement import PlacementError
+from moe_serve.cluster.placement import STRATEGIES, PlacementError
 from moe_serve.model.checkpoint import CheckpointError
 from moe_serve.model.config import ModelConfigError
+
+PLACEMENTS = [s.lower() for s in STRATEGIES]  # --placement choices of generate and up
 
 
 def _parse_token_ids(text: str) -> list[int]:
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
     gen.add_argument("--in-process", action="store_true", help="run experts in this process (the default)")
     gen.add_argument("--shards", type=int, default=0, help="spread experts over N shard actors on Ray")
-    gen.add_argument("--placement", choices=["pack", "spread", "strict_spread"], default="pack",
+    gen.add_argument("--placement", choices=PLACEMENTS, default="pack",
                      help="how shard bundles are placed across nodes")
     gen.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     gen.add_argument("--capacity-factor", type=float, default=None,
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="warm cache tier; default: $MOE_SERVE_REDIS_URL, else a child redis-server (auto)")
     up.add_argument("--shards", type=int, default=0,
                     help="experts on N shard actors shared by all replicas (one GPU each where there are GPUs)")
-    up.add_argument("--placement", choices=["pack", "spread", "strict_spread"], default="pack")
+    up.add_argument("--placement", choices=PLACEMENTS, default="pack")
 
     state = commands.add_parser("status", help="replicas, shards, expert load and cache stats of a running app")
     state.add_argument("--address", default=None,

@@ -245,19 +245,20 @@ class LLMEngine:
     @staticmethod
     def _block_early_stops(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Below min_tokens, EOS and stop token ids cannot be sampled (as vLLM's and transformers' min tokens)."""
-        rows: list[int] = []
-        ids: list[int] = []
-        blocked = [seq for seq in seqs if seq.early_stop_ids and len(seq.output_ids) < seq.params.min_tokens]
-        if blocked and len(blocked) == len(seqs) and all(s.early_stop_ids == seqs[0].early_stop_ids for s in seqs):
+        blocked = [(row, seq) for row, seq in enumerate(seqs)
+                   if seq.early_stop_ids and len(seq.output_ids) < seq.params.min_tokens]
+        if not blocked:
+            return
+        if len(blocked) == len(seqs) and all(s.early_stop_ids == seqs[0].early_stop_ids for s in seqs):
             # every row bans the same ids (the usual case): one column fill, no index tensors per row
             logits.index_fill_(1, _long_tensor(list(seqs[0].early_stop_ids)), float("-inf"))
             return
-        for row, seq in enumerate(seqs):
-            if seq.early_stop_ids and len(seq.output_ids) < seq.params.min_tokens:
-                rows += [row] * len(seq.early_stop_ids)
-                ids += seq.early_stop_ids
-        if rows:  # one indexed write for the whole batch
-            logits.index_put_((_long_tensor(rows), _long_tensor(ids)), torch.tensor(float("-inf")))
+        rows: list[int] = []
+        ids: list[int] = []
+        for row, seq in blocked:
+            rows += [row] * len(seq.early_stop_ids)
+            ids += seq.early_stop_ids
+        logits.index_put_((_long_tensor(rows), _long_tensor(ids)), torch.tensor(float("-inf")))  # one write
 
     def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor | None]:
         """Token ids [T], the attention batch, and the rows needing logits (None: every row, as in pure decode)."""

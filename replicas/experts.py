@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from moe_serve.router.deploy import start_expert_parallel
@@ -31,7 +31,7 @@ from moe_serve.replicas.settings import AppSettings
 log = logging.getLogger(__name__)
 
 # Errors after which the layer call is made again: the router or a shard died and is coming back.
-RECOVERABLE = (RayActorError, ShardCallFailed, GetTimeoutError)
+RECOVERABLE = (RayActorError, ShardCallFailed)
 
 
 class ExpertShards:
