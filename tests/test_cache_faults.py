@@ -101,8 +101,12 @@ def test_maxmemory_allkeys_lru_evictions_leave_correct_prefixes(make_redis: Any)
             assert same(found.blocks, blocks[: found.num_blocks])  # a prefix, and exactly the right blocks
             found_total += found.num_blocks
     assert 0 < found_total < prompts * 16
-    # an explicit hole in a complete chain
-    with warm_only(server) as cache:
+    # an explicit hole in a complete chain. Emptied and unbounded first: approximate LRU may evict fresh keys,
+    # and the generous timeouts keep a loaded machine from turning the lookup into a miss.
+    with server.client() as client:
+        client.flushall()
+        client.config_set("maxmemory", 0)
+    with warm_only(server, lookup_timeout_s=2.0, write_timeout_s=5.0) as cache:
         keys, blocks = stored(cache, 8, seed=99)
         with server.client() as client:
             client.delete(WARM_PREFIX + keys[5])
