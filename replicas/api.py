@@ -95,7 +95,7 @@ class TokenStream:
         try:
             item = self._first
             while item is not None and "error" not in item:
-                self.tokens += 1
+                self.tokens += len(item["token_ids"])
                 self.cached_tokens = item["cached_tokens"]
                 finished = item["finished"]
                 yield item
@@ -329,7 +329,10 @@ class Ingress:
                         min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos)
         if body.stop and self.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")
-        stream = TokenStream(self.engine.options(stream=True).generate.remote(prompt_ids, sampling), self.metrics)
+        # a non-streamed response needs no intermediate chunks: the rest comes in one message at the end
+        interval_s = self.settings.stream_interval_ms / 1000 if body.stream else None
+        generator = self.engine.options(stream=True).generate.remote(prompt_ids, sampling, interval_s)
+        stream = TokenStream(generator, self.metrics)
         await stream.first()  # errors become 4xx here, before any response byte is sent
         return stream
 

@@ -1,6 +1,7 @@
 """The engine replica: a Ray Serve deployment owning one continuous-batching engine and its KV cache.
 
-It receives token ids and sampling fields from the ingress and streams back one small dict per generated token.
+It receives token ids and sampling fields from the ingress and streams back small dicts, each carrying the tokens
+generated since the last one (the first token alone, at once).
 Client errors (bad request, full queue) come back as a single `{"error": ...}` item so the ingress can answer
 with the right 4xx before any byte of the response is sent. Cancelling the stream aborts the request and frees
 its KV blocks.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from ray import serve
@@ -46,18 +48,21 @@ class EngineReplica:
         self.engine = AsyncLLMEngine(
             LLMEngine.from_pretrained(settings.model_dir, engine_config, moe=self.remote_experts))
 
-    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any],
+                       interval_s: float | None = 0.0) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of generated tokens (see AsyncLLMEngine.generate_chunks for `interval_s`)."""
         stats = self.engine.stats()
         if stats["waiting"] >= self.settings.limits.max_queued_requests:
             yield {"error": {"status": 429, "message": f"replica queue is full ({stats['waiting']} waiting)"}}
             return
         try:
             params = SamplingParams(**sampling)
-            stream = self.engine.generate(prompt_ids, params)
-            async for out in stream:
-                yield {"token_id": out.token_id, "text": out.text_delta, "finished": out.finished,
-                       "finish_reason": out.finish_reason, "cached_tokens": out.cached_tokens,
-                       "replica": self.replica_id}
+            async with aclosing(self.engine.generate_chunks(prompt_ids, params, interval_s=interval_s)) as chunks:
+                async for chunk in chunks:
+                    last = chunk[-1]
+                    yield {"token_ids": [out.token_id for out in chunk], "text": "".join(o.text_delta for o in chunk),
+                           "finished": last.finished, "finish_reason": last.finish_reason,
+                           "cached_tokens": last.cached_tokens, "replica": self.replica_id}
         except ValueError as exc:
             yield {"error": {"status": 400, "message": str(exc)}}
 

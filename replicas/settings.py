@@ -77,6 +77,9 @@ class AppSettings(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     replica_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per engine replica")
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="After the first token, a streamed response sends what was generated in this "
+                                "interval as one chunk (fewer messages per token under load); 0: every engine step")
     prefix_affinity: bool = Field(True, description="Route requests sharing a prompt prefix to the same replica")
     cache: CacheSettings = Field(default_factory=CacheSettings)
     shards: int = Field(0, ge=0, description="Expert shard actors (one GPU each where the cluster has GPUs) that all "

@@ -176,6 +176,22 @@ async def test_async_streaming_matches_sync_and_abort_on_disconnect(mixtral_dir:
         async_engine.shutdown()
 
 
+async def test_chunks_send_the_first_token_alone_then_everything_in_order(mixtral_dir: Path, engine: LLMEngine) -> None:
+    async_engine = AsyncLLMEngine(LLMEngine.from_pretrained(mixtral_dir))
+    try:
+        prompt = prompts(engine, [9], seed=4)[0]
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        expected = engine.generate([prompt], params)[0].token_ids
+        for interval_s in (0.0, 0.05, None):
+            chunks = [[o.token_id for o in chunk]
+                      async for chunk in async_engine.generate_chunks(prompt, params, interval_s=interval_s)]
+            assert len(chunks[0]) == 1 and [t for chunk in chunks for t in chunk] == expected
+            if interval_s is None:
+                assert len(chunks) == 2  # the first token, then the rest at the end
+    finally:
+        async_engine.shutdown()
+
+
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
