@@ -552,7 +552,11 @@ def print_timeline(timeline: Timeline, load_s: float, min_replicas: int) -> None
 
 
 def plot(levels: list[LevelResult], scale: ScaleResult | None, out_dir: Path) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the `bench` extra; the table and JSON do without it
+        print("no plots: matplotlib is not installed (pip install -e '.[bench]')")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
