@@ -50,7 +50,8 @@ def resumes(cache: TieredKVCache, seed: int) -> bool:
 
 def test_killed_redis_gives_quick_misses_opens_the_circuit_and_recovers(make_redis: Any) -> None:
     server = make_redis()
-    with warm_only(server) as cache:
+    # a cooldown the six lookups cannot outlast on a loaded machine (else one half-open probe fails in between)
+    with warm_only(server, breaker_cooldown_s=2.0) as cache:
         keys, _ = stored(cache, 4)
         assert cache.lookup(keys).num_blocks == 4
         server.kill()
@@ -64,14 +65,14 @@ def test_killed_redis_gives_quick_misses_opens_the_circuit_and_recovers(make_red
         cache.store(keys, make_blocks(4))  # fire and forget, dropped while the circuit is open
         assert time.perf_counter() - start < NO_WAIT_S and cache.flush(2.0)
         server.start()  # same port, empty (no persistence)
-        wait_until(lambda: resumes(cache, seed=1))
+        wait_until(lambda: resumes(cache, seed=1), timeout_s=10.0)
         assert cache.stats_dict()["circuit"]["warm"] == "closed"
         assert cache.stats_dict()["tiers"]["warm"]["writes_dropped"] >= 4
 
 
 def test_stalled_redis_costs_at_most_the_timeout_until_the_circuit_opens(make_redis: Any) -> None:
     server = make_redis()
-    with warm_only(server) as cache:
+    with warm_only(server, breaker_cooldown_s=2.0) as cache:  # open through the last lookup, as above
         keys, _ = stored(cache, 4)
         server.pause()  # SIGSTOP: connections accept, nothing answers
         try:
@@ -82,7 +83,7 @@ def test_stalled_redis_costs_at_most_the_timeout_until_the_circuit_opens(make_re
             assert warm["timeouts"] == 3 and warm["skipped_by_circuit"] == 2
         finally:
             server.resume()
-        wait_until(lambda: cache.lookup(keys).num_blocks == 4)  # the data survived the stall
+        wait_until(lambda: cache.lookup(keys).num_blocks == 4, timeout_s=10.0)  # the data survived the stall
         assert cache.stats_dict()["circuit"]["warm"] == "closed"
 
 
