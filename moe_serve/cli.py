@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from moe_serve.cluster.placement import STRATEGIES, PlacementError
 from moe_serve.model.checkpoint import CheckpointError
 from moe_serve.model.config import ModelConfigError
+from moe_serve.model.tiny import FAMILIES
 
 PLACEMENTS = [s.lower() for s in STRATEGIES]  # --placement choices of generate and up
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="write a small random checkpoint in Hugging Face layout")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--family", choices=["mixtral", "qwen2_moe"], default="mixtral")
+    tiny.add_argument("--family", choices=FAMILIES, default="mixtral")
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--experts", type=int, default=8)

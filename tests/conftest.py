@@ -32,6 +32,8 @@ def save_hf_model(out_dir: Path, family: str, seed: int = 0, **overrides: Any) -
     from transformers import (
         MixtralConfig,
         MixtralForCausalLM,
+        OlmoeConfig,
+        OlmoeForCausalLM,
         Qwen2MoeConfig,
         Qwen2MoeForCausalLM,
         Qwen3MoeConfig,
@@ -47,6 +49,7 @@ def save_hf_model(out_dir: Path, family: str, seed: int = 0, **overrides: Any) -
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(intermediate_size=128, moe_intermediate_size=48,
                                                                 num_local_experts=8, num_experts_per_tok=2,
                                                                 head_dim=16, norm_topk_prob=True)),
+        "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
     }
     config_cls, model_cls, family_defaults = classes[family]
     torch.manual_seed(seed)

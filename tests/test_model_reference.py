@@ -96,3 +96,14 @@ def test_prompt_near_8192_tokens(tmp_path: Path) -> None:
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, return_logits=True)
     [out] = engine.generate([prompt], params)
     assert_matches(model_dir, prompt, out.token_ids, out.logits)
+
+
+def test_olmoe_matches_transformers(tmp_path: Path) -> None:
+    """q/k norms over the whole projection, clip_qkv (low enough to clamp), top-k softmax weights not renormalised."""
+    model_dir = save_hf_model(tmp_path, "olmoe", num_hidden_layers=2, clip_qkv=0.8)
+    engine = LLMEngine.from_pretrained(model_dir)
+    config = engine.model_config
+    assert config.family == "olmoe" and not config.qk_norm_per_head and not config.norm_topk_prob
+    prompts = random_prompts([19, 6], config.vocab_size, seed=2)
+    for prompt, out in zip(prompts, engine.generate(prompts, GREEDY), strict=True):
+        assert_matches(model_dir, prompt, out.token_ids, out.logits)

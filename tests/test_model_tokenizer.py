@@ -185,6 +185,25 @@ def test_qwen2_moe_loads_in_transformers(tmp_path: Path) -> None:
     assert tokenizer is not None and tokenizer.vocab_size == model.config.vocab_size
 
 
+def test_olmoe_tiny_model_matches_transformers_greedy(tmp_path: Path) -> None:
+    from transformers import OlmoeForCausalLM
+
+    from moe_serve.replicas.engine import LLMEngine
+    from moe_serve.replicas.sampling import SamplingParams
+
+    path = make_tiny_model(tmp_path / "olmoe", family="olmoe", show_progress=False)
+    model = OlmoeForCausalLM.from_pretrained(path).eval()
+    assert model.config.num_experts == 8 and model.config.num_experts_per_tok == 2
+    prompt = Tokenizer.from_dir(path).encode("The router sends each token")
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    [ours] = LLMEngine.from_pretrained(path).generate([prompt], SamplingParams(max_tokens=12, temperature=0,
+                                                                               ignore_eos=True))
+    assert ours.token_ids == expected[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="sliding-window"):
+        make_tiny_model(tmp_path / "windowed", family="olmoe", sliding_window=16, show_progress=False)
+
+
 def test_large_vocab_is_padded_to_exact_size() -> None:
     tokenizer = train_tokenizer(8192)
     assert tokenizer.get_vocab_size() == 8192

@@ -3,7 +3,7 @@
 Only the tensors a caller asks for are read (safetensors memory-maps the files), so an expert shard loads its own
 experts without touching the rest. This module owns tensor names for every family and both expert layouts:
 - per expert, as published checkpoints and `save_pretrained` write them
-  (`...experts.{e}.w1/w2/w3` for Mixtral, `...experts.{e}.gate_proj/up_proj/down_proj` for Qwen);
+  (`...experts.{e}.w1/w2/w3` for Mixtral, `...experts.{e}.gate_proj/up_proj/down_proj` for Qwen and OLMoE);
 - stacked, as transformers 5 holds them in memory (`...experts.gate_up_proj` [E, 2I, D], `...experts.down_proj`
   [E, D, I]).
 It checks every tensor's shape against the config and raises `CheckpointError` naming the tensor and the file.
@@ -27,6 +27,7 @@ _EXPERT_PROJ = {
     "mixtral": ("w1", "w3", "w2"),
     "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "olmoe": ("gate_proj", "up_proj", "down_proj"),
 }
 
 

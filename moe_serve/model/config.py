@@ -2,7 +2,8 @@
 
 This module owns the mapping from each family's Hugging Face config keys to our field names. It knows nothing
 about weights, devices or serving. Families: Mixtral, Qwen2-MoE (gated shared expert, `norm_topk_prob`,
-`decoder_sparse_step`, `mlp_only_layers`) and Qwen3-MoE (per-head q/k RMSNorm, no shared expert).
+`decoder_sparse_step`, `mlp_only_layers`), Qwen3-MoE (per-head q/k RMSNorm, no shared expert) and OLMoE (q/k
+RMSNorm over the whole projection, optional `clip_qkv`, top-k of the softmax without renormalisation).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 class ModelConfigError(ValueError):
@@ -46,6 +47,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    qk_norm_per_head: bool = True  # Qwen3 normalises each head; OLMoE the whole q (and k) projection
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip] after the norms
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -176,4 +179,23 @@ def _parse_qwen(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
-_PARSERS = {"mixtral": _parse_mixtral, "qwen2_moe": _parse_qwen, "qwen3_moe": _parse_qwen}
+def _parse_olmoe(raw: dict[str, Any]) -> ModelConfig:
+    layers = raw["num_hidden_layers"]
+    return ModelConfig(
+        **_common(raw),
+        sliding_windows=(None,) * layers,
+        moe_layers=(True,) * layers,
+        num_experts=raw["num_experts"],
+        top_k=raw["num_experts_per_tok"],
+        expert_intermediate_size=raw["intermediate_size"],
+        dense_intermediate_size=raw["intermediate_size"],
+        norm_topk_prob=raw.get("norm_topk_prob", False),
+        shared_expert_intermediate_size=0,
+        attention_bias=raw.get("attention_bias", False),
+        qk_norm=True,
+        qk_norm_per_head=False,
+        clip_qkv=raw.get("clip_qkv"),
+    )
+
+
+_PARSERS = {"mixtral": _parse_mixtral, "qwen2_moe": _parse_qwen, "qwen3_moe": _parse_qwen, "olmoe": _parse_olmoe}

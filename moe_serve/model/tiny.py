@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
-Family = Literal["mixtral", "qwen2_moe"]
-FAMILIES: tuple[Family, ...] = ("mixtral", "qwen2_moe")
+Family = Literal["mixtral", "qwen2_moe", "olmoe"]
+FAMILIES: tuple[Family, ...] = ("mixtral", "qwen2_moe", "olmoe")
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 CHAT_ROLES = ("system", "user", "assistant")
@@ -181,10 +181,14 @@ def _pad_vocab(tokenizer: tokenizers.Tokenizer, vocab: int) -> tokenizers.Tokeni
 
 def _init_model(spec: TinySpec) -> "PreTrainedModel":
     """The random model; seeded from `spec.seed` without touching the caller's RNG state."""
-    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
+    from transformers import MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
 
-    config = _mixtral_config(spec) if spec.family == "mixtral" else _qwen2_moe_config(spec)
-    model_cls = MixtralForCausalLM if spec.family == "mixtral" else Qwen2MoeForCausalLM
+    make_config, model_cls = {
+        "mixtral": (_mixtral_config, MixtralForCausalLM),
+        "qwen2_moe": (_qwen2_moe_config, Qwen2MoeForCausalLM),
+        "olmoe": (_olmoe_config, OlmoeForCausalLM),
+    }[spec.family]
+    config = make_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = model_cls(config)
@@ -233,6 +237,14 @@ def _qwen2_moe_config(spec: TinySpec) -> "PreTrainedConfig":
         decoder_sparse_step=1,
         mlp_only_layers=[],
     )
+
+
+def _olmoe_config(spec: TinySpec) -> "PreTrainedConfig":
+    from transformers import OlmoeConfig
+
+    if spec.sliding_window:
+        raise ValueError("olmoe has no sliding-window attention")
+    return OlmoeConfig(**_common_config(spec), intermediate_size=spec.intermediate, num_experts=spec.experts)
 
 
 def _save(out: Path, spec: TinySpec, model: "PreTrainedModel", tokenizer: tokenizers.Tokenizer) -> None:

@@ -35,7 +35,7 @@ class LayerWeights:
     qkv: torch.Tensor  # [(H + 2 KVH) * Hd, D], then rotate_half of the q and k rows unless q_norm is set
     qkv_bias: torch.Tensor | None
     o_proj: torch.Tensor
-    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head [Hd]; OLMoE: over the whole projection [H Hd]
     k_norm: torch.Tensor | None
     dense_mlp: DenseMLP | None  # dense layers, or Qwen2-MoE's shared expert on MoE layers
 
@@ -76,8 +76,8 @@ class DenseModel:
             )
         q_norm = k_norm = None
         if cfg.qk_norm:
-            q_norm = ckpt.load(f"{p}.self_attn.q_norm.weight", (hd,))
-            k_norm = ckpt.load(f"{p}.self_attn.k_norm.weight", (hd,))
+            q_norm = ckpt.load(f"{p}.self_attn.q_norm.weight", (hd,) if cfg.qk_norm_per_head else (q_rows,))
+            k_norm = ckpt.load(f"{p}.self_attn.k_norm.weight", (hd,) if cfg.qk_norm_per_head else (kv_rows,))
         else:  # fold RoPE's rotate-half: x @ rows'.T == rotate_half(x @ rows.T), exactly (a signed permutation)
             qkv = torch.cat([qkv, rotate_half_rows(qkv[: q_rows + kv_rows], hd)])
             if qkv_bias is not None:
@@ -161,7 +161,13 @@ class DenseModel:
             qk.mul_(cos).addcmul_(y[:, nq + 2 * nkv :].view(t, h + kvh, hd), sin)
             return y[:, :nq].view(t, h, hd), y[:, nq : nq + 2 * nkv].view(t, 2, kvh, hd)
         assert layer.k_norm is not None
-        q = rms_norm(y[:, :nq].view(t, h, hd), layer.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(y[:, nq : nq + nkv].view(t, kvh, hd), layer.k_norm, cfg.rms_norm_eps)
+        if cfg.qk_norm_per_head:
+            q = rms_norm(y[:, :nq].view(t, h, hd), layer.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(y[:, nq : nq + nkv].view(t, kvh, hd), layer.k_norm, cfg.rms_norm_eps)
+        else:
+            q = rms_norm(y[:, :nq], layer.q_norm, cfg.rms_norm_eps).view(t, h, hd)
+            k = rms_norm(y[:, nq : nq + nkv], layer.k_norm, cfg.rms_norm_eps).view(t, kvh, hd)
         v = y[:, nq + nkv :].view(t, kvh, hd)
+        if cfg.clip_qkv is not None:
+            q, k, v = (a.clamp(-cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
         return self.rotary(q, cos, sin), torch.stack([self.rotary(k, cos, sin), v], dim=1)
