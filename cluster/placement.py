@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+Strategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]  # Ray placement-group strategies the shards may use
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
 
 class PlacementError(ValueError):

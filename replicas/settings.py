@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from moe_serve.cache import CacheConfig
+from moe_serve.cluster.placement import Strategy
 from moe_serve.replicas.autoscaling import POLICY_PATH
 from moe_serve.replicas.protocol import Limits
 
@@ -84,7 +85,7 @@ class AppSettings(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     shards: int = Field(0, ge=0, description="Expert shard actors (one GPU each where the cluster has GPUs) that all "
                                              "engine replicas share through one router; 0: experts in every replica")
-    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+    placement: Strategy = Field(
         "PACK", description="Placement-group strategy of the shards: STRICT_SPREAD puts each on its own node")
     auto_rebalance_every: int | None = Field(
         None, gt=0, description="Copy hot experts to less-loaded shards, checked every N first-layer calls; None: off")
