@@ -5,6 +5,7 @@ Knows token ids and logits only; stop strings are checked by the engine, which o
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,43 +50,55 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
+def make_generator(params: SamplingParams) -> random.Random | None:
+    """The request's own random stream: seeded requests draw the same tokens whatever else shares the batch."""
     if params.greedy:
         return None
-    generator = torch.Generator()
-    if params.seed is not None:
-        generator.manual_seed(params.seed)
-    else:
-        generator.seed()
-    return generator
+    return random.Random(params.seed)  # None: seeded from the OS
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[random.Random | None]
 ) -> list[int]:
-    """One token id per row of logits [B, V]."""
-    greedy_ids = logits.argmax(dim=-1).tolist()
-    if all(p.greedy for p in params):
-        return greedy_ids
-    for row, (p, generator) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            greedy_ids[row] = _sample_row(logits[row], p, generator)
-    return greedy_ids
+    """One token id per row of logits [B, V]; the sampled rows are filtered and drawn together.
+
+    Each sampled row takes one uniform number from its request's generator and picks the token where the
+    cumulative distribution crosses it (inverse CDF): one batched pass instead of per-row tensor ops.
+    """
+    token_ids = logits.argmax(dim=-1).tolist()
+    rows = [row for row, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return token_ids
+    sampled = logits if len(rows) == len(params) else logits[rows]
+    probs = filtered_probs(sampled, [params[row] for row in rows])
+    cdf = probs.cumsum_(dim=-1)
+    totals = cdf[:, -1:]
+    uniforms = torch.tensor([[generators[row].random()] for row in rows], dtype=cdf.dtype)  # type: ignore[union-attr]
+    # right=True: the first token whose cumulative sum exceeds the draw, so zero-probability tokens never win
+    picks = torch.searchsorted(cdf, uniforms * totals, right=True).clamp_(max=cdf.shape[1] - 1).flatten().tolist()
+    usable = (torch.isfinite(totals) & (totals > 0)).flatten().tolist()
+    for row, pick, ok in zip(rows, picks, usable):
+        if ok:  # a degenerate row (overflowing temperature, NaN) keeps its greedy token instead of failing
+            token_ids[row] = pick
+    return token_ids
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    logits = logits.float() / p.temperature
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        threshold = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keeps the token crossing top_p
-        drop_sorted[0] = False  # however small top_p is, the most likely token stays
-        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if not torch.isfinite(probs).all():  # a degenerate row must not take the engine down
-        return int(logits.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities [R, V] after each row's temperature, then top-k, then top-p (the token crossing top_p stays,
+    and however small top_p is, the most likely token stays)."""
+    vocab = logits.shape[-1]
+    logits = logits.float() / torch.tensor([[p.temperature] for p in params])
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        kept = torch.topk(logits, max(top_k), dim=-1).values  # [R, max k], descending
+        threshold = kept.gather(1, torch.tensor([[max(k, 1) - 1] for k in top_k]))
+        threshold[torch.tensor(top_k) == 0] = float("-inf")
+        logits = logits.masked_fill(logits < threshold, float("-inf"))  # ties at the k-th value stay
+    if any(p.top_p < 1.0 for p in params):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        top_p = torch.tensor([[p.top_p if p.top_p < 1.0 else 2.0] for p in params])  # 2: nothing is dropped
+        drop_sorted = sorted_probs.cumsum(dim=-1).sub_(sorted_probs) >= top_p
+        drop_sorted[:, 0] = False
+        logits = logits.masked_fill(torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted), float("-inf"))
+    return torch.softmax(logits, dim=-1)

@@ -8,6 +8,7 @@ freed and it is recomputed later (prompt + tokens generated so far), so no reque
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,7 +33,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    generator: random.Random | None  # sampled requests' own random stream
     arrival_time: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
