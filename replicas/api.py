@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from moe_serve.cache import PromptCache, PromptCacheConfig
 from moe_serve.model.tokenizer import Tokenizer
+from moe_serve.replicas.logprobs import Entry, chat_logprobs, completion_logprobs, token_text
 from moe_serve.replicas.metrics import ServingMetrics
 from moe_serve.replicas.protocol import (
     APIError,
@@ -112,14 +114,27 @@ class TokenStream:
             self.metrics.finish(time.perf_counter() - self.start, self.tokens, finished)
 
 
-async def _collect(stream: TokenStream) -> tuple[str, str | None, int, int]:
-    parts, reason = [], None
+@dataclass
+class Collected:
+    """A whole non-streamed generation."""
+
+    text: str
+    finish_reason: str | None
+    token_ids: list[int]
+    logprobs: list[Entry]  # empty unless the request asked for logprobs
+    cached_tokens: int
+
+
+async def _collect(stream: TokenStream) -> Collected:
+    parts, reason, token_ids, logprobs = [], None, [], []
     async for item in stream:
         parts.append(item["text"])
         reason = item["finish_reason"]
+        token_ids += item["token_ids"]
+        logprobs += item.get("logprobs") or []
     if stream.error is not None:
         raise APIError(503, stream.error)
-    return "".join(parts), reason, stream.tokens, stream.cached_tokens
+    return Collected("".join(parts), reason, token_ids, logprobs, stream.cached_tokens)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -196,6 +211,7 @@ class Ingress:
         self.settings = settings
         self.api_key = settings.resolved_api_key()
         self.tokenizer = Tokenizer.from_dir(settings.model_dir)
+        self.token_text = token_text(self.tokenizer)  # names tokens in logprobs
         # text -> ids cache shared by every ingress through Redis: a repeated long prompt is tokenized once
         cache = settings.cache_config()
         self.prompt_cache = None if self.tokenizer is None else PromptCache(
@@ -231,15 +247,19 @@ class Ingress:
         self._check_common(body)
         prompt_ids = await self._completion_prompt(body)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        stream = await self._start(prompt_ids, body, max_tokens)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+        stream = await self._start(prompt_ids, body, max_tokens, body.logprobs)
         echo = self.tokenizer.decode(prompt_ids) if body.echo and self.tokenizer else ""
         if body.stream:
             return _sse(self._completion_chunks(body, stream, len(prompt_ids), echo), stream)
-        text, reason, tokens, cached = await _collect(stream)
-        usage = _usage(len(prompt_ids), tokens, cached)
-        response = CompletionResponse(model=body.model, usage=usage,
-                                      choices=[CompletionChoice(text=echo + text, finish_reason=reason)])
-        return _json(response, stream.replica)
+        out = await _collect(stream)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(out.token_ids, out.logprobs, self.token_text, body.logprobs > 0, len(echo))
+        choice = CompletionChoice(text=echo + out.text, finish_reason=out.finish_reason, logprobs=logprobs)
+        usage = _usage(len(prompt_ids), len(out.token_ids), out.cached_tokens)
+        return _json(CompletionResponse(model=body.model, usage=usage, choices=[choice]), stream.replica)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
@@ -256,14 +276,17 @@ class Ingress:
         self._check_prompt_length(prompt_ids)
         max_len = await self._model_len()
         max_tokens = body.max_tokens or max(1, min(self.settings.limits.max_tokens, max_len - len(prompt_ids)))
-        stream = await self._start(prompt_ids, body, max_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        stream = await self._start(prompt_ids, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         if body.stream:
             return _sse(self._chat_chunks(body, stream, len(prompt_ids)), stream)
-        text, reason, tokens, cached = await _collect(stream)
-        response = ChatCompletionResponse(model=body.model, usage=_usage(len(prompt_ids), tokens, cached),
-                                          choices=[ChatChoice(message=ChatChoiceMessage(content=text),
-                                                              finish_reason=reason)])
-        return _json(response, stream.replica)
+        out = await _collect(stream)
+        logprobs = chat_logprobs(out.token_ids, out.logprobs, self.token_text) if body.logprobs else None
+        choice = ChatChoice(message=ChatChoiceMessage(content=out.text), finish_reason=out.finish_reason,
+                            logprobs=logprobs)
+        usage = _usage(len(prompt_ids), len(out.token_ids), out.cached_tokens)
+        return _json(ChatCompletionResponse(model=body.model, usage=usage, choices=[choice]), stream.replica)
 
     # --- checks --------------------------------------------------------------------------------------------
 
@@ -323,10 +346,11 @@ class Ingress:
 
     # --- streaming -----------------------------------------------------------------------------------------
 
-    async def _start(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int) -> TokenStream:
+    async def _start(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int,
+                     logprobs: int | None = None) -> TokenStream:
         sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                         seed=body.seed, stop=tuple(_utf8(s, "stop") for s in body.stop or ()),
-                        min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos)
+                        min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos, logprobs=logprobs)
         if body.stop and self.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")
         # a non-streamed response needs no intermediate chunks: the rest comes in one message at the end
@@ -343,9 +367,15 @@ class Ingress:
         if echo:
             yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                           "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
+        offset = len(echo)
         async for item in stream:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(item["token_ids"], item["logprobs"], self.token_text,
+                                               body.logprobs > 0, offset).model_dump()
+                offset += sum(len(t) for t in logprobs["tokens"])
             yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                          "choices": [{"index": 0, "text": item["text"], "logprobs": None,
+                          "choices": [{"index": 0, "text": item["text"], "logprobs": logprobs,
                                        "finish_reason": item["finish_reason"] if item["finished"] else None}]})
         if body.stream_options and body.stream_options.include_usage:
             usage = _usage(prompt_tokens, stream.tokens, stream.cached_tokens).model_dump()
@@ -359,7 +389,8 @@ class Ingress:
                                     choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
         yield _event(chunk.model_dump(exclude_none=True))
         async for item in stream:
-            choice = ChatChunkChoice(delta=ChatDelta(content=item["text"]),
+            logprobs = chat_logprobs(item["token_ids"], item["logprobs"], self.token_text) if body.logprobs else None
+            choice = ChatChunkChoice(delta=ChatDelta(content=item["text"]), logprobs=logprobs,
                                      finish_reason=item["finish_reason"] if item["finished"] else None)
             yield _event(chunk.model_copy(update={"choices": [choice]}).model_dump(exclude_none=True))
         if body.stream_options and body.stream_options.include_usage:

@@ -68,6 +68,15 @@ class StepOutput:
     finished: bool
     finish_reason: str | None  # "stop" or "length" when finished, "abort" when aborted
     cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (before temperature and filters), and the top ones."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class RequestOutput:
     logits: list[torch.Tensor] | None = None  # per generated token, when SamplingParams.return_logits
     cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when SamplingParams.logprobs is set
 
 
 class LLMEngine:
@@ -198,6 +208,7 @@ class LLMEngine:
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=time.perf_counter() - seq.arrival_time,
             logits=seq.logits if seq.params.return_logits else None,
+            logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             cached_tokens=seq.cached_tokens,
             cached_tokens_by_tier=seq.cached_by_tier,
         )
@@ -226,14 +237,17 @@ class LLMEngine:
         except BaseException:
             self.workspace.invalidate()  # a half-updated workspace must not be trusted next step
             raise
+        log_probs = _log_probs(logits, sampling)  # the model's own distribution: before bans and filters
         self._block_early_stops(logits, sampling)
         new_tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        token_logprobs = _token_logprobs(log_probs, sampling, new_tokens)
         prompts_done = [c.seq for c in plan.prefills if c.samples and not c.seq.output_ids]
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
         if self.prefix_cache is not None and plan.prefills:
             self._feed_cache(plan, prompts_done, time.perf_counter() - started)
-        return [self._append(seq, token, logits, row) for row, (seq, token) in enumerate(zip(sampling, new_tokens))]
+        return [self._append(seq, token, logits, row, token_logprobs.get(row))
+                for row, (seq, token) in enumerate(zip(sampling, new_tokens))]
 
     def _feed_cache(self, plan: StepPlan, prompts_done: list[Sequence], seconds: float) -> None:
         """Prompts whose prefill just completed give their new blocks to the cache; prefill cost feeds its model."""
@@ -319,12 +333,15 @@ class LLMEngine:
             positions = torch.where(positions < _long_tensor(lengths).unsqueeze(1), positions, -1)
         return positions
 
-    def _append(self, seq: Sequence, token: int, logits: torch.Tensor, row: int) -> StepOutput:
+    def _append(self, seq: Sequence, token: int, logits: torch.Tensor, row: int,
+                logprob: TokenLogprob | None) -> StepOutput:
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.output_ids.append(token)
         if seq.params.return_logits:
             seq.logits.append(logits[row].clone())
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         delta = ""
         detok = self._detokenizers.get(seq.request_id)
         if detok is not None:
@@ -339,7 +356,7 @@ class LLMEngine:
             delta = self._truncate_at_stop(seq, delta)
         if reason is not None:
             self._finish(seq, reason)
-        return StepOutput(seq.request_id, token, delta, reason is not None, reason, seq.cached_tokens)
+        return StepOutput(seq.request_id, token, delta, reason is not None, reason, seq.cached_tokens, logprob)
 
     def _finish_reason(self, seq: Sequence, token: int, delta_len: int) -> str | None:
         params = seq.params
@@ -396,3 +413,28 @@ def _set_threads(num_threads: int | None, config: ModelConfig) -> None:
         num_threads = 1
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+
+
+def _log_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
+    """Rows whose request wants logprobs, and their log-softmax [R, V]; None when no request does."""
+    rows = [row for row, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    if not rows:
+        return None
+    return rows, torch.log_softmax(logits[rows].float(), dim=-1)
+
+
+def _token_logprobs(log_probs: tuple[list[int], torch.Tensor] | None, seqs: list[Sequence],
+                    tokens: list[int]) -> dict[int, TokenLogprob]:
+    """Per row that asked: the sampled token's logprob and the request's top-n, from one gather and one topk."""
+    if log_probs is None:
+        return {}
+    rows, lp = log_probs
+    chosen = lp.gather(1, _long_tensor([tokens[row] for row in rows]).unsqueeze(1)).flatten().tolist()
+    most = max(seqs[row].params.logprobs or 0 for row in rows)
+    top_lp, top_ids = lp.topk(most, dim=-1) if most else (lp[:, :0], lp[:, :0].long())
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    out = {}
+    for i, row in enumerate(rows):
+        n = seqs[row].params.logprobs or 0
+        out[row] = TokenLogprob(chosen[i], tuple(zip(top_ids[i][:n], top_lp[i][:n])))
+    return out

@@ -60,9 +60,13 @@ class EngineReplica:
             async with aclosing(self.engine.generate_chunks(prompt_ids, params, interval_s=interval_s)) as chunks:
                 async for chunk in chunks:
                     last = chunk[-1]
-                    yield {"token_ids": [out.token_id for out in chunk], "text": "".join(o.text_delta for o in chunk),
-                           "finished": last.finished, "finish_reason": last.finish_reason,
-                           "cached_tokens": last.cached_tokens, "replica": self.replica_id}
+                    item = {"token_ids": [out.token_id for out in chunk], "text": "".join(o.text_delta for o in chunk),
+                            "finished": last.finished, "finish_reason": last.finish_reason,
+                            "cached_tokens": last.cached_tokens, "replica": self.replica_id}
+                    if params.logprobs is not None:  # [logprob, [[token_id, logprob], ...]] per token
+                        item["logprobs"] = [[o.logprob.logprob, [list(t) for t in o.logprob.top]]
+                                            for o in chunk if o.logprob is not None]
+                    yield item
         except ValueError as exc:
             yield {"error": {"status": 400, "message": str(exc)}}
 

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import random_prompts
 
 from moe_serve.replicas.async_engine import AsyncLLMEngine
@@ -113,6 +114,24 @@ def test_stop_string_before_min_tokens_stops_at_min_tokens(tiny_model_dir: Path)
     assert out.finish_reason == "stop"
     assert out.token_ids == full.token_ids[:min_tokens]
     assert out.text == text_at_min[: text_at_min.find(stop)]
+
+
+def test_logprobs_are_the_models_log_softmax(engine: LLMEngine) -> None:
+    prompt = prompts(engine, [12], seed=5)
+    params = SamplingParams(max_tokens=6, temperature=0.7, top_k=5, seed=3, ignore_eos=True, logprobs=3,
+                            return_logits=True)
+    [out] = engine.generate(prompt, params)
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == 6
+    for token, logits, lp in zip(out.token_ids, out.logits, out.logprobs, strict=True):
+        expected = torch.log_softmax(logits.float(), dim=-1)  # the raw logits: no temperature, no top-k
+        assert abs(lp.logprob - expected[token].item()) < 1e-5
+        values, ids = expected.topk(3)
+        assert [t for t, _ in lp.top] == ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-5)
+    [plain] = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=0.7, top_k=5, seed=3, ignore_eos=True))
+    assert plain.token_ids == out.token_ids and plain.logprobs is None  # asking changes nothing else
+    with pytest.raises(ValueError, match="logprobs must be between 0 and 20"):
+        SamplingParams(logprobs=21)
 
 
 def test_abort_frees_blocks(engine: LLMEngine) -> None:

@@ -100,6 +100,35 @@ def test_chat_greedy_and_streaming_agree(server: Server, reference: LLMEngine) -
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_logprobs_in_completions_and_chat(server: Server, reference: LLMEngine) -> None:
+    client, tokenizer = server.client(), Tokenizer.from_dir(server.model_dir)
+    prompt = "Experts share the load"
+    [expected] = reference.generate([tokenizer.encode(prompt)], SamplingParams(max_tokens=5, temperature=0.0,
+                                                                                logprobs=2))
+    assert expected.logprobs is not None
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in expected.token_ids]
+    assert logprobs.token_logprobs == pytest.approx([lp.logprob for lp in expected.logprobs], abs=1e-4)
+    assert [list(top) for top in logprobs.top_logprobs] == [[tokenizer.decode([t]) for t, _ in lp.top]
+                                                           for lp in expected.logprobs]
+    assert logprobs.text_offset[0] == 0 and "".join(logprobs.tokens) == response.choices[0].text
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, stream=True)]
+    assert [lp for chunk in streamed for lp in chunk.token_logprobs] == pytest.approx(logprobs.token_logprobs)
+    assert [o for chunk in streamed for o in chunk.text_offset] == logprobs.text_offset
+
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert bytes(content[0].bytes).decode() == content[0].token
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_streaming_completion_ends_with_done(server: Server) -> None:
     request = {"model": MODEL, "prompt": "Cache", "max_tokens": 5, "ignore_eos": True, "temperature": 0}
     headers = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
@@ -148,10 +177,15 @@ def test_api_key_enforced(server: Server) -> None:
         ('{"model": "tiny", "prompt": [1, 2, 99999]}', 400, "unknown token id"),
         ('{"model": "tiny", "prompt": "x", "temperature": -1}', 422, "temperature"),
         ('{"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 422, "stop"),
+        ('{"model": "tiny", "prompt": "x", "logprobs": 21}', 422, "logprobs"),
+        ('{"model": "tiny", "prompt": "x", "logprobs": 1, "echo": true}', 400, "prompt logprobs"),
+        ('{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400,
+         "top_logprobs needs logprobs"),
     ],
 )
 def test_bad_input_gets_openai_error(server: Server, body: str, status: int, fragment: str) -> None:
-    response = server.post("/v1/completions", body)
+    route = "/v1/chat/completions" if '"messages"' in body else "/v1/completions"
+    response = server.post(route, body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert fragment in error["message"] and error["type"]
