@@ -90,6 +90,7 @@ class TokenStream:
             raise APIError(item["error"]["status"], item["error"]["message"])
         self.metrics.ttft.observe(time.perf_counter() - self.start)
         self.replica = item.get("replica", "")
+        self.prompt_logprobs: list[Entry | None] | None = item.get("prompt_logprobs")
         self._first = item
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
@@ -247,16 +248,17 @@ class Ingress:
         self._check_common(body)
         prompt_ids = await self._completion_prompt(body)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-        stream = await self._start(prompt_ids, body, max_tokens, body.logprobs)
+        prompt_logprobs = body.logprobs if body.echo else None  # an echoed prompt is scored too
+        stream = await self._start(prompt_ids, body, max_tokens, body.logprobs, prompt_logprobs)
         echo = self.tokenizer.decode(prompt_ids) if body.echo and self.tokenizer else ""
         if body.stream:
-            return _sse(self._completion_chunks(body, stream, len(prompt_ids), echo), stream)
+            return _sse(self._completion_chunks(body, stream, prompt_ids, echo), stream)
         out = await _collect(stream)
         logprobs = None
         if body.logprobs is not None:
-            logprobs = completion_logprobs(out.token_ids, out.logprobs, self.token_text, body.logprobs > 0, len(echo))
+            echoed = prompt_ids if stream.prompt_logprobs is not None else []
+            logprobs = completion_logprobs([*echoed, *out.token_ids], [*(stream.prompt_logprobs or []), *out.logprobs],
+                                           self.token_text, body.logprobs > 0, 0)
         choice = CompletionChoice(text=echo + out.text, finish_reason=out.finish_reason, logprobs=logprobs)
         usage = _usage(len(prompt_ids), len(out.token_ids), out.cached_tokens)
         return _json(CompletionResponse(model=body.model, usage=usage, choices=[choice]), stream.replica)
@@ -347,10 +349,11 @@ class Ingress:
     # --- streaming -----------------------------------------------------------------------------------------
 
     async def _start(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int,
-                     logprobs: int | None = None) -> TokenStream:
+                     logprobs: int | None = None, prompt_logprobs: int | None = None) -> TokenStream:
         sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                         seed=body.seed, stop=tuple(_utf8(s, "stop") for s in body.stop or ()),
-                        min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos, logprobs=logprobs)
+                        min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs)
         if body.stop and self.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")
         # a non-streamed response needs no intermediate chunks: the rest comes in one message at the end
@@ -361,13 +364,18 @@ class Ingress:
         return stream
 
     async def _completion_chunks(
-        self, body: CompletionRequest, stream: TokenStream, prompt_tokens: int, echo: str
+        self, body: CompletionRequest, stream: TokenStream, prompt_ids: list[int], echo: str
     ) -> AsyncIterator[str]:
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if echo:
+        prompt_tokens, offset = len(prompt_ids), 0
+        if echo or stream.prompt_logprobs is not None:
+            logprobs = None
+            if body.logprobs is not None and stream.prompt_logprobs is not None:
+                logprobs = completion_logprobs(prompt_ids, stream.prompt_logprobs, self.token_text, body.logprobs > 0,
+                                               0).model_dump()
+                offset = sum(len(t) for t in logprobs["tokens"])
             yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                          "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
-        offset = len(echo)
+                          "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": logprobs}]})
         async for item in stream:
             logprobs = None
             if body.logprobs is not None:

@@ -69,6 +69,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" or "length" when finished, "abort" when aborted
     cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
     logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first token, when asked
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None  # per generated token, when SamplingParams.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first), when asked
 
 
 class LLMEngine:
@@ -175,7 +177,9 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params))
         seq.early_stop_ids = tuple(t for t in (*eos, *params.stop_token_ids) if 0 <= t < vocab)
         self._seqs[request_id] = seq
-        if self.prefix_cache is not None:
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # the first prompt token has no context to be predicted from
+        elif self.prefix_cache is not None:  # prompt logprobs need every prompt token computed: no cache hits
             self.prefix_cache.lookup(seq)
         if self.tokenizer is not None and (stream or params.stop):
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
@@ -209,6 +213,7 @@ class LLMEngine:
             latency_s=time.perf_counter() - seq.arrival_time,
             logits=seq.logits if seq.params.return_logits else None,
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
             cached_tokens=seq.cached_tokens,
             cached_tokens_by_tier=seq.cached_by_tier,
         )
@@ -231,12 +236,15 @@ class LLMEngine:
         started = time.perf_counter()
         chunks = plan.decodes + plan.prefills
         sampling = [c.seq for c in chunks if c.samples]
-        token_ids, batch, logits_rows = self._build_batch(plan)
+        token_ids, batch, logits_rows, prompt_targets = self._build_batch(plan)
         try:
             logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
         except BaseException:
             self.workspace.invalidate()  # a half-updated workspace must not be trusted next step
             raise
+        if prompt_targets:  # rows after the sampled ones score prompt tokens
+            _record_prompt_logprobs(logits[len(sampling) :], prompt_targets)
+            logits = logits[: len(sampling)]
         log_probs = _log_probs(logits, sampling)  # the model's own distribution: before bans and filters
         self._block_early_stops(logits, sampling)
         new_tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
@@ -274,8 +282,11 @@ class LLMEngine:
             ids += seq.early_stop_ids
         logits.index_put_((_long_tensor(rows), _long_tensor(ids)), torch.tensor(float("-inf")))  # one write
 
-    def _build_batch(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor | None]:
-        """Token ids [T], the attention batch, and the rows needing logits (None: every row, as in pure decode)."""
+    def _build_batch(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor | None, list[tuple[Sequence, int]]]:
+        """Token ids [T], the attention batch, the rows needing logits (None: every row, in order, as in pure
+        decode): the sampled rows, then rows scoring prompt tokens, one per (sequence, prompt position) target."""
         bs = self.config.block_size
         token_ids, positions, slots = [], [], []
         for chunk in plan.decodes:  # one token each: the last one, at position num_computed
@@ -284,6 +295,8 @@ class LLMEngine:
             positions.append(pos)
             slots.append(seq.block_table[pos // bs] * bs + pos % bs)
         logits_rows = list(range(len(plan.decodes)))
+        prompt_rows: list[int] = []
+        prompt_targets: list[tuple[Sequence, int]] = []
         prefills = []
         for chunk in plan.prefills:
             seq, start, end = chunk.seq, chunk.seq.num_computed, chunk.seq.num_computed + chunk.num_tokens
@@ -294,6 +307,12 @@ class LLMEngine:
             slots += key_slots[0, start:end].tolist()
             if chunk.samples:
                 logits_rows.append(len(token_ids) - 1)
+            if seq.params.prompt_logprobs is not None:  # position p's logits score prompt token p + 1
+                first_row = len(token_ids) - chunk.num_tokens
+                for pos in range(max(start, len(seq.prompt_logprobs) - 1), min(end, len(seq.prompt_ids) - 1)):
+                    prompt_rows.append(first_row + pos - start)
+                    prompt_targets.append((seq, pos + 1))
+        logits_rows += prompt_rows
         positions_t = _long_tensor(positions)
         decode_slots = decode_pos = decode_kv = None
         same_length = False
@@ -308,8 +327,8 @@ class LLMEngine:
             self.workspace.invalidate()
         batch = AttentionBatch(positions_t, _long_tensor(slots), len(plan.decodes), decode_slots, decode_pos, prefills,
                                decode_kv, same_length)
-        rows = None if len(logits_rows) == len(token_ids) else _long_tensor(logits_rows)
-        return _long_tensor(token_ids), batch, rows
+        in_order = len(logits_rows) == len(token_ids) and logits_rows == list(range(len(token_ids)))
+        return _long_tensor(token_ids), batch, None if in_order else _long_tensor(logits_rows), prompt_targets
 
     def _key_slots(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots and positions [B, L] of every key each chunk's sequence attends to after this step (-1 = pad)."""
@@ -342,6 +361,9 @@ class LLMEngine:
             seq.logits.append(logits[row].clone())
         if logprob is not None:
             seq.logprobs.append(logprob)
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and len(seq.output_ids) == 1:
+            prompt_logprobs = tuple(seq.prompt_logprobs)
         delta = ""
         detok = self._detokenizers.get(seq.request_id)
         if detok is not None:
@@ -356,7 +378,8 @@ class LLMEngine:
             delta = self._truncate_at_stop(seq, delta)
         if reason is not None:
             self._finish(seq, reason)
-        return StepOutput(seq.request_id, token, delta, reason is not None, reason, seq.cached_tokens, logprob)
+        return StepOutput(seq.request_id, token, delta, reason is not None, reason, seq.cached_tokens, logprob,
+                          prompt_logprobs)
 
     def _finish_reason(self, seq: Sequence, token: int, delta_len: int) -> str | None:
         params = seq.params
@@ -425,16 +448,26 @@ def _log_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], t
 
 def _token_logprobs(log_probs: tuple[list[int], torch.Tensor] | None, seqs: list[Sequence],
                     tokens: list[int]) -> dict[int, TokenLogprob]:
-    """Per row that asked: the sampled token's logprob and the request's top-n, from one gather and one topk."""
+    """Per row that asked: the sampled token's logprob and the request's top-n."""
     if log_probs is None:
         return {}
     rows, lp = log_probs
-    chosen = lp.gather(1, _long_tensor([tokens[row] for row in rows]).unsqueeze(1)).flatten().tolist()
-    most = max(seqs[row].params.logprobs or 0 for row in rows)
-    top_lp, top_ids = lp.topk(most, dim=-1) if most else (lp[:, :0], lp[:, :0].long())
-    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-    out = {}
-    for i, row in enumerate(rows):
-        n = seqs[row].params.logprobs or 0
-        out[row] = TokenLogprob(chosen[i], tuple(zip(top_ids[i][:n], top_lp[i][:n])))
-    return out
+    scored = _scored(lp, [tokens[row] for row in rows], [seqs[row].params.logprobs or 0 for row in rows])
+    return dict(zip(rows, scored, strict=True))
+
+
+def _scored(log_probs: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprob]:
+    """Per row of log_probs [R, V]: token_ids[r]'s logprob and the top_n[r] most likely tokens (one gather, one
+    topk for all rows)."""
+    chosen = log_probs.gather(1, _long_tensor(token_ids).unsqueeze(1)).flatten().tolist()
+    most = max(top_n)
+    top_lp, top_ids = log_probs.topk(most, dim=-1) if most else (log_probs[:, :0], log_probs[:, :0].long())
+    return [TokenLogprob(c, tuple(zip(ids[:n], values[:n])))
+            for c, ids, values, n in zip(chosen, top_ids.tolist(), top_lp.tolist(), top_n, strict=True)]
+
+def _record_prompt_logprobs(logits: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
+    """Append to each sequence the logprob (and top-n) of prompt token `pos` from the logits row before it."""
+    scored = _scored(torch.log_softmax(logits.float(), dim=-1), [seq.prompt_ids[pos] for seq, pos in targets],
+                     [seq.params.prompt_logprobs or 0 for seq, _ in targets])
+    for (seq, _), token_logprob in zip(targets, scored, strict=True):
+        seq.prompt_logprobs.append(token_logprob)

@@ -19,7 +19,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from moe_serve.replicas.async_engine import AsyncLLMEngine
-from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.engine import EngineConfig, LLMEngine, TokenLogprob
 from moe_serve.replicas.experts import RemoteExperts
 from moe_serve.replicas.routing import ROUTER_PATH
 from moe_serve.replicas.sampling import SamplingParams
@@ -64,8 +64,9 @@ class EngineReplica:
                             "finished": last.finished, "finish_reason": last.finish_reason,
                             "cached_tokens": last.cached_tokens, "replica": self.replica_id}
                     if params.logprobs is not None:  # [logprob, [[token_id, logprob], ...]] per token
-                        item["logprobs"] = [[o.logprob.logprob, [list(t) for t in o.logprob.top]]
-                                            for o in chunk if o.logprob is not None]
+                        item["logprobs"] = [_entry(o.logprob) for o in chunk]
+                    if chunk[0].prompt_logprobs is not None:  # the first chunk: the same per prompt token
+                        item["prompt_logprobs"] = [_entry(lp) for lp in chunk[0].prompt_logprobs]
                     yield item
         except ValueError as exc:
             yield {"error": {"status": 400, "message": str(exc)}}
@@ -122,3 +123,8 @@ def engine_deployment(settings: AppSettings) -> serve.Deployment:
         graceful_shutdown_timeout_s=30,
         **routing,
     )
+
+
+def _entry(logprob: TokenLogprob | None) -> list[Any] | None:
+    """A token's logprob as the ingress expects it: [logprob, [[token_id, logprob], ...]]; None for none."""
+    return None if logprob is None else [logprob.logprob, [list(t) for t in logprob.top]]

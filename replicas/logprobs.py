@@ -1,8 +1,8 @@
 """OpenAI `logprobs` of generated tokens, in the completions and the chat shapes.
 
 The engine replica streams, per token, `[logprob, [[token_id, logprob], ...]]` (the sampled token's
-log-probability under the model and the request's most likely alternatives); this module names the tokens and
-builds the response objects. Prompt logprobs (`echo` with `logprobs`) are not produced.
+log-probability under the model and the request's most likely alternatives), and with the first token the same
+for the prompt when `echo` asks for them; this module names the tokens and builds the response objects.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def token_text(tokenizer: Any | None) -> TokenText:
     return lambda token: tokenizer.decode([token])
 
 
-def completion_logprobs(token_ids: Sequence[int], entries: Sequence[Entry], name: TokenText, with_top: bool,
-                        text_offset: int) -> CompletionLogprobs:
-    """`text_offset`: where the first token's text starts in the choice's text (after an echoed prompt, say)."""
+def completion_logprobs(token_ids: Sequence[int], entries: Sequence[Entry | None], name: TokenText,
+                        with_top: bool, text_offset: int) -> CompletionLogprobs:
+    """`text_offset`: where the first token's text starts in the choice's text (after an echoed prompt, say).
+    An entry is None for a token nothing predicted (an echoed prompt's first)."""
     tokens = [name(t) for t in token_ids]
     offsets = []
     for text in tokens:
@@ -33,8 +34,9 @@ def completion_logprobs(token_ids: Sequence[int], entries: Sequence[Entry], name
         text_offset += len(text)
     return CompletionLogprobs(
         tokens=tokens,
-        token_logprobs=[entry[0] for entry in entries],
-        top_logprobs=[{name(t): lp for t, lp in entry[1]} for entry in entries] if with_top else None,
+        token_logprobs=[None if entry is None else entry[0] for entry in entries],
+        top_logprobs=[None if entry is None else {name(t): lp for t, lp in entry[1]} for entry in entries]
+        if with_top else None,
         text_offset=offsets,
     )
 

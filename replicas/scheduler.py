@@ -44,6 +44,7 @@ class Sequence:
     text: str = ""
     logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)  # engine.TokenLogprob per generated token, when asked
+    prompt_logprobs: list[Any] = field(default_factory=list)  # per prompt position, None at 0, when asked
     early_stop_ids: tuple[int, ...] = ()  # ids masked while below min_tokens: EOS and stop ids
     cache_keys: list[str] = field(default_factory=list)  # tiered-cache keys of the prompt's full blocks
     cache_hit: Any = None  # a cache lookup waiting for admission (cache.CacheLookup)

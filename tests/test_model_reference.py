@@ -107,3 +107,22 @@ def test_olmoe_matches_transformers(tmp_path: Path) -> None:
     prompts = random_prompts([19, 6], config.vocab_size, seed=2)
     for prompt, out in zip(prompts, engine.generate(prompts, GREEDY), strict=True):
         assert_matches(model_dir, prompt, out.token_ids, out.logits)
+
+
+def test_prompt_logprobs_match_transformers(mixtral_dir: Path) -> None:
+    """Every prompt token after the first is scored from the logits before it, across prefill chunks."""
+    engine = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(max_num_batched_tokens=16, block_size=8))
+    prompts = random_prompts([37, 5], engine.model_config.vocab_size, seed=3)
+    params = [SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2),
+              SamplingParams(max_tokens=3, temperature=0.0)]
+    scored, plain = engine.generate(prompts, params)
+    with torch.no_grad():
+        logits = hf_model(mixtral_dir)(torch.tensor([prompts[0]])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    assert scored.prompt_logprobs is not None and scored.prompt_logprobs[0] is None
+    assert len(scored.prompt_logprobs) == len(prompts[0])
+    for pos, lp in enumerate(scored.prompt_logprobs[1:], start=1):
+        assert lp is not None and abs(lp.logprob - expected[pos - 1, prompts[0][pos]].item()) < LOGIT_ATOL
+        assert [t for t, _ in lp.top] == expected[pos - 1].topk(2).indices.tolist()
+    assert plain.prompt_logprobs is None
+    assert scored.token_ids == engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))[0].token_ids

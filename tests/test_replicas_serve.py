@@ -118,6 +118,21 @@ def test_logprobs_in_completions_and_chat(server: Server, reference: LLMEngine) 
     assert [lp for chunk in streamed for lp in chunk.token_logprobs] == pytest.approx(logprobs.token_logprobs)
     assert [o for chunk in streamed for o in chunk.text_offset] == logprobs.text_offset
 
+    # echo with logprobs scores the prompt too (what lm-eval's loglikelihood requests ask for)
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    prompt_ids = tokenizer.encode(prompt)
+    [scored] = reference.generate([prompt_ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+    assert scored.prompt_logprobs is not None
+    lp = echoed.choices[0].logprobs
+    assert lp.tokens[:-1] == [tokenizer.decode([t]) for t in prompt_ids]  # then the one generated token
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(prompt_ids)] == pytest.approx([p.logprob for p in scored.prompt_logprobs[1:]],
+                                                                    abs=1e-4)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True, stream=True)]
+    assert [t for chunk in streamed for t in chunk.tokens] == lp.tokens
+    assert [o for chunk in streamed for o in chunk.text_offset] == lp.text_offset
+
     messages = [{"role": "user", "content": prompt}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
                                           logprobs=True, top_logprobs=3)
@@ -148,7 +163,8 @@ def test_concurrent_clients(server: Server, reference: LLMEngine) -> None:
     tokenizer = Tokenizer.from_dir(server.model_dir)
 
     def ask(prompt: str) -> str:
-        return server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+        response = server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        return response.choices[0].text
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, prompts))
@@ -178,7 +194,6 @@ def test_api_key_enforced(server: Server) -> None:
         ('{"model": "tiny", "prompt": "x", "temperature": -1}', 422, "temperature"),
         ('{"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 422, "stop"),
         ('{"model": "tiny", "prompt": "x", "logprobs": 21}', 422, "logprobs"),
-        ('{"model": "tiny", "prompt": "x", "logprobs": 1, "echo": true}', 400, "prompt logprobs"),
         ('{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400,
          "top_logprobs needs logprobs"),
     ],
