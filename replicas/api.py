@@ -6,6 +6,7 @@ shape; a client that goes away mid-stream cancels its generation, which frees it
 """
 
 
+import asyncio
 import hmac
 import json
 import time
@@ -34,6 +35,7 @@ from moe_serve.replicas.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -138,6 +140,45 @@ async def _collect(stream: TokenStream) -> Collected:
     return Collected("".join(parts), reason, token_ids, logprobs, stream.cached_tokens)
 
 
+async def _collect_all(streams: list[TokenStream]) -> list[Collected]:
+    try:
+        return list(await asyncio.gather(*(_collect(s) for s in streams)))
+    except BaseException:
+        for stream in streams:  # one choice failed: stop the others' generations too
+            stream.generator.cancel()
+        raise
+
+
+async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """The items of the n streams of one request as they come, each with its choice index."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    items: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: TokenStream) -> None:
+        try:
+            async for item in stream:
+                items.put_nowait((index, item))
+        finally:
+            items.put_nowait((index, None))  # this stream is done
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await items.get()
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:  # a client that went away cancels every choice's generation
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens,
@@ -164,16 +205,18 @@ def _json(response: Any, replica: str) -> JSONResponse:
     return JSONResponse(response.model_dump(), headers={REPLICA_HEADER: replica})
 
 
-def _sse(events: AsyncIterator[str], stream: TokenStream) -> StreamingResponse:
+def _sse(events: AsyncIterator[str], streams: list[TokenStream]) -> StreamingResponse:
     async def with_done() -> AsyncIterator[str]:
         async for event in events:
             yield event
-        if stream.error is None:
+        error = next((s.error for s in streams if s.error is not None), None)
+        if error is None:
             yield "data: [DONE]\n\n"
         else:  # no [DONE]: the client must not take a broken stream for a finished one
-            yield _event(APIError(503, stream.error).body.model_dump())
+            yield _event(APIError(503, error).body.model_dump())
 
-    return StreamingResponse(with_done(), media_type="text/event-stream", headers={REPLICA_HEADER: stream.replica})
+    return StreamingResponse(with_done(), media_type="text/event-stream",
+                             headers={REPLICA_HEADER: streams[0].replica})
 
 
 def _replica_count() -> int:
@@ -249,19 +292,22 @@ class Ingress:
         prompt_ids = await self._completion_prompt(body)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
         prompt_logprobs = body.logprobs if body.echo else None  # an echoed prompt is scored too
-        stream = await self._start(prompt_ids, body, max_tokens, body.logprobs, prompt_logprobs)
+        streams = await self._start(prompt_ids, body, max_tokens, body.logprobs, prompt_logprobs)
         echo = self.tokenizer.decode(prompt_ids) if body.echo and self.tokenizer else ""
         if body.stream:
-            return _sse(self._completion_chunks(body, stream, prompt_ids, echo), stream)
-        out = await _collect(stream)
-        logprobs = None
-        if body.logprobs is not None:
-            echoed = prompt_ids if stream.prompt_logprobs is not None else []
-            logprobs = completion_logprobs([*echoed, *out.token_ids], [*(stream.prompt_logprobs or []), *out.logprobs],
-                                           self.token_text, body.logprobs > 0, 0)
-        choice = CompletionChoice(text=echo + out.text, finish_reason=out.finish_reason, logprobs=logprobs)
-        usage = _usage(len(prompt_ids), len(out.token_ids), out.cached_tokens)
-        return _json(CompletionResponse(model=body.model, usage=usage, choices=[choice]), stream.replica)
+            return _sse(self._completion_chunks(body, streams, prompt_ids, echo), streams)
+        choices = []
+        for index, (stream, out) in enumerate(zip(streams, await _collect_all(streams), strict=True)):
+            logprobs = None
+            if body.logprobs is not None:
+                echoed = prompt_ids if stream.prompt_logprobs is not None else []
+                logprobs = completion_logprobs([*echoed, *out.token_ids],
+                                               [*(stream.prompt_logprobs or []), *out.logprobs],
+                                               self.token_text, body.logprobs > 0, 0)
+            choices.append(CompletionChoice(index=index, text=echo + out.text, finish_reason=out.finish_reason,
+                                            logprobs=logprobs))
+        usage = _usage(len(prompt_ids), sum(s.tokens for s in streams), streams[0].cached_tokens)
+        return _json(CompletionResponse(model=body.model, usage=usage, choices=choices), streams[0].replica)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
@@ -280,15 +326,16 @@ class Ingress:
         max_tokens = body.max_tokens or max(1, min(self.settings.limits.max_tokens, max_len - len(prompt_ids)))
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        stream = await self._start(prompt_ids, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        streams = await self._start(prompt_ids, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         if body.stream:
-            return _sse(self._chat_chunks(body, stream, len(prompt_ids)), stream)
-        out = await _collect(stream)
-        logprobs = chat_logprobs(out.token_ids, out.logprobs, self.token_text) if body.logprobs else None
-        choice = ChatChoice(message=ChatChoiceMessage(content=out.text), finish_reason=out.finish_reason,
-                            logprobs=logprobs)
-        usage = _usage(len(prompt_ids), len(out.token_ids), out.cached_tokens)
-        return _json(ChatCompletionResponse(model=body.model, usage=usage, choices=[choice]), stream.replica)
+            return _sse(self._chat_chunks(body, streams, len(prompt_ids)), streams)
+        choices = [
+            ChatChoice(index=index, message=ChatChoiceMessage(content=out.text), finish_reason=out.finish_reason,
+                       logprobs=chat_logprobs(out.token_ids, out.logprobs, self.token_text) if body.logprobs else None)
+            for index, out in enumerate(await _collect_all(streams))
+        ]
+        usage = _usage(len(prompt_ids), sum(s.tokens for s in streams), streams[0].cached_tokens)
+        return _json(ChatCompletionResponse(model=body.model, usage=usage, choices=choices), streams[0].replica)
 
     # --- checks --------------------------------------------------------------------------------------------
 
@@ -306,7 +353,7 @@ class Ingress:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
                                 f"{self.settings.served_name!r}", param="model", code="model_not_found")
         if body.n > limits.max_n:
-            raise APIError(400, f"n={body.n}: at most {limits.max_n} completion per request", param="n")
+            raise APIError(400, f"n={body.n}: at most {limits.max_n} completions per request", param="n")
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
             raise APIError(400, f"max_tokens={body.max_tokens} exceeds the limit of {limits.max_tokens}",
                            param="max_tokens")
@@ -349,58 +396,75 @@ class Ingress:
     # --- streaming -----------------------------------------------------------------------------------------
 
     async def _start(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int,
-                     logprobs: int | None = None, prompt_logprobs: int | None = None) -> TokenStream:
-        sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                        seed=body.seed, stop=tuple(_utf8(s, "stop") for s in body.stop or ()),
-                        min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                        prompt_logprobs=prompt_logprobs)
+                     logprobs: int | None = None, prompt_logprobs: int | None = None) -> list[TokenStream]:
+        """One engine generation per choice (`n`); choice i of a seeded request uses seed + i."""
         if body.stop and self.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")
+        sampling = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                        stop=tuple(_utf8(s, "stop") for s in body.stop or ()),
+                        min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs)
         # a non-streamed response needs no intermediate chunks: the rest comes in one message at the end
         interval_s = self.settings.stream_interval_ms / 1000 if body.stream else None
-        generator = self.engine.options(stream=True).generate.remote(prompt_ids, sampling, interval_s)
-        stream = TokenStream(generator, self.metrics)
-        await stream.first()  # errors become 4xx here, before any response byte is sent
-        return stream
+        streams = []
+        for index in range(body.n):
+            seed = None if body.seed is None else body.seed + index
+            generator = self.engine.options(stream=True).generate.remote(prompt_ids, {**sampling, "seed": seed},
+                                                                         interval_s)
+            streams.append(TokenStream(generator, self.metrics))
+        firsts = await asyncio.gather(*(s.first() for s in streams), return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:  # errors become 4xx here, before any response byte is sent
+            for stream in streams:
+                stream.generator.cancel()
+            raise failed
+        return streams
 
     async def _completion_chunks(
-        self, body: CompletionRequest, stream: TokenStream, prompt_ids: list[int], echo: str
+        self, body: CompletionRequest, streams: list[TokenStream], prompt_ids: list[int], echo: str
     ) -> AsyncIterator[str]:
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens, offset = len(prompt_ids), 0
-        if echo or stream.prompt_logprobs is not None:
-            logprobs = None
-            if body.logprobs is not None and stream.prompt_logprobs is not None:
-                logprobs = completion_logprobs(prompt_ids, stream.prompt_logprobs, self.token_text, body.logprobs > 0,
-                                               0).model_dump()
-                offset = sum(len(t) for t in logprobs["tokens"])
-            yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                          "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": logprobs}]})
-        async for item in stream:
+        offsets = [0] * len(streams)  # per choice: where the next token's text starts
+
+        def event(index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None) -> str:
+            if logprobs is not None:
+                offsets[index] += sum(len(t) for t in logprobs.tokens)
+            choice = {"index": index, "text": text, "finish_reason": finish_reason,
+                      "logprobs": None if logprobs is None else logprobs.model_dump()}
+            return _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                           "choices": [choice]})
+
+        for index, stream in enumerate(streams):
+            if echo or stream.prompt_logprobs is not None:
+                logprobs = None
+                if body.logprobs is not None and stream.prompt_logprobs is not None:
+                    logprobs = completion_logprobs(prompt_ids, stream.prompt_logprobs, self.token_text,
+                                                   body.logprobs > 0, 0)
+                yield event(index, echo, logprobs, None)
+        async for index, item in _merged(streams):
             logprobs = None
             if body.logprobs is not None:
                 logprobs = completion_logprobs(item["token_ids"], item["logprobs"], self.token_text,
-                                               body.logprobs > 0, offset).model_dump()
-                offset += sum(len(t) for t in logprobs["tokens"])
-            yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                          "choices": [{"index": 0, "text": item["text"], "logprobs": logprobs,
-                                       "finish_reason": item["finish_reason"] if item["finished"] else None}]})
+                                               body.logprobs > 0, offsets[index])
+            yield event(index, item["text"], logprobs, item["finish_reason"] if item["finished"] else None)
         if body.stream_options and body.stream_options.include_usage:
-            usage = _usage(prompt_tokens, stream.tokens, stream.cached_tokens).model_dump()
+            usage = _usage(len(prompt_ids), sum(s.tokens for s in streams), streams[0].cached_tokens).model_dump()
             yield _event({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                           "choices": [], "usage": usage})
 
     async def _chat_chunks(
-        self, body: ChatCompletionRequest, stream: TokenStream, prompt_tokens: int
+        self, body: ChatCompletionRequest, streams: list[TokenStream], prompt_tokens: int
     ) -> AsyncIterator[str]:
         chunk = ChatCompletionChunk(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                                    choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
-        yield _event(chunk.model_dump(exclude_none=True))
-        async for item in stream:
+                                    choices=[])
+        for index in range(len(streams)):
+            role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+            yield _event(chunk.model_copy(update={"choices": [role]}).model_dump(exclude_none=True))
+        async for index, item in _merged(streams):
             logprobs = chat_logprobs(item["token_ids"], item["logprobs"], self.token_text) if body.logprobs else None
-            choice = ChatChunkChoice(delta=ChatDelta(content=item["text"]), logprobs=logprobs,
+            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=item["text"]), logprobs=logprobs,
                                      finish_reason=item["finish_reason"] if item["finished"] else None)
             yield _event(chunk.model_copy(update={"choices": [choice]}).model_dump(exclude_none=True))
         if body.stream_options and body.stream_options.include_usage:
-            usage = _usage(prompt_tokens, stream.tokens, stream.cached_tokens)
+            usage = _usage(prompt_tokens, sum(s.tokens for s in streams), streams[0].cached_tokens)
             yield _event(chunk.model_copy(update={"choices": [], "usage": usage}).model_dump(exclude_none=True))

@@ -23,7 +23,7 @@ class Limits(BaseModel):
     max_body_bytes: int = Field(1 << 20, description="Largest accepted request body (413 above)")
     max_prompt_tokens: int = Field(8000, description="Longest prompt after tokenization (400 above)")
     max_tokens: int = Field(4096, description="Largest max_tokens a request may ask for")
-    max_n: int = Field(1, description="Completions per request; only 1 is served today")
+    max_n: int = Field(8, description="Choices per request (n), each its own engine generation")
     max_queued_requests: int = Field(256, description="Requests waiting per replica before 429")
 
 

@@ -144,6 +144,36 @@ def test_logprobs_in_completions_and_chat(server: Server, reference: LLMEngine) 
     assert plain.choices[0].logprobs is None
 
 
+def test_n_choices_are_seeded_generations(server: Server, reference: LLMEngine) -> None:
+    """Choice i of a seeded request with n choices is the engine's generation with seed + i."""
+    client, tokenizer = server.client(), Tokenizer.from_dir(server.model_dir)
+    prompt = "Three experts answer"
+    expected = [reference.generate([tokenizer.encode(prompt)], SamplingParams(max_tokens=8, temperature=1.0,
+                                                                              seed=40 + i, ignore_eos=True))[0].text
+                for i in range(3)]
+    assert len(set(expected)) > 1
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=40, n=3,
+                                         extra_body={"ignore_eos": True})
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [c.text for c in response.choices] == expected and response.usage.completion_tokens == 24
+    events = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=40, n=3, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    texts = ["", "", ""]
+    for event in events[:-1]:
+        texts[event.choices[0].index] += event.choices[0].text
+    assert texts == expected and events[-1].usage.completion_tokens == 24
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4,
+                                          n=2, seed=1, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=4, n=2, seed=1, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    streamed = ["", ""]
+    for c in chunks:
+        streamed[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert streamed == [c.message.content for c in chat.choices]
+
+
 def test_streaming_completion_ends_with_done(server: Server) -> None:
     request = {"model": MODEL, "prompt": "Cache", "max_tokens": 5, "ignore_eos": True, "temperature": 0}
     headers = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
@@ -188,7 +218,7 @@ def test_api_key_enforced(server: Server) -> None:
         ('{"model": "gpt-9", "prompt": "x"}', 404, "does not exist"),
         ('{"model": "tiny", "prompt": "x", "max_tokens": -4}', 422, "max_tokens"),
         ('{"model": "tiny", "prompt": "x", "max_tokens": 100000000}', 400, "exceeds the limit"),
-        ('{"model": "tiny", "prompt": "x", "n": 3}', 400, "n=3"),
+        ('{"model": "tiny", "prompt": "x", "n": 9}', 400, "n=9"),
         ('{"model": "tiny", "prompt": ""}', 400, "prompt is empty"),
         ('{"model": "tiny", "prompt": [1, 2, 99999]}', 400, "unknown token id"),
         ('{"model": "tiny", "prompt": "x", "temperature": -1}', 422, "temperature"),
