@@ -12,7 +12,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from moe_serve.cache import PromptCache, PromptCacheConfig
 from moe_serve.model.tokenizer import Tokenizer
-from moe_serve.replicas.logprobs import Entry, chat_logprobs, completion_logprobs, token_text
+from moe_serve.replicas.logprobs import chat_logprobs, completion_logprobs, token_text
 from moe_serve.replicas.metrics import ServingMetrics
 from moe_serve.replicas.protocol import (
     APIError,
@@ -45,6 +44,7 @@ from moe_serve.replicas.protocol import (
     Usage,
 )
 from moe_serve.replicas.settings import AppSettings
+from moe_serve.replicas.token_stream import TokenStream, collect_all, merged
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -66,117 +66,6 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
         location = ".".join(str(part) for part in first.get("loc", ())[1:])
         error = APIError(422, f"{location}: {first.get('msg', 'invalid value')}", param=location or None)
     return JSONResponse(error.body.model_dump(), status_code=error.status)
-
-
-class TokenStream:
-    """The replica's token stream, with the first item fetched early and metrics recorded on the way."""
-
-    def __init__(self, generator: Any, metrics: ServingMetrics) -> None:
-        self.generator = generator
-        self.metrics = metrics
-        self.start = time.perf_counter()
-        self.tokens = 0
-        self.cached_tokens = 0
-        self.replica = ""
-        self.error: str | None = None  # set when the replica fails mid-stream
-        self._first: dict[str, Any] | None = None
-
-    async def first(self) -> None:
-        try:
-            item = await self.generator.__anext__()
-        except StopAsyncIteration:
-            raise APIError(503, "the engine replica ended the stream without output") from None
-        except Exception as exc:  # replica died or its engine failed: the client may retry
-            raise APIError(503, f"engine replica unavailable: {type(exc).__name__}") from exc
-        if "error" in item:
-            raise APIError(item["error"]["status"], item["error"]["message"])
-        self.metrics.ttft.observe(time.perf_counter() - self.start)
-        self.replica = item.get("replica", "")
-        self.prompt_logprobs: list[Entry | None] | None = item.get("prompt_logprobs")
-        self._first = item
-
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        finished = False
-        try:
-            item = self._first
-            while item is not None and "error" not in item:
-                self.tokens += len(item["token_ids"])
-                self.cached_tokens = item["cached_tokens"]
-                finished = item["finished"]
-                yield item
-                if finished:
-                    break
-                try:
-                    item = await anext(self.generator, None)
-                except Exception as exc:  # the replica died mid-stream
-                    self.error = f"engine replica failed mid-stream: {type(exc).__name__}"
-                    item = None
-        finally:
-            if not finished:
-                self.generator.cancel()  # client went away: the replica aborts and frees the KV blocks
-            self.metrics.finish(time.perf_counter() - self.start, self.tokens, finished)
-
-
-@dataclass
-class Collected:
-    """A whole non-streamed generation."""
-
-    text: str
-    finish_reason: str | None
-    token_ids: list[int]
-    logprobs: list[Entry]  # empty unless the request asked for logprobs
-    cached_tokens: int
-
-
-async def _collect(stream: TokenStream) -> Collected:
-    parts, reason, token_ids, logprobs = [], None, [], []
-    async for item in stream:
-        parts.append(item["text"])
-        reason = item["finish_reason"]
-        token_ids += item["token_ids"]
-        logprobs += item.get("logprobs") or []
-    if stream.error is not None:
-        raise APIError(503, stream.error)
-    return Collected("".join(parts), reason, token_ids, logprobs, stream.cached_tokens)
-
-
-async def _collect_all(streams: list[TokenStream]) -> list[Collected]:
-    try:
-        return list(await asyncio.gather(*(_collect(s) for s in streams)))
-    except BaseException:
-        for stream in streams:  # one choice failed: stop the others' generations too
-            stream.generator.cancel()
-        raise
-
-
-async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-    """The items of the n streams of one request as they come, each with its choice index."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    items: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: TokenStream) -> None:
-        try:
-            async for item in stream:
-                items.put_nowait((index, item))
-        finally:
-            items.put_nowait((index, None))  # this stream is done
-
-    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            index, item = await items.get()
-            if item is None:
-                running -= 1
-            else:
-                yield index, item
-    finally:  # a client that went away cancels every choice's generation
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -297,7 +186,7 @@ class Ingress:
         if body.stream:
             return _sse(self._completion_chunks(body, streams, prompt_ids, echo), streams)
         choices = []
-        for index, (stream, out) in enumerate(zip(streams, await _collect_all(streams), strict=True)):
+        for index, (stream, out) in enumerate(zip(streams, await collect_all(streams), strict=True)):
             logprobs = None
             if body.logprobs is not None:
                 echoed = prompt_ids if stream.prompt_logprobs is not None else []
@@ -332,7 +221,7 @@ class Ingress:
         choices = [
             ChatChoice(index=index, message=ChatChoiceMessage(content=out.text), finish_reason=out.finish_reason,
                        logprobs=chat_logprobs(out.token_ids, out.logprobs, self.token_text) if body.logprobs else None)
-            for index, out in enumerate(await _collect_all(streams))
+            for index, out in enumerate(await collect_all(streams))
         ]
         usage = _usage(len(prompt_ids), sum(s.tokens for s in streams), streams[0].cached_tokens)
         return _json(ChatCompletionResponse(model=body.model, usage=usage, choices=choices), streams[0].replica)
@@ -441,7 +330,7 @@ class Ingress:
                     logprobs = completion_logprobs(prompt_ids, stream.prompt_logprobs, self.token_text,
                                                    body.logprobs > 0, 0)
                 yield event(index, echo, logprobs, None)
-        async for index, item in _merged(streams):
+        async for index, item in merged(streams):
             logprobs = None
             if body.logprobs is not None:
                 logprobs = completion_logprobs(item["token_ids"], item["logprobs"], self.token_text,
@@ -460,7 +349,7 @@ class Ingress:
         for index in range(len(streams)):
             role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
             yield _event(chunk.model_copy(update={"choices": [role]}).model_dump(exclude_none=True))
-        async for index, item in _merged(streams):
+        async for index, item in merged(streams):
             logprobs = chat_logprobs(item["token_ids"], item["logprobs"], self.token_text) if body.logprobs else None
             choice = ChatChunkChoice(index=index, delta=ChatDelta(content=item["text"]), logprobs=logprobs,
                                      finish_reason=item["finish_reason"] if item["finished"] else None)
