@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="N",
+                     help="add each generated token's logprob and its N most likely alternatives to the JSON")
     gen.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
     gen.add_argument("--in-process", action="store_true", help="run experts in this process (the default)")
     gen.add_argument("--shards", type=int, default=0, help="spread experts over N shard actors on Ray")
@@ -124,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
     )
     if args.shards and args.in_process:
         raise ValueError("--in-process and --shards exclude each other")
@@ -168,6 +170,9 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         expert_parallel.shutdown()
     if out.text is not None:
         result["text"] = out.text
+    if out.logprobs is not None:
+        result["logprobs"] = [{"token_id": token, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+                              for token, lp in zip(out.token_ids, out.logprobs, strict=True)]
     return result
 
 

@@ -41,10 +41,13 @@ def test_generate_from_text_prompt(cli_model: Path) -> None:
 
 def test_generate_from_token_ids_is_deterministic(cli_model: Path) -> None:
     args = ("generate", str(cli_model), "--token-ids", "5,6,7,8", "--max-tokens", "6", "--ignore-eos", "--in-process")
-    first, second = moe_serve(*args), moe_serve(*args)
+    first, second = moe_serve(*args), moe_serve(*args, "--logprobs", "2")
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["token_ids"] == json.loads(second.stdout)["token_ids"]
-    assert json.loads(first.stdout)["prompt_tokens"] == 4
+    assert json.loads(first.stdout)["prompt_tokens"] == 4 and "logprobs" not in json.loads(first.stdout)
+    logprobs = json.loads(second.stdout)["logprobs"]
+    assert [lp["token_id"] for lp in logprobs] == json.loads(second.stdout)["token_ids"]
+    assert all(lp["top"][0][0] == lp["token_id"] and len(lp["top"]) == 2 for lp in logprobs)  # greedy: the top
 
 
 @pytest.mark.parametrize(
