@@ -4,6 +4,7 @@ streaming, concurrency and client disconnects."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -252,9 +253,18 @@ def test_chat_bad_role(server: Server) -> None:
     assert response.status_code == 422
 
 
-def test_client_disconnect_frees_its_slot(server: Server) -> None:
+def aborted_requests(server: Server) -> float:
+    match = re.search(r'^moe_requests_total\{outcome="aborted"\} (\S+)$', httpx.get(f"{server.base}/metrics").text,
+                      re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_frees_its_slot(server: Server, n: int) -> None:
     handle = serve.get_deployment_handle("EngineReplica", APP_NAME)
-    body = f'{{"model": "{MODEL}", "prompt": "Long story", "max_tokens": 4000, "ignore_eos": true, "stream": true}}'
+    aborted_before = aborted_requests(server)
+    body = (f'{{"model": "{MODEL}", "prompt": "Long story", "max_tokens": 4000, "ignore_eos": true, "stream": true, '
+            f'"n": {n}}}')  # with n > 1, every choice's generation stops
     with httpx.stream("POST", f"{server.base}/v1/completions", content=body, timeout=60,
                       headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}) as r:
         for line in r.iter_lines():
@@ -266,7 +276,7 @@ def test_client_disconnect_frees_its_slot(server: Server) -> None:
         time.sleep(0.2)
         stats = handle.stats.remote().result()
     assert stats["running"] == 0 and stats["kv_used_fraction"] == 0.0
-    assert 'moe_requests_total{outcome="aborted"}' in httpx.get(f"{server.base}/metrics").text
+    assert aborted_requests(server) == aborted_before + n  # every choice's stream was cancelled, not run out
 
 
 def test_repeated_long_prompt_reports_cached_tokens(server: Server) -> None:
