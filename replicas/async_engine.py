@@ -91,8 +91,7 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self._streams[request_id] = (loop, outputs)
+        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._inbox.put(_Add(request_id, list(prompt_ids), params))
         finished, first = False, True
         try:

@@ -465,6 +465,7 @@ def _scored(log_probs: torch.Tensor, token_ids: list[int], top_n: list[int]) -> 
     return [TokenLogprob(c, tuple(zip(ids[:n], values[:n])))
             for c, ids, values, n in zip(chosen, top_ids.tolist(), top_lp.tolist(), top_n, strict=True)]
 
+
 def _record_prompt_logprobs(logits: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
     """Append to each sequence the logprob (and top-n) of prompt token `pos` from the logits row before it."""
     scored = _scored(torch.log_softmax(logits.float(), dim=-1), [seq.prompt_ids[pos] for seq, pos in targets],

@@ -30,6 +30,7 @@ class TokenStream:
         self.cached_tokens = 0
         self.replica = ""
         self.error: str | None = None  # set when the replica fails mid-stream
+        self.prompt_logprobs: list[Entry | None] | None = None  # with the first item, when the prompt was scored
         self._first: dict[str, Any] | None = None
 
     async def first(self) -> None:
@@ -43,7 +44,7 @@ class TokenStream:
             raise APIError(item["error"]["status"], item["error"]["message"])
         self.metrics.ttft.observe(time.perf_counter() - self.start)
         self.replica = item.get("replica", "")
-        self.prompt_logprobs: list[Entry | None] | None = item.get("prompt_logprobs")
+        self.prompt_logprobs = item.get("prompt_logprobs")
         self._first = item
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
@@ -76,7 +77,6 @@ class Collected:
     finish_reason: str | None
     token_ids: list[int]
     logprobs: list[Entry]  # empty unless the request asked for logprobs
-    cached_tokens: int
 
 
 async def collect(stream: TokenStream) -> Collected:
@@ -88,7 +88,7 @@ async def collect(stream: TokenStream) -> Collected:
         logprobs += item.get("logprobs") or []
     if stream.error is not None:
         raise APIError(503, stream.error)
-    return Collected("".join(parts), reason, token_ids, logprobs, stream.cached_tokens)
+    return Collected("".join(parts), reason, token_ids, logprobs)
 
 
 async def collect_all(streams: list[TokenStream]) -> list[Collected]:
