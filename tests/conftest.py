@@ -27,6 +27,20 @@ BASE = dict(
 )
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the compiled CPU kernels, then again on torch ops only (the path without a build)."""
+    from moe_serve.kernels import cpu_ops
+    from moe_serve.model import attention, moe
+
+    if request.param == "torch":
+        monkeypatch.setattr(attention, "_OPS", None)
+        monkeypatch.setattr(moe, "_OPS", None)
+    else:
+        assert cpu_ops() is not None, "the compiled CPU kernels did not build: see the warning it logged"
+    return request.param
+
+
 def save_hf_model(out_dir: Path, family: str, seed: int = 0, **overrides: Any) -> Path:
     """A random `transformers` model of `family`, saved with `save_pretrained` (the layout users have)."""
     from transformers import (

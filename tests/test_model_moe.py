@@ -1,4 +1,5 @@
-"""LocalMoE's three paths (dense and routed over the stacked experts, the dispatch loop) give the same output.
+"""LocalMoE's paths (the compiled kernel, dense and routed over the stacked experts, the dispatch loop) give the
+same output.
 
 The loop path is the reference: it runs each expert's own weights. Tolerances: fp32 paths agree to float rounding
 (< 1e-5 relative); the stacked int8 path multiplies the exactly dequantized weights in fp32 while the loop runs the
@@ -9,6 +10,8 @@ Shape legend: T = tokens, D = hidden, E = experts, I = expert width.
 import pytest
 import torch
 
+from moe_serve.kernels import cpu_ops
+from moe_serve.model import moe as moe_module
 from moe_serve.model.moe import ROUTED_MAX_TOKENS, ROUTED_MIN_TOKENS, ExpertStack, Gate, LocalMoE, combine, dispatch
 
 E, D, I, TOP_K = 8, 64, 128, 2
@@ -36,7 +39,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 @pytest.mark.parametrize("tokens", [1, 5, ROUTED_MIN_TOKENS, 32, 100, ROUTED_MAX_TOKENS + 8])
-def test_every_path_matches_the_loop(mode: str, norm_topk_prob: bool, tokens: int) -> None:
+def test_every_path_matches_the_loop(mode: str, norm_topk_prob: bool, tokens: int, kernels: str) -> None:
     moe, reference, gate = make_moe(mode, norm_topk_prob)
     x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -71,7 +74,8 @@ def test_stacking_keeps_one_copy_and_the_loop_exact(mode: str) -> None:
         assert storage.untyped_storage().nbytes() >= E * 2 * I * D * storage.element_size()
 
 
-def test_paths_by_batch_size() -> None:
+def test_paths_by_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(moe_module, "_OPS", None)  # the torch paths, as without a kernel build
     moe, _, _ = make_moe("none")
     assert moe._path(0, 1) == "dense"
     assert moe._path(0, ROUTED_MIN_TOKENS) == "routed"
@@ -80,3 +84,12 @@ def test_paths_by_batch_size() -> None:
     assert int8._path(0, 4 * ROUTED_MAX_TOKENS) == "routed"
     int4, _, _ = make_moe("int4")
     assert int4._path(0, 1) == "dense" and int4._path(0, 4 * ROUTED_MAX_TOKENS) == "loop"
+
+
+def test_compiled_kernel_serves_fp32_and_int8_at_every_size() -> None:
+    assert cpu_ops() is not None, "the compiled CPU kernels did not build: see the warning it logged"
+    for mode in ("none", "int8"):
+        moe, _, _ = make_moe(mode)
+        assert all(moe._path(0, t) == "kernel" for t in (1, ROUTED_MIN_TOKENS, 4 * ROUTED_MAX_TOKENS))
+    int4, _, _ = make_moe("int4")
+    assert int4._path(0, 1) == "dense"  # no int4 kernel: the torch paths

@@ -1,6 +1,7 @@
 """Greedy tokens and logits of our engine against `transformers` on the same random weights.
 
 Logit tolerance: 1e-4 absolute (fp32 on both sides; measured differences are ~1e-7).
+Tests taking the `kernels` fixture run twice: with the compiled CPU kernels (moe_serve.kernels) and on torch ops.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def assert_matches(model_dir: Path, prompt: list[int], tokens: list[int], logits
 
 
 @pytest.mark.parametrize("family_dir", ["mixtral_dir", "qwen2_dir"])
-def test_batch_of_one_matches_transformers(family_dir: str, request: pytest.FixtureRequest) -> None:
+def test_batch_of_one_matches_transformers(family_dir: str, request: pytest.FixtureRequest, kernels: str) -> None:
     model_dir = request.getfixturevalue(family_dir)
     engine = LLMEngine.from_pretrained(model_dir)
     [prompt] = random_prompts([23], engine.model_config.vocab_size)
@@ -52,7 +53,7 @@ def test_batch_of_one_matches_transformers(family_dir: str, request: pytest.Fixt
 
 
 @pytest.mark.parametrize("family_dir", ["mixtral_dir", "qwen2_dir"])
-def test_mixed_batch_joining_at_different_steps(family_dir: str, request: pytest.FixtureRequest) -> None:
+def test_mixed_batch_joining_at_different_steps(family_dir: str, request: pytest.FixtureRequest, kernels: str) -> None:
     """Prompts of different lengths join a running batch at different steps; chunked prefill is forced small."""
     model_dir = request.getfixturevalue(family_dir)
     engine = LLMEngine.from_pretrained(model_dir, EngineConfig(max_num_batched_tokens=24, block_size=8))
@@ -79,7 +80,7 @@ def test_qwen3_moe_matches_transformers(tmp_path: Path) -> None:
     assert_matches(model_dir, prompt, out.token_ids, out.logits)
 
 
-def test_sliding_window_longer_prompt(tmp_path: Path) -> None:
+def test_sliding_window_longer_prompt(tmp_path: Path, kernels: str) -> None:
     model_dir = save_hf_model(tmp_path, "mixtral", sliding_window=16)
     engine = LLMEngine.from_pretrained(model_dir, EngineConfig(max_num_batched_tokens=20, block_size=4))
     assert engine.model_config.sliding_windows == (16, 16)
@@ -98,7 +99,7 @@ def test_prompt_near_8192_tokens(tmp_path: Path) -> None:
     assert_matches(model_dir, prompt, out.token_ids, out.logits)
 
 
-def test_olmoe_matches_transformers(tmp_path: Path) -> None:
+def test_olmoe_matches_transformers(tmp_path: Path, kernels: str) -> None:
     """q/k norms over the whole projection, clip_qkv (low enough to clamp), top-k softmax weights not renormalised."""
     model_dir = save_hf_model(tmp_path, "olmoe", num_hidden_layers=2, clip_qkv=0.8)
     engine = LLMEngine.from_pretrained(model_dir)

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from moe_serve.kernels import cpu_ops
+
+_OPS = cpu_ops()  # compiled decode kernels, or None: torch ops only
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -106,6 +110,8 @@ def _additive(allowed: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _OPS is not None and x.dtype == weight.dtype == torch.float32 and x.is_contiguous() and not x.is_cuda:
+        return _OPS.rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
@@ -161,6 +167,8 @@ def _decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, window: int | None, workspace: torch.Tensor | None
 ) -> torch.Tensor:
     """One query per decoding sequence, q [B, H, Hd] -> [B, H, Hd]: over the workspace when there is one."""
+    if workspace is not None and _OPS is not None and q.dtype == workspace.dtype == torch.float32 and not q.is_cuda:
+        return _OPS.decode_attention(q, workspace, batch.positions[: q.shape[0]], window or 0, q.shape[2] ** -0.5)
     mask = batch.decode_mask(window)  # [B, 1, 1, L] or None
     if workspace is None:
         assert batch.decode_key_slots is not None

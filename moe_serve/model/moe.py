@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_serve.kernels import cpu_ops
 from moe_serve.model.quant import (
     DenseWeight,
     Int4Weight,
@@ -49,6 +50,7 @@ LOOP_OVERHEAD_MACS_PER_EXPERT = 600_000
 # Batch sizes where the routed stacked path beats the dense one (from) and the dispatch loop (up to), fp32.
 ROUTED_MIN_TOKENS = 24
 ROUTED_MAX_TOKENS = 256
+_OPS = cpu_ops()  # compiled kernels (moe_serve.kernels), or None
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class StackedExperts:
         self.gate, self.num_experts, self.intermediate_size = gate, e, i
         self.mode: QuantMode = _stack_mode(stack)
         self._scratch = scratch
+        self._kernel_args: tuple[torch.Tensor | None, ...] | None = None  # fp32 / int8 with compiled kernels
         router = gate.weight.float()
         if self.mode == "none":
             # [E 2I + E, D]: expert e's gate rows then its up rows, for every expert, then the router's rows
@@ -196,6 +199,10 @@ class StackedExperts:
             self.down_t = torch.cat([w.dequantize().t() for w in stack.w2])
             stack.w13 = [DenseWeight(w) for w in self.gate_up_router[: 2 * e * i].view(e, 2 * i, d)]
             stack.w2 = [DenseWeight(w.t()) for w in self.down_t.view(e, i, d)]
+            if _OPS is not None:  # the kernel reads gate_up transposed, [E, D, 2I] (a copy; down is shared)
+                self._kernel_args = (self.gate_up_router[2 * e * i :],
+                                     self.gate_up_router[: 2 * e * i].view(e, 2 * i, d).transpose(1, 2).contiguous(),
+                                     None, self.down_t.view(e, i, d), None)
         elif self.mode == "int8":
             w13, w2 = [_as_int8(w) for w in stack.w13], [_as_int8(w) for w in stack.w2]
             self.q13 = torch.cat([w.qweight for w in w13])  # [E 2I, D] int8
@@ -208,6 +215,9 @@ class StackedExperts:
             self.router = router
             stack.w13 = [Int8Weight(q, s) for q, s in zip(self.q13.view(e, 2 * i, d), scales13.view(e, 2 * i))]
             stack.w2 = [Int8Weight(q.t(), s) for q, s in zip(self.q2_t, scales2)]
+            if _OPS is not None:  # the kernel reads gate_up transposed, [E, D, 2I] int8 (a copy)
+                self._kernel_args = (router, self.q13.view(e, 2 * i, d).transpose(1, 2).contiguous(),
+                                     self.s13.view(e, 2 * i), self.q2_t, self.s2.view(e, d))
         else:
             w13, w2 = [_as_int4(w) for w in stack.w13], [_as_int4(w) for w in stack.w2]
             self.group_size = w13[0].group_size
@@ -219,6 +229,16 @@ class StackedExperts:
             rows = 2 * i
             stack.w13 = [Int4Weight(self.p13[k * rows : (k + 1) * rows], w.scales_and_zeros, w.group_size)
                          for k, w in enumerate(w13)]
+
+    @property
+    def has_kernel(self) -> bool:
+        return self._kernel_args is not None
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiled routed kernel (fp32 and int8): gate, top-k, experts and combine in one call."""
+        assert _OPS is not None and self._kernel_args is not None
+        router, w13t, s13, w2t, s2 = self._kernel_args
+        return _OPS.moe_experts(x, router, self.gate.top_k, self.gate.norm_topk_prob, w13t, s13, w2t, s2)
 
     def __call__(self, x: torch.Tensor, routed: bool) -> torch.Tensor:
         """x [T, D] fp32 -> [T, D]: the weighted sum of each token's routed experts."""
@@ -365,6 +385,8 @@ class LocalMoE:
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         path = self._path(layer, x.shape[0]) if x.dtype == torch.float32 else "loop"
+        if path == "kernel":
+            return self._stacked_experts(layer).fused(x)
         if path != "loop":
             return self._stacked_experts(layer)(x, routed=path == "routed")
         routing = self.gates[layer](x)
@@ -373,12 +395,15 @@ class LocalMoE:
         return combine(expert_out, plan, routing, x.shape[0])
 
     def _path(self, layer: int, t: int) -> str:
-        """dense, routed (both on the stacked experts) or loop, for a batch of t tokens (bench numbers in the
-        module docstring). Only layers small enough for dense to ever pay (dense_max > 0) are stacked."""
+        """kernel, dense, routed (all three on the stacked experts) or loop, for a batch of t tokens (bench numbers
+        in the module docstring). Only layers small enough for dense to ever pay (dense_max > 0) are stacked; the
+        compiled kernel, where there is one (fp32, int8), beat the torch paths at every t from 1 to 512."""
         dense_max = self._dense_max_tokens[layer]
         if not dense_max:
             return "loop"
         mode = _stack_mode(self.experts[layer])
+        if _OPS is not None and mode != "int4":
+            return "kernel"
         if mode == "int4":  # its kernel only pays stacked while dense is cheap
             return "dense" if t <= dense_max else "loop"
         if t < ROUTED_MIN_TOKENS and t <= dense_max:

@@ -1,0 +1,130 @@
+"""The compiled CPU kernels (moe_serve.kernels) against the torch ops they replace.
+
+Tolerances: 1e-5 absolute for RMSNorm and attention (fp32; different summation order, a polynomial exp within a
+few ulp), 1e-5 relative for the fp32 MoE block. int8 experts are checked against fp32 math on the dequantized
+weights, which the kernel computes exactly up to fp32 rounding.
+Shape legend: B sequences, H query heads, KVH kv heads, Lc workspace capacity, Hd head dim, T tokens, D hidden,
+E experts, I expert width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_serve.kernels import build_dir, cpu_ops
+from moe_serve.model.moe import Gate
+from moe_serve.model.quant import pack_weight
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = cpu_ops()
+    assert module is not None, "the compiled CPU kernels did not build: see the warning it logged"
+    return module
+
+
+def test_build_is_keyed_by_source_and_cpu(ops) -> None:
+    directory = build_dir()
+    assert any(directory.glob("moe_serve_cpu_ops*.so"))
+    assert len(directory.name) == 16
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (16, 64), (3, 5, 24), (7, 100)])
+def test_rms_norm(ops, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(shape, generator=g), torch.randn(shape[-1], generator=g)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (shape[-1],), w, 1e-6), atol=1e-5, rtol=0)
+
+
+def reference_attention(q: torch.Tensor, workspace: torch.Tensor, positions: torch.Tensor,
+                        window: int) -> torch.Tensor:
+    b, h, hd = q.shape
+    kvh = workspace.shape[2]
+    out = []
+    for s in range(b):
+        last = int(positions[s])
+        first = max(0, last - window + 1) if window else 0
+        k, v = workspace[s, 0, :, first : last + 1], workspace[s, 1, :, first : last + 1]  # [KVH, L, Hd]
+        out.append(F.scaled_dot_product_attention(q[s].view(kvh, h // kvh, hd), k, v).reshape(h, hd))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(2, 1, 32), (4, 2, 16), (4, 4, 24), (8, 2, 64)])
+@pytest.mark.parametrize("window", [0, 5, 40])
+def test_decode_attention(ops, heads: int, kv_heads: int, head_dim: int, window: int) -> None:
+    """Sequences of different lengths (1 key up to the capacity) in one batch, with and without a window."""
+    g = torch.Generator().manual_seed(1)
+    b, cap = 6, 70
+    workspace = torch.randn(b, 2, kv_heads, cap, head_dim, generator=g)
+    positions = torch.tensor([0, 3, 17, 31, 52, cap - 1])
+    # queries as the model hands them over: a view into a wider projection row
+    q = torch.randn(b, heads * head_dim + 8, generator=g)[:, : heads * head_dim].view(b, heads, head_dim)
+    out = ops.decode_attention(q, workspace, positions, window, head_dim**-0.5)
+    torch.testing.assert_close(out, reference_attention(q, workspace, positions, window), atol=1e-5, rtol=0)
+
+
+def test_decode_attention_rejects_bad_input(ops) -> None:
+    workspace = torch.zeros(2, 2, 1, 8, 16)
+    q = torch.zeros(2, 2, 16)
+    with pytest.raises(RuntimeError, match="outside workspace"):
+        ops.decode_attention(q, workspace, torch.tensor([0, 8]), 0, 0.25)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.decode_attention(torch.zeros(2, 2, 8), workspace, torch.tensor([0, 1]), 0, 0.25)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.decode_attention(q.double(), workspace, torch.tensor([0, 1]), 0, 0.25)
+
+
+E, D, I, TOP_K = 8, 48, 40, 2  # widths off the kernel's 32-column tiles, so the tails run too
+
+
+def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    routing = gate(x)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for a in range(TOP_K):
+            e = int(routing.expert_ids[t, a])
+            gate_up = w13[e] @ x[t]
+            out[t] += routing.weights[t, a] * (w2[e] @ (F.silu(gate_up[:I]) * gate_up[I:]))
+    return out
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 70])
+def test_moe_experts_fp32(ops, norm_topk_prob: bool, tokens: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    gate = Gate(torch.randn(E, D, generator=g), TOP_K, norm_topk_prob)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
+    x = torch.randn(tokens, D, generator=g)
+    out = ops.moe_experts(x, gate.weight, TOP_K, norm_topk_prob, w13.transpose(1, 2).contiguous(), None,
+                          w2.transpose(1, 2).contiguous(), None)
+    expected = reference_moe(x, gate, w13, w2)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_moe_experts_int8(ops) -> None:
+    g = torch.Generator().manual_seed(3)
+    gate = Gate(torch.randn(E, D, generator=g), TOP_K, True)
+    w13 = [pack_weight(torch.randn(2 * I, D, generator=g) * 0.1, "int8") for _ in range(E)]
+    w2 = [pack_weight(torch.randn(D, I, generator=g) * 0.1, "int8") for _ in range(E)]
+    x = torch.randn(9, D, generator=g)
+    out = ops.moe_experts(
+        x, gate.weight, TOP_K, True,
+        torch.stack([w.qweight.t() for w in w13]).contiguous(), torch.stack([w.scales.float() for w in w13]),
+        torch.stack([w.qweight.t() for w in w2]).contiguous(), torch.stack([w.scales.float() for w in w2]),
+    )
+    expected = reference_moe(x, gate, torch.stack([w.dequantize() for w in w13]),
+                             torch.stack([w.dequantize() for w in w2]))
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_moe_experts_rejects_bad_input(ops) -> None:
+    x, router = torch.zeros(2, D), torch.zeros(E, D)
+    w13t, w2t = torch.zeros(E, D, 2 * I), torch.zeros(E, I, D)
+    with pytest.raises(RuntimeError, match="top_k"):
+        ops.moe_experts(x, router, E + 1, True, w13t, None, w2t, None)
+    with pytest.raises(RuntimeError, match="w13t"):
+        ops.moe_experts(x, router, TOP_K, True, w13t[:, :-1].contiguous(), None, w2t, None)
+    with pytest.raises(RuntimeError, match="scales"):
+        ops.moe_experts(x, router, TOP_K, True, w13t.to(torch.int8), None, w2t.to(torch.int8), None)
