@@ -1,8 +1,8 @@
 """The compiled CPU kernels (moe_serve.kernels) against the torch ops they replace.
 
 Tolerances: 1e-5 absolute for RMSNorm and attention (fp32; different summation order, a polynomial exp within a
-few ulp), 1e-5 relative for the fp32 MoE block. int8 experts are checked against fp32 math on the dequantized
-weights, which the kernel computes exactly up to fp32 rounding.
+few ulp), 1e-5 relative for the MoE block. int8 and int4 experts are checked against fp32 math on the weights they
+stand for, which the kernel computes up to fp32 rounding (activations stay fp32).
 Shape legend: B sequences, H query heads, KVH kv heads, Lc workspace capacity, Hd head dim, T tokens, D hidden,
 E experts, I expert width.
 """
@@ -80,13 +80,14 @@ E, D, I, TOP_K = 8, 48, 40, 2  # widths off the kernel's 32-column tiles, so the
 
 
 def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    routing = gate(x)
+    """w13 [E, 2I, D], w2 [E, D, I]: each token's top-k experts one at a time."""
+    routing, inter = gate(x), w2.shape[2]
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for a in range(TOP_K):
             e = int(routing.expert_ids[t, a])
             gate_up = w13[e] @ x[t]
-            out[t] += routing.weights[t, a] * (w2[e] @ (F.silu(gate_up[:I]) * gate_up[I:]))
+            out[t] += routing.weights[t, a] * (w2[e] @ (F.silu(gate_up[:inter]) * gate_up[inter:]))
     return out
 
 
@@ -97,8 +98,8 @@ def test_moe_experts_fp32(ops, norm_topk_prob: bool, tokens: int) -> None:
     gate = Gate(torch.randn(E, D, generator=g), TOP_K, norm_topk_prob)
     w13, w2 = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
     x = torch.randn(tokens, D, generator=g)
-    out = ops.moe_experts(x, gate.weight, TOP_K, norm_topk_prob, w13.transpose(1, 2).contiguous(), None,
-                          w2.transpose(1, 2).contiguous(), None)
+    out = ops.moe_experts(x, gate.weight, TOP_K, norm_topk_prob, w13.transpose(1, 2).contiguous(), None, None,
+                          w2.transpose(1, 2).contiguous(), None, None, 0)
     expected = reference_moe(x, gate, w13, w2)
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
@@ -111,11 +112,32 @@ def test_moe_experts_int8(ops) -> None:
     x = torch.randn(9, D, generator=g)
     out = ops.moe_experts(
         x, gate.weight, TOP_K, True,
-        torch.stack([w.qweight.t() for w in w13]).contiguous(), torch.stack([w.scales.float() for w in w13]),
-        torch.stack([w.qweight.t() for w in w2]).contiguous(), torch.stack([w.scales.float() for w in w2]),
+        torch.stack([w.qweight.t() for w in w13]).contiguous(), torch.stack([w.scales.float() for w in w13]), None,
+        torch.stack([w.qweight.t() for w in w2]).contiguous(), torch.stack([w.scales.float() for w in w2]), None, 0,
     )
     expected = reference_moe(x, gate, torch.stack([w.dequantize() for w in w13]),
                              torch.stack([w.dequantize() for w in w2]))
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def random_int4(g: torch.Generator, k: int, n: int, group: int) -> tuple[torch.Tensor, ...]:
+    """One expert's [K, N] int4 weight in the kernel's layout, and the float [N, K] it stands for."""
+    codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
+    scales, offsets = torch.rand(k // group, n, generator=g) * 0.02, torch.randn(k // group, n, generator=g) * 0.01
+    dense = codes.float() * scales.repeat_interleave(group, 0) + offsets.repeat_interleave(group, 0)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)), scales, offsets, dense.t()
+
+
+@pytest.mark.parametrize(("hidden", "inter", "group"), [(64, 64, 32), (48, 40, 8)])  # the second has column tails
+def test_moe_experts_int4(ops, hidden: int, inter: int, group: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    gate = Gate(torch.randn(E, hidden, generator=g), TOP_K, True)
+    w13 = [random_int4(g, hidden, 2 * inter, group) for _ in range(E)]
+    w2 = [random_int4(g, inter, hidden, group) for _ in range(E)]
+    x = torch.randn(11, hidden, generator=g)
+    stacked = [[torch.stack([w[part] for w in ws]) for part in range(3)] for ws in (w13, w2)]
+    out = ops.moe_experts(x, gate.weight, TOP_K, True, *stacked[0], *stacked[1], group)
+    expected = reference_moe(x, gate, torch.stack([w[3] for w in w13]), torch.stack([w[3] for w in w2]))
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
@@ -123,8 +145,12 @@ def test_moe_experts_rejects_bad_input(ops) -> None:
     x, router = torch.zeros(2, D), torch.zeros(E, D)
     w13t, w2t = torch.zeros(E, D, 2 * I), torch.zeros(E, I, D)
     with pytest.raises(RuntimeError, match="top_k"):
-        ops.moe_experts(x, router, E + 1, True, w13t, None, w2t, None)
+        ops.moe_experts(x, router, E + 1, True, w13t, None, None, w2t, None, None, 0)
     with pytest.raises(RuntimeError, match="w13t"):
-        ops.moe_experts(x, router, TOP_K, True, w13t[:, :-1].contiguous(), None, w2t, None)
+        ops.moe_experts(x, router, TOP_K, True, w13t[:, :-1].contiguous(), None, None, w2t, None, None, 0)
     with pytest.raises(RuntimeError, match="scales"):
-        ops.moe_experts(x, router, TOP_K, True, w13t.to(torch.int8), None, w2t.to(torch.int8), None)
+        ops.moe_experts(x, router, TOP_K, True, w13t.to(torch.int8), None, None, w2t.to(torch.int8), None, None, 0)
+    with pytest.raises(RuntimeError, match="group size"):
+        pairs13, pairs2 = torch.zeros(E, D, I, dtype=torch.uint8), torch.zeros(E, I, D // 2, dtype=torch.uint8)
+        s13, s2 = torch.zeros(E, 1, 2 * I), torch.zeros(E, 1, D)
+        ops.moe_experts(x, router, TOP_K, True, pairs13, s13, s13, pairs2, s2, s2, 7)

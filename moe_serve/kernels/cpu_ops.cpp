@@ -134,6 +134,109 @@ void gemm_rows(const float* const* x, int64_t n, const W* wt, int64_t k_dim, int
   }
 }
 
+// int4: row k of wt holds N/2 bytes, column c in the low (c even) or high (c odd) nibble of byte c/2, and
+// w[k][c] = q * scale[k / G][c] + offset[k / G][c] (offset = zero - 8 scale, folded at packing). Per group of G
+// rows the tile sums x q, then scales once: y += scale * sum_k(x q) + offset * sum_k(x).
+template <int NT>
+inline void gemm_tile_int4(const float* const* x, const uint8_t* __restrict wt, const float* scale,
+                           const float* offset, int64_t group, int64_t k_dim, int64_t n_dim, float* const* y) {
+  const int64_t row_bytes = n_dim / 2;
+  int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  for (; c + 32 <= n_dim; c += 32) {
+    __m256 acc[NT][4];
+    for (int t = 0; t < NT; ++t)
+      for (int u = 0; u < 4; ++u) acc[t][u] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < k_dim; g0 += group) {
+      __m256 part[NT][4];
+      float xsum[NT];
+      for (int t = 0; t < NT; ++t) {
+        xsum[t] = 0.0f;
+        for (int u = 0; u < 4; ++u) part[t][u] = _mm256_setzero_ps();
+      }
+      for (int64_t k = g0; k < g0 + group; ++k) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt + k * row_bytes + c / 2));
+        const __m128i lo = _mm_and_si128(bytes, low_nibbles);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
+        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);  // columns in order
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(first));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(first, 8)));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(second));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(second, 8)));
+        for (int t = 0; t < NT; ++t) {
+          const float xk = x[t][k];
+          const __m256 xv = _mm256_set1_ps(xk);
+          xsum[t] += xk;
+          part[t][0] = _mm256_fmadd_ps(xv, w0, part[t][0]);
+          part[t][1] = _mm256_fmadd_ps(xv, w1, part[t][1]);
+          part[t][2] = _mm256_fmadd_ps(xv, w2, part[t][2]);
+          part[t][3] = _mm256_fmadd_ps(xv, w3, part[t][3]);
+        }
+      }
+      const float* sg = scale + (g0 / group) * n_dim + c;
+      const float* og = offset + (g0 / group) * n_dim + c;
+      for (int u = 0; u < 4; ++u) {
+        const __m256 sv = _mm256_loadu_ps(sg + 8 * u), ov = _mm256_loadu_ps(og + 8 * u);
+        for (int t = 0; t < NT; ++t) {
+          acc[t][u] = _mm256_fmadd_ps(sv, part[t][u], _mm256_fmadd_ps(_mm256_set1_ps(xsum[t]), ov, acc[t][u]));
+        }
+      }
+    }
+    for (int t = 0; t < NT; ++t)
+      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(y[t] + c + 8 * u, acc[t][u]);
+  }
+#endif
+  for (; c < n_dim; ++c) {
+    for (int t = 0; t < NT; ++t) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < k_dim; ++k) {
+        const uint8_t byte = wt[k * row_bytes + c / 2];
+        const float q = static_cast<float>(c % 2 ? byte >> 4 : byte & 0x0F);
+        const int64_t at = (k / group) * n_dim + c;
+        sum += x[t][k] * (q * scale[at] + offset[at]);
+      }
+      y[t][c] = sum;
+    }
+  }
+}
+
+// The formats an expert matrix [K, N] comes in, in the kernel's layout (input rows, output columns).
+enum class Format { kFloat, kInt8, kInt4 };
+
+struct Weight {
+  Format format;
+  const void* data;
+  const float* scale;   // int8: [N] per output column; int4: [K / G, N]
+  const float* offset;  // int4: [K / G, N]
+  int64_t group;        // int4: G
+};
+
+// y[j] = x[j] W for n rows (K long each) -> N columns.
+void gemm(const float* const* x, int64_t n, const Weight& w, int64_t k_dim, int64_t n_dim, float* const* y) {
+  if (w.format == Format::kFloat) {
+    gemm_rows<float>(x, n, static_cast<const float*>(w.data), k_dim, n_dim, y);
+    return;
+  }
+  if (w.format == Format::kInt8) {
+    gemm_rows<int8_t>(x, n, static_cast<const int8_t*>(w.data), k_dim, n_dim, y);
+    for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+      for (int64_t i = 0; i < n_dim; ++i) y[j][i] *= w.scale[i];
+    }
+    return;
+  }
+  const auto* bytes = static_cast<const uint8_t*>(w.data);
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) gemm_tile_int4<4>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t);
+  switch (n - t) {
+    case 3: gemm_tile_int4<3>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t); break;
+    case 2: gemm_tile_int4<2>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t); break;
+    case 1: gemm_tile_int4<1>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t); break;
+    default: break;
+  }
+}
+
 void check_cpu_float(const torch::Tensor& t, const char* name, int64_t dims) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
@@ -231,31 +334,20 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& work
 namespace {
 
 // Experts' SwiGLU FFN for n routed rows of one expert: x[j] [D] -> out[j] [D] (before combine weights).
-// w13t [D, 2I] (gate columns then up columns), w2t [I, D]; optional per-column scales s13 [2I], s2 [D] (int8).
-template <typename W>
-void expert_ffn(const float* const* x, int64_t n, int64_t d, int64_t inter, const W* w13t, const float* s13,
-                const W* w2t, const float* s2, float* hidden /* [n, 2I] */, float* const* out) {
+// w13: [D, 2I] (gate columns then up columns), w2: [I, D].
+void expert_ffn(const float* const* x, int64_t n, int64_t d, int64_t inter, const Weight& w13, const Weight& w2,
+                float* hidden /* [n, 2I] */, float* const* out) {
   const int64_t two_i = 2 * inter;
   std::vector<float*> gate_up(n);
   std::vector<const float*> act(n);
   for (int64_t j = 0; j < n; ++j) act[j] = gate_up[j] = hidden + j * two_i;
-  gemm_rows<W>(x, n, w13t, d, two_i, gate_up.data());
+  gemm(x, n, w13, d, two_i, gate_up.data());
   for (int64_t j = 0; j < n; ++j) {
     float* g = gate_up[j];
-    if (s13 != nullptr) {
-#pragma omp simd
-      for (int64_t i = 0; i < two_i; ++i) g[i] *= s13[i];
-    }
 #pragma omp simd
     for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[inter + i];  // silu(gate) * up
   }
-  gemm_rows<W>(act.data(), n, w2t, inter, d, out);  // rows of hidden: their first I entries
-  if (s2 != nullptr) {
-    for (int64_t j = 0; j < n; ++j) {
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) out[j][i] *= s2[i];
-    }
-  }
+  gemm(act.data(), n, w2, inter, d, out);  // rows of hidden: their first I entries
 }
 
 // Gate: logits [E] = router [E, D] x, then top-k (ties to the lower expert id) and the family's combine weights.
@@ -290,17 +382,75 @@ void route(const float* x, const float* router, int64_t e, int64_t d, int64_t to
   for (int64_t a = 0; a < top_k; ++a) weights[a] /= total;
 }
 
-template <typename W>
-torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& router, int64_t top_k, bool norm_topk_prob,
-                       const torch::Tensor& w13t, const c10::optional<torch::Tensor>& s13, const torch::Tensor& w2t,
-                       const c10::optional<torch::Tensor>& s2) {
-  const int64_t t = x.size(0), d = x.size(1), e = router.size(0), inter = w2t.size(1);
+// One stacked expert matrix argument [E, K, N] (int4: [E, K, N/2] bytes) with its scales, checked.
+struct StackedWeight {
+  Format format;
+  const uint8_t* data;
+  int64_t expert_bytes;
+  const float* scale;
+  int64_t scale_stride;
+  const float* offset;
+  int64_t group;
+
+  StackedWeight(const char* name, const torch::Tensor& w, const c10::optional<torch::Tensor>& s,
+                const c10::optional<torch::Tensor>& o, int64_t group_size, int64_t e, int64_t k, int64_t n)
+      : scale(nullptr), scale_stride(0), offset(nullptr), group(group_size) {
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 3, name, " must be a contiguous [E, K, N] CPU tensor");
+    const auto dtype = w.scalar_type();
+    format = dtype == torch::kFloat32 ? Format::kFloat : dtype == torch::kInt8 ? Format::kInt8 : Format::kInt4;
+    TORCH_CHECK(format != Format::kInt4 || dtype == torch::kUInt8, name, " must be float32, int8 or uint8 (int4 pairs), got ", dtype);
+    const int64_t n_stored = format == Format::kInt4 ? n / 2 : n;
+    TORCH_CHECK(w.size(0) == e && w.size(1) == k && w.size(2) == n_stored && (format != Format::kInt4 || n % 2 == 0),
+                name, " has shape ", w.sizes(), ", expected [", e, ", ", k, ", ", n_stored, "]");
+    data = static_cast<const uint8_t*>(w.data_ptr());
+    expert_bytes = k * n_stored * static_cast<int64_t>(w.element_size());
+    if (format == Format::kInt8) {
+      TORCH_CHECK(s, name, ": int8 experts need per-column scales");
+      check_cpu_float(*s, "int8 scales", 2);
+      TORCH_CHECK(s->size(0) == e && s->size(1) == n, name, " scales have shape ", s->sizes(), ", expected [", e, ", ", n, "]");
+      scale = s->data_ptr<float>();
+      scale_stride = n;
+    } else if (format == Format::kInt4) {
+      TORCH_CHECK(s && o, name, ": int4 experts need group scales and offsets");
+      TORCH_CHECK(group_size > 0 && k % group_size == 0, name, ": group size ", group_size, " does not divide ", k);
+      check_cpu_float(*s, "int4 scales", 3);
+      check_cpu_float(*o, "int4 offsets", 3);
+      TORCH_CHECK(s->sizes() == o->sizes() && s->size(0) == e && s->size(1) == k / group_size && s->size(2) == n,
+                  name, " scales have shape ", s->sizes(), ", expected [", e, ", ", k / group_size, ", ", n, "]");
+      scale = s->data_ptr<float>();
+      offset = o->data_ptr<float>();
+      scale_stride = (k / group_size) * n;
+    }
+  }
+
+  Weight expert(int64_t ex) const {
+    return {format, data + ex * expert_bytes, scale ? scale + ex * scale_stride : nullptr,
+            offset ? offset + ex * scale_stride : nullptr, group};
+  }
+};
+
+}  // namespace
+
+// Routed MoE for x [T, D]: gate (router [E, D], top_k, norm_topk_prob), every token through its top-k experts,
+// weighted sum -> [T, D]. Expert weights transposed for weight-stationary loops: w13t [E, D, 2I] (gate then up
+// columns), w2t [E, I, D], in one of three formats: float32; int8 with per-column scales s [E, N]; int4 as uint8
+// pairs [E, K, N/2] with group scales and offsets [E, K/G, N] (w = q * scale + offset, G = group_size).
+torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& router, int64_t top_k, bool norm_topk_prob,
+                          const torch::Tensor& w13t, const c10::optional<torch::Tensor>& s13,
+                          const c10::optional<torch::Tensor>& o13, const torch::Tensor& w2t,
+                          const c10::optional<torch::Tensor>& s2, const c10::optional<torch::Tensor>& o2,
+                          int64_t group_size) {
+  check_cpu_float(x, "x", 2);
+  check_cpu_float(router, "router", 2);
+  const int64_t t = x.size(0), d = x.size(1), e = router.size(0);
   TORCH_CHECK(router.size(1) == d, "router is ", router.sizes(), " for hidden size ", d);
   TORCH_CHECK(top_k >= 1 && top_k <= e, "top_k ", top_k, " out of range for ", e, " experts");
-  TORCH_CHECK(w13t.dim() == 3 && w13t.size(0) == e && w13t.size(1) == d && w13t.size(2) == 2 * inter &&
-                  w13t.is_contiguous(), "w13t must be contiguous [E, D, 2I], got ", w13t.sizes());
-  TORCH_CHECK(w2t.dim() == 3 && w2t.size(0) == e && w2t.size(2) == d && w2t.is_contiguous(),
-              "w2t must be contiguous [E, I, D], got ", w2t.sizes());
+  TORCH_CHECK(w2t.dim() == 3, "w2t must be [E, I, D]");
+  const int64_t inter = w2t.size(1);
+  const StackedWeight w13("w13t", w13t, s13, o13, group_size, e, d, 2 * inter);
+  const StackedWeight w2("w2t", w2t, s2, o2, group_size, e, inter, d);
+  TORCH_CHECK(w13.format == w2.format, "w13t and w2t must share a format");
+
   const float* xp = x.data_ptr<float>();
   std::vector<int64_t> experts(t * top_k);
   std::vector<float> weights(t * top_k), logits(e);
@@ -308,7 +458,7 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& router, int6
     route(xp + i * d, router.data_ptr<float>(), e, d, top_k, norm_topk_prob, experts.data() + i * top_k,
           weights.data() + i * top_k, logits.data());
   }
-  // pairs grouped by expert: tokens[start[e]..start[e+1]) are expert e's, pair_of gives their routing slot
+  // pairs grouped by expert: slots start[e]..start[e+1] are expert e's; tokens[] and pair_of[] per slot
   std::vector<int64_t> start(e + 1, 0), tokens(t * top_k), pair_of(t * top_k);
   for (int64_t p = 0; p < t * top_k; ++p) ++start[experts[p] + 1];
   for (int64_t i = 0; i < e; ++i) start[i + 1] += start[i];
@@ -318,11 +468,7 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& router, int6
     tokens[slot] = p / top_k;
     pair_of[slot] = p;
   }
-  std::vector<float> contrib(t * top_k * d);  // per routing slot [T A, D]
-  const W* w13p = w13t.data_ptr<W>();
-  const W* w2p = w2t.data_ptr<W>();
-  const float* s13p = s13 ? s13->data_ptr<float>() : nullptr;
-  const float* s2p = s2 ? s2->data_ptr<float>() : nullptr;
+  std::vector<float> contrib(t * top_k * d);  // per routing pair [T A, D]
   at::parallel_for(0, e, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> hidden;
     std::vector<const float*> rows;
@@ -337,8 +483,7 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& router, int6
         rows[j] = xp + tokens[start[ex] + j] * d;
         outs[j] = contrib.data() + pair_of[start[ex] + j] * d;
       }
-      expert_ffn<W>(rows.data(), n, d, inter, w13p + ex * d * 2 * inter, s13p ? s13p + ex * 2 * inter : nullptr,
-                    w2p + ex * inter * d, s2p ? s2p + ex * d : nullptr, hidden.data(), outs.data());
+      expert_ffn(rows.data(), n, d, inter, w13.expert(ex), w2.expert(ex), hidden.data(), outs.data());
     }
   });
   auto result = torch::zeros({t, d}, x.options());
@@ -353,27 +498,6 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& router, int6
     }
   }
   return result;
-}
-
-}  // namespace
-
-// Routed MoE for x [T, D]: gate (router [E, D], top_k, norm_topk_prob), every token through its top-k experts,
-// weighted sum -> [T, D]. Expert weights transposed for weight-stationary loops: w13t [E, D, 2I] (gate then up
-// columns), w2t [E, I, D]; float32, or int8 with per-output-channel scales s13 [E, 2I] and s2 [E, D].
-torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& router, int64_t top_k, bool norm_topk_prob,
-                          const torch::Tensor& w13t, const c10::optional<torch::Tensor>& s13,
-                          const torch::Tensor& w2t, const c10::optional<torch::Tensor>& s2) {
-  check_cpu_float(x, "x", 2);
-  check_cpu_float(router, "router", 2);
-  TORCH_CHECK(w13t.scalar_type() == w2t.scalar_type(), "w13t and w2t must share a dtype");
-  if (w13t.scalar_type() == torch::kInt8) {
-    TORCH_CHECK(s13 && s2, "int8 experts need scales s13 and s2");
-    check_cpu_float(*s13, "s13", 2);
-    check_cpu_float(*s2, "s2", 2);
-    return moe_impl<int8_t>(x, router, top_k, norm_topk_prob, w13t, s13, w2t, s2);
-  }
-  TORCH_CHECK(w13t.scalar_type() == torch::kFloat32, "experts must be float32 or int8, got ", w13t.scalar_type());
-  return moe_impl<float>(x, router, top_k, norm_topk_prob, w13t, c10::nullopt, w2t, c10::nullopt);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -190,7 +190,8 @@ class StackedExperts:
         self.gate, self.num_experts, self.intermediate_size = gate, e, i
         self.mode: QuantMode = _stack_mode(stack)
         self._scratch = scratch
-        self._kernel_args: tuple[torch.Tensor | None, ...] | None = None  # fp32 / int8 with compiled kernels
+        # moe_experts' arguments after norm_topk_prob (router first), when the compiled kernels are there
+        self._kernel_args: tuple[torch.Tensor | int | None, ...] | None = None
         router = gate.weight.float()
         if self.mode == "none":
             # [E 2I + E, D]: expert e's gate rows then its up rows, for every expert, then the router's rows
@@ -202,7 +203,7 @@ class StackedExperts:
             if _OPS is not None:  # the kernel reads gate_up transposed, [E, D, 2I] (a copy; down is shared)
                 self._kernel_args = (self.gate_up_router[2 * e * i :],
                                      self.gate_up_router[: 2 * e * i].view(e, 2 * i, d).transpose(1, 2).contiguous(),
-                                     None, self.down_t.view(e, i, d), None)
+                                     None, None, self.down_t.view(e, i, d), None, None, 0)
         elif self.mode == "int8":
             w13, w2 = [_as_int8(w) for w in stack.w13], [_as_int8(w) for w in stack.w2]
             self.q13 = torch.cat([w.qweight for w in w13])  # [E 2I, D] int8
@@ -217,7 +218,7 @@ class StackedExperts:
             stack.w2 = [Int8Weight(q.t(), s) for q, s in zip(self.q2_t, scales2)]
             if _OPS is not None:  # the kernel reads gate_up transposed, [E, D, 2I] int8 (a copy)
                 self._kernel_args = (router, self.q13.view(e, 2 * i, d).transpose(1, 2).contiguous(),
-                                     self.s13.view(e, 2 * i), self.q2_t, self.s2.view(e, d))
+                                     self.s13.view(e, 2 * i), None, self.q2_t, self.s2.view(e, d), None, 0)
         else:
             w13, w2 = [_as_int4(w) for w in stack.w13], [_as_int4(w) for w in stack.w2]
             self.group_size = w13[0].group_size
@@ -229,16 +230,18 @@ class StackedExperts:
             rows = 2 * i
             stack.w13 = [Int4Weight(self.p13[k * rows : (k + 1) * rows], w.scales_and_zeros, w.group_size)
                          for k, w in enumerate(w13)]
+            if _OPS is not None:  # the kernel's own int4 layout (_int4_kernel_layout): a second packed copy
+                self._kernel_args = (router, *_int4_kernel_layout(w13), *_int4_kernel_layout(w2), self.group_size)
 
     @property
     def has_kernel(self) -> bool:
         return self._kernel_args is not None
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The compiled routed kernel (fp32 and int8): gate, top-k, experts and combine in one call."""
+        """The compiled routed kernel: gate, top-k, experts and combine in one call."""
         assert _OPS is not None and self._kernel_args is not None
-        router, w13t, s13, w2t, s2 = self._kernel_args
-        return _OPS.moe_experts(x, router, self.gate.top_k, self.gate.norm_topk_prob, w13t, s13, w2t, s2)
+        router, *weights = self._kernel_args
+        return _OPS.moe_experts(x, router, self.gate.top_k, self.gate.norm_topk_prob, *weights)
 
     def __call__(self, x: torch.Tensor, routed: bool) -> torch.Tensor:
         """x [T, D] fp32 -> [T, D]: the weighted sum of each token's routed experts."""
@@ -361,6 +364,17 @@ def _as_int4(w: PackedWeight) -> Int4Weight:
     return w
 
 
+def _int4_kernel_layout(weights: list[Int4Weight]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked int4 experts [N, K] as the compiled kernel reads them: codes transposed to [E, K, N/2] byte pairs
+    (column c in the low nibble of byte c // 2 when c is even, the high one when odd), and per group the scale and
+    offset [E, K/G, N] with w = q * scale + offset (offset = zero - 8 scale)."""
+    codes = torch.stack([int4_codes(w).t() for w in weights]).to(torch.uint8)  # [E, K, N]
+    pairs = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    scales_and_zeros = torch.stack([w.scales_and_zeros.float() for w in weights])  # [E, K/G, N, 2]
+    scales, zeros = scales_and_zeros.unbind(-1)
+    return pairs, scales.contiguous(), (zeros - 8 * scales).contiguous()
+
+
 def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
     buf = buffers.get(name)
     if buf is None or buf.shape != shape:
@@ -397,12 +411,12 @@ class LocalMoE:
     def _path(self, layer: int, t: int) -> str:
         """kernel, dense, routed (all three on the stacked experts) or loop, for a batch of t tokens (bench numbers
         in the module docstring). Only layers small enough for dense to ever pay (dense_max > 0) are stacked; the
-        compiled kernel, where there is one (fp32, int8), beat the torch paths at every t from 1 to 512."""
+        compiled kernel, when built, beat the torch paths in every mode at every t from 1 to 512."""
         dense_max = self._dense_max_tokens[layer]
         if not dense_max:
             return "loop"
         mode = _stack_mode(self.experts[layer])
-        if _OPS is not None and mode != "int4":
+        if _OPS is not None:
             return "kernel"
         if mode == "int4":  # its kernel only pays stacked while dense is cheap
             return "dense" if t <= dense_max else "loop"
