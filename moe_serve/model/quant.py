@@ -27,7 +27,8 @@ Speed (bench/quant.py, medians): from [1024 x 256] up, both modes beat fp32 `F.l
 2 threads, 2.9 us on 1; the whole fp32 `F.linear`: 2.6 us), so the D = 64 experts run 2-4x slower
 quantized at T = 1 and up to 1.3x slower at T = 8-32, and [256 x 512] is ~1.2x slower at T = 1. No
 kernel here avoids that; at that size the memory saved is immaterial, so tiny models are best served
-with mode "none".
+with mode "none". (Stacked experts of small models skip these kernels when the compiled MoE kernel of
+moe_serve/kernels is built: it converts int8 and int4 on the fly and runs them about as fast as fp32.)
 
 Measured relative error of `x @ W_q.T` against the fp32 weight (Frobenius, Gaussian x). Gaussian
 weights, bench/quant.py shapes: int8 0.6-0.9% (growing with in_features), int4 7.0-8.2% (group 32);
