@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.kernels import build_dir, cpu_ops
+from moe_serve.kernels.layout import int4_panels, pad_columns, padded, panels
 from moe_serve.model.moe import Gate
 from moe_serve.model.quant import pack_weight
 
@@ -76,7 +77,7 @@ def test_decode_attention_rejects_bad_input(ops) -> None:
         ops.decode_attention(q.double(), workspace, torch.tensor([0, 1]), 0, 0.25)
 
 
-E, D, I, TOP_K = 8, 48, 40, 2  # widths off the kernel's 32-column tiles, so the tails run too
+E, D, I, TOP_K = 8, 48, 40, 2  # widths off the kernel's 32-column panels, so the padded ones run too
 
 
 def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -91,66 +92,83 @@ def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tens
     return out
 
 
+def random_int4(g: torch.Generator, k: int, n: int, group: int) -> tuple[torch.Tensor, ...]:
+    """One expert's [K, N] int4 weight: codes, group scales and offsets, and the float [N, K] it stands for."""
+    codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
+    scales, offsets = torch.rand(k // group, n, generator=g) * 0.02, torch.randn(k // group, n, generator=g) * 0.01
+    dense = codes.float() * scales.repeat_interleave(group, 0) + offsets.repeat_interleave(group, 0)
+    return codes, scales, offsets, dense.t()
+
+
+def random_experts(g: torch.Generator, mode: str, hidden: int, inter: int, group: int = 8) -> tuple[tuple, ...]:
+    """moe_experts' weight arguments in `mode`, and the float w13 [E, 2I, D], w2 [E, D, I] they stand for."""
+    if mode == "int4":
+        w13 = [random_int4(g, hidden, 2 * inter, group) for _ in range(E)]
+        w2 = [random_int4(g, inter, hidden, group) for _ in range(E)]
+        args = [(int4_panels(torch.stack([w[0] for w in ws])),
+                 *(pad_columns(torch.stack([w[part] for w in ws])) for part in (1, 2))) for ws in (w13, w2)]
+        return (*args[0], *args[1], group), (torch.stack([w[3] for w in w13]), torch.stack([w[3] for w in w2]))
+    w13 = torch.randn(E, 2 * inter, hidden, generator=g) * 0.1
+    w2 = torch.randn(E, hidden, inter, generator=g) * 0.1
+    if mode == "none":
+        return (panels(w13.transpose(1, 2)), None, None, panels(w2.transpose(1, 2)), None, None, 0), (w13, w2)
+    q13, q2 = [pack_weight(w, "int8") for w in w13], [pack_weight(w, "int8") for w in w2]
+    args = [(panels(torch.stack([w.qweight.t() for w in ws])), pad_columns(torch.stack([w.scales.float() for w in ws])),
+             None) for ws in (q13, q2)]
+    dense = tuple(torch.stack([w.dequantize() for w in ws]) for ws in (q13, q2))
+    return (*args[0], *args[1], 0), dense
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-@pytest.mark.parametrize("tokens", [1, 3, 16, 70])
-def test_moe_experts_fp32(ops, norm_topk_prob: bool, tokens: int) -> None:
+@pytest.mark.parametrize("tokens", [1, 3, 16, 70])  # 16 and 70: more rows per expert than one register tile
+def test_moe_experts(ops, mode: str, norm_topk_prob: bool, tokens: int) -> None:
     g = torch.Generator().manual_seed(2)
     gate = Gate(torch.randn(E, D, generator=g), TOP_K, norm_topk_prob)
-    w13, w2 = torch.randn(E, 2 * I, D, generator=g) * 0.1, torch.randn(E, D, I, generator=g) * 0.1
+    args, (w13, w2) = random_experts(g, mode, D, I)
     x = torch.randn(tokens, D, generator=g)
-    out = ops.moe_experts(x, gate.weight, TOP_K, norm_topk_prob, w13.transpose(1, 2).contiguous(), None, None,
-                          w2.transpose(1, 2).contiguous(), None, None, 0)
+    out = ops.moe_experts(x, gate.weight, TOP_K, norm_topk_prob, *args)
     expected = reference_moe(x, gate, w13, w2)
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
-def test_moe_experts_int8(ops) -> None:
-    g = torch.Generator().manual_seed(3)
-    gate = Gate(torch.randn(E, D, generator=g), TOP_K, True)
-    w13 = [pack_weight(torch.randn(2 * I, D, generator=g) * 0.1, "int8") for _ in range(E)]
-    w2 = [pack_weight(torch.randn(D, I, generator=g) * 0.1, "int8") for _ in range(E)]
-    x = torch.randn(9, D, generator=g)
-    out = ops.moe_experts(
-        x, gate.weight, TOP_K, True,
-        torch.stack([w.qweight.t() for w in w13]).contiguous(), torch.stack([w.scales.float() for w in w13]), None,
-        torch.stack([w.qweight.t() for w in w2]).contiguous(), torch.stack([w.scales.float() for w in w2]), None, 0,
-    )
-    expected = reference_moe(x, gate, torch.stack([w.dequantize() for w in w13]),
-                             torch.stack([w.dequantize() for w in w2]))
-    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
-
-
-def random_int4(g: torch.Generator, k: int, n: int, group: int) -> tuple[torch.Tensor, ...]:
-    """One expert's [K, N] int4 weight in the kernel's layout, and the float [N, K] it stands for."""
-    codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
-    scales, offsets = torch.rand(k // group, n, generator=g) * 0.02, torch.randn(k // group, n, generator=g) * 0.01
-    dense = codes.float() * scales.repeat_interleave(group, 0) + offsets.repeat_interleave(group, 0)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)), scales, offsets, dense.t()
-
-
-@pytest.mark.parametrize(("hidden", "inter", "group"), [(64, 64, 32), (48, 40, 8)])  # the second has column tails
-def test_moe_experts_int4(ops, hidden: int, inter: int, group: int) -> None:
+@pytest.mark.parametrize(("hidden", "inter", "group"), [(64, 64, 32), (96, 160, 32)])  # whole panels only
+def test_moe_experts_int4_groups(ops, hidden: int, inter: int, group: int) -> None:
     g = torch.Generator().manual_seed(5)
     gate = Gate(torch.randn(E, hidden, generator=g), TOP_K, True)
-    w13 = [random_int4(g, hidden, 2 * inter, group) for _ in range(E)]
-    w2 = [random_int4(g, inter, hidden, group) for _ in range(E)]
+    args, (w13, w2) = random_experts(g, "int4", hidden, inter, group)
     x = torch.randn(11, hidden, generator=g)
-    stacked = [[torch.stack([w[part] for w in ws]) for part in range(3)] for ws in (w13, w2)]
-    out = ops.moe_experts(x, gate.weight, TOP_K, True, *stacked[0], *stacked[1], group)
-    expected = reference_moe(x, gate, torch.stack([w[3] for w in w13]), torch.stack([w[3] for w in w2]))
+    out = ops.moe_experts(x, gate.weight, TOP_K, True, *args)
+    expected = reference_moe(x, gate, w13, w2)
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_moe_experts_row_does_not_depend_on_its_batch(ops, mode: str) -> None:
+    """A token's output is bit-identical alone and in a batch that sends dozens of rows to its experts (where
+    quantized panels are decoded once for all rows instead of inline)."""
+    g = torch.Generator().manual_seed(7)
+    gate = Gate(torch.randn(E, D, generator=g), TOP_K, True)
+    args, _ = random_experts(g, mode, D, I)
+    x = torch.randn(64, D, generator=g)
+    batched = ops.moe_experts(x, gate.weight, TOP_K, True, *args)
+    for row in (0, 31, 63):
+        alone = ops.moe_experts(x[row : row + 1].contiguous(), gate.weight, TOP_K, True, *args)
+        assert torch.equal(alone[0], batched[row])
 
 
 def test_moe_experts_rejects_bad_input(ops) -> None:
     x, router = torch.zeros(2, D), torch.zeros(E, D)
-    w13t, w2t = torch.zeros(E, D, 2 * I), torch.zeros(E, I, D)
+    w13, w2 = panels(torch.zeros(E, D, 2 * I)), panels(torch.zeros(E, I, D))
     with pytest.raises(RuntimeError, match="top_k"):
-        ops.moe_experts(x, router, E + 1, True, w13t, None, None, w2t, None, None, 0)
-    with pytest.raises(RuntimeError, match="w13t"):
-        ops.moe_experts(x, router, TOP_K, True, w13t[:, :-1].contiguous(), None, None, w2t, None, None, 0)
+        ops.moe_experts(x, router, E + 1, True, w13, None, None, w2, None, None, 0)
+    with pytest.raises(RuntimeError, match="w13"):
+        ops.moe_experts(x, router, TOP_K, True, w13[:, :, :-1].contiguous(), None, None, w2, None, None, 0)
+    with pytest.raises(RuntimeError, match="panels"):
+        ops.moe_experts(x, router, TOP_K, True, torch.zeros(E, D, 2 * I), None, None, w2, None, None, 0)
     with pytest.raises(RuntimeError, match="scales"):
-        ops.moe_experts(x, router, TOP_K, True, w13t.to(torch.int8), None, None, w2t.to(torch.int8), None, None, 0)
+        ops.moe_experts(x, router, TOP_K, True, w13.to(torch.int8), None, None, w2.to(torch.int8), None, None, 0)
     with pytest.raises(RuntimeError, match="group size"):
-        pairs13, pairs2 = torch.zeros(E, D, I, dtype=torch.uint8), torch.zeros(E, I, D // 2, dtype=torch.uint8)
-        s13, s2 = torch.zeros(E, 1, 2 * I), torch.zeros(E, 1, D)
-        ops.moe_experts(x, router, TOP_K, True, pairs13, s13, s13, pairs2, s2, s2, 7)
+        codes13, codes2 = int4_panels(torch.zeros(E, D, 2 * I)), int4_panels(torch.zeros(E, I, D))
+        s13, s2 = torch.zeros(E, 1, padded(2 * I)), torch.zeros(E, 1, padded(D))
+        ops.moe_experts(x, router, TOP_K, True, codes13, s13, s13, codes2, s2, s2, 7)

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -72,17 +73,10 @@ inline void dot_rows(const float* q, const float* keys, int64_t n, int64_t hd, f
   }
 }
 
-// y[t, 0..N) = sum_k x[t][k] * wt[k, 0..N) for NT rows x[t] (each K long): register-blocked, weight-stationary.
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-#endif
-
-// y[t][0..N) = sum_k x[t][k] * wt[k][0..N) for NT rows: register-blocked, each weight row read once per tile.
-template <typename W, int NT>
-inline void gemm_tile(const float* const* x, const W* __restrict wt, int64_t k_dim, int64_t n_dim, float* const* y) {
+// y[t][0..N) = sum_k x[t][k] * wt[k][0..N) for NT rows, wt [K, N] row-major (attention's values): register-blocked,
+// each weight row read once per tile.
+template <int NT>
+inline void gemm_tile(const float* const* x, const float* __restrict wt, int64_t k_dim, int64_t n_dim, float* const* y) {
   int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   for (; c + 32 <= n_dim; c += 32) {
@@ -90,8 +84,9 @@ inline void gemm_tile(const float* const* x, const W* __restrict wt, int64_t k_d
     for (int t = 0; t < NT; ++t)
       for (int u = 0; u < 4; ++u) acc[t][u] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_dim; ++k) {
-      const W* w = wt + k * n_dim + c;
-      const __m256 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16), w3 = load8(w + 24);
+      const float* w = wt + k * n_dim + c;
+      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), w2 = _mm256_loadu_ps(w + 16),
+                   w3 = _mm256_loadu_ps(w + 24);
       for (int t = 0; t < NT; ++t) {
         const __m256 xv = _mm256_set1_ps(x[t][k]);
         acc[t][0] = _mm256_fmadd_ps(xv, w0, acc[t][0]);
@@ -107,7 +102,7 @@ inline void gemm_tile(const float* const* x, const W* __restrict wt, int64_t k_d
     __m256 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_dim; ++k) {
-      const __m256 w0 = load8(wt + k * n_dim + c);
+      const __m256 w0 = _mm256_loadu_ps(wt + k * n_dim + c);
       for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(x[t][k]), w0, acc[t]);
     }
     for (int t = 0; t < NT; ++t) _mm256_storeu_ps(y[t] + c, acc[t]);
@@ -116,124 +111,248 @@ inline void gemm_tile(const float* const* x, const W* __restrict wt, int64_t k_d
   for (; c < n_dim; ++c) {
     for (int t = 0; t < NT; ++t) {
       float s = 0.0f;
-      for (int64_t k = 0; k < k_dim; ++k) s += x[t][k] * static_cast<float>(wt[k * n_dim + c]);
+      for (int64_t k = 0; k < k_dim; ++k) s += x[t][k] * wt[k * n_dim + c];
       y[t][c] = s;
     }
   }
 }
 
-template <typename W>
-void gemm_rows(const float* const* x, int64_t n, const W* wt, int64_t k_dim, int64_t n_dim, float* const* y) {
+void gemm_rows(const float* const* x, int64_t n, const float* wt, int64_t k_dim, int64_t n_dim, float* const* y) {
   int64_t t = 0;
-  for (; t + 4 <= n; t += 4) gemm_tile<W, 4>(x + t, wt, k_dim, n_dim, y + t);
+  for (; t + 4 <= n; t += 4) gemm_tile<4>(x + t, wt, k_dim, n_dim, y + t);
   switch (n - t) {
-    case 3: gemm_tile<W, 3>(x + t, wt, k_dim, n_dim, y + t); break;
-    case 2: gemm_tile<W, 2>(x + t, wt, k_dim, n_dim, y + t); break;
-    case 1: gemm_tile<W, 1>(x + t, wt, k_dim, n_dim, y + t); break;
+    case 3: gemm_tile<3>(x + t, wt, k_dim, n_dim, y + t); break;
+    case 2: gemm_tile<2>(x + t, wt, k_dim, n_dim, y + t); break;
+    case 1: gemm_tile<1>(x + t, wt, k_dim, n_dim, y + t); break;
     default: break;
   }
 }
 
-// int4: row k of wt holds N/2 bytes, column c in the low (c even) or high (c odd) nibble of byte c/2, and
-// w[k][c] = q * scale[k / G][c] + offset[k / G][c] (offset = zero - 8 scale, folded at packing). Per group of G
-// rows the tile sums x q, then scales once: y += scale * sum_k(x q) + offset * sum_k(x).
-template <int NT>
-inline void gemm_tile_int4(const float* const* x, const uint8_t* __restrict wt, const float* scale,
-                           const float* offset, int64_t group, int64_t k_dim, int64_t n_dim, float* const* y) {
-  const int64_t row_bytes = n_dim / 2;
-  int64_t c = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-  for (; c + 32 <= n_dim; c += 32) {
-    __m256 acc[NT][4];
-    for (int t = 0; t < NT; ++t)
-      for (int u = 0; u < 4; ++u) acc[t][u] = _mm256_setzero_ps();
-    for (int64_t g0 = 0; g0 < k_dim; g0 += group) {
-      __m256 part[NT][4];
-      float xsum[NT];
-      for (int t = 0; t < NT; ++t) {
-        xsum[t] = 0.0f;
-        for (int u = 0; u < 4; ++u) part[t][u] = _mm256_setzero_ps();
-      }
-      for (int64_t k = g0; k < g0 + group; ++k) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt + k * row_bytes + c / 2));
-        const __m128i lo = _mm_and_si128(bytes, low_nibbles);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
-        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);  // columns in order
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(first));
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(first, 8)));
-        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(second));
-        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(second, 8)));
-        for (int t = 0; t < NT; ++t) {
-          const float xk = x[t][k];
-          const __m256 xv = _mm256_set1_ps(xk);
-          xsum[t] += xk;
-          part[t][0] = _mm256_fmadd_ps(xv, w0, part[t][0]);
-          part[t][1] = _mm256_fmadd_ps(xv, w1, part[t][1]);
-          part[t][2] = _mm256_fmadd_ps(xv, w2, part[t][2]);
-          part[t][3] = _mm256_fmadd_ps(xv, w3, part[t][3]);
-        }
-      }
-      const float* sg = scale + (g0 / group) * n_dim + c;
-      const float* og = offset + (g0 / group) * n_dim + c;
-      for (int u = 0; u < 4; ++u) {
-        const __m256 sv = _mm256_loadu_ps(sg + 8 * u), ov = _mm256_loadu_ps(og + 8 * u);
-        for (int t = 0; t < NT; ++t) {
-          acc[t][u] = _mm256_fmadd_ps(sv, part[t][u], _mm256_fmadd_ps(_mm256_set1_ps(xsum[t]), ov, acc[t][u]));
-        }
-      }
-    }
-    for (int t = 0; t < NT; ++t)
-      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(y[t] + c + 8 * u, acc[t][u]);
-  }
+// ---- Expert matmuls over column panels ------------------------------------------------------------------------
+// An expert matrix [K, N] (input rows, output columns) is stored as P = ceil(N / 32) panels of [K, 32], columns
+// past N zero, each panel contiguous: it streams from memory in order and stays in cache while every token row
+// uses it (moe_serve/kernels/layout.py writes this layout). Formats:
+// - float32: a panel is [K, 32] floats;
+// - int8: [K, 32] codes, y[c] = scale[c] * sum_k x[k] q[k][c] (per-column scales [P 32]);
+// - int4: [K, 16] bytes, byte j holding column j (low nibble) and column j + 16 (high nibble), and
+//   w[k][c] = q * scale[k / G][c] + offset[k / G][c] ([K / G, P 32] each); per group of G rows the tile sums
+//   x q, then scales once: y += scale * sum_k(x q) + offset * sum_k(x).
+// Up to kMaxRows token rows share each weight load (a register tile). With more rows, a quantized panel is first
+// decoded into floats (its codes, unscaled), which all row tiles then read: the same arithmetic as decoding inline,
+// so a row's result never depends on how many rows share its expert.
+constexpr int64_t kPanel = 32;
+constexpr int kMaxRows = 4;
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kVecs = 2;  // vectors per panel row
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float v) { return _mm512_set1_ps(v); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline void load_row(const float* p, Vec* w) {
+  w[0] = vload(p);
+  w[1] = vload(p + 16);
+}
+inline void load_row(const int8_t* p, Vec* w) {
+  w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(p)));
+  w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(p + 16)));
+}
+inline void load_row(const uint8_t* p, Vec* w) {  // int4: 16 bytes -> 32 codes
+  const __m128i bytes = load16(p), mask = _mm_set1_epi8(0x0F);
+  w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
+  w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using Vec = __m256;
+constexpr int kVecs = 4;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float v) { return _mm256_set1_ps(v); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline void load_row(const float* p, Vec* w) {
+  for (int u = 0; u < 4; ++u) w[u] = vload(p + 8 * u);
+}
+inline void load_row(const int8_t* p, Vec* w) {
+  for (int u = 0; u < 4; ++u)
+    w[u] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * u))));
+}
+inline void load_row(const uint8_t* p, Vec* w) {  // int4: 16 bytes -> 32 codes
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+#else  // portable: eight floats per "vector", loops the compiler may vectorize
+struct Vec {
+  float v[8];
+};
+constexpr int kVecs = 4;
+inline Vec vzero() { return Vec{}; }
+inline Vec vset1(float x) {
+  Vec r;
+  for (float& e : r.v) e = x;
+  return r;
+}
+inline Vec vload(const float* p) {
+  Vec r;
+  std::memcpy(r.v, p, sizeof r.v);
+  return r;
+}
+inline void vstore(float* p, Vec a) { std::memcpy(p, a.v, sizeof a.v); }
+inline Vec vfma(Vec a, Vec b, Vec c) {
+  for (int i = 0; i < 8; ++i) c.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return c;
+}
+inline Vec vmul(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+inline void load_row(const float* p, Vec* w) {
+  for (int u = 0; u < 4; ++u) w[u] = vload(p + 8 * u);
+}
+inline void load_row(const int8_t* p, Vec* w) {
+  for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = p[c];
+}
+inline void load_row(const uint8_t* p, Vec* w) {
+  for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = c < 16 ? (p[c] & 0x0F) : (p[c - 16] >> 4);
+}
 #endif
-  for (; c < n_dim; ++c) {
+constexpr int64_t kLanes = kPanel / kVecs;
+
+// elements of one panel row: int4 packs two columns a byte
+template <typename W>
+constexpr int64_t panel_row = std::is_same<W, uint8_t>::value ? kPanel / 2 : kPanel;
+
+// acc[t] = x[t] panel for NT rows (K long each): one panel's 32 columns.
+template <typename W, int NT>
+inline void panel_tile(const float* const* x, const W* __restrict panel, int64_t k_dim, Vec (*acc)[kVecs]) {
+  for (int t = 0; t < NT; ++t)
+    for (int u = 0; u < kVecs; ++u) acc[t][u] = vzero();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    Vec w[kVecs];
+    load_row(panel + k * panel_row<W>, w);
     for (int t = 0; t < NT; ++t) {
-      float sum = 0.0f;
-      for (int64_t k = 0; k < k_dim; ++k) {
-        const uint8_t byte = wt[k * row_bytes + c / 2];
-        const float q = static_cast<float>(c % 2 ? byte >> 4 : byte & 0x0F);
-        const int64_t at = (k / group) * n_dim + c;
-        sum += x[t][k] * (q * scale[at] + offset[at]);
-      }
-      y[t][c] = sum;
+      const Vec xv = vset1(x[t][k]);
+      for (int u = 0; u < kVecs; ++u) acc[t][u] = vfma(xv, w[u], acc[t][u]);
     }
   }
 }
 
-// The formats an expert matrix [K, N] comes in, in the kernel's layout (input rows, output columns).
+// int4's tile: codes summed per group of rows, then scale and offset (at the panel's columns, row stride n_pad);
+// xsum[t][g] = sum of x[t] over group g.
+template <typename W, int NT>
+inline void panel_tile_grouped(const float* const* x, const float* const* xsum, const W* __restrict panel,
+                               const float* scale, const float* offset, int64_t n_pad, int64_t group, int64_t k_dim,
+                               Vec (*acc)[kVecs]) {
+  for (int t = 0; t < NT; ++t)
+    for (int u = 0; u < kVecs; ++u) acc[t][u] = vzero();
+  for (int64_t g = 0; g * group < k_dim; ++g) {
+    Vec part[NT][kVecs];
+    for (int t = 0; t < NT; ++t)
+      for (int u = 0; u < kVecs; ++u) part[t][u] = vzero();
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      Vec w[kVecs];
+      load_row(panel + k * panel_row<W>, w);
+      for (int t = 0; t < NT; ++t) {
+        const Vec xv = vset1(x[t][k]);
+        for (int u = 0; u < kVecs; ++u) part[t][u] = vfma(xv, w[u], part[t][u]);
+      }
+    }
+    for (int u = 0; u < kVecs; ++u) {
+      const Vec sv = vload(scale + g * n_pad + u * kLanes), ov = vload(offset + g * n_pad + u * kLanes);
+      for (int t = 0; t < NT; ++t) acc[t][u] = vfma(sv, part[t][u], vfma(vset1(xsum[t][g]), ov, acc[t][u]));
+    }
+  }
+}
+
+// y[t][c .. c + width) = acc[t] (times the column scales when given).
+template <int NT>
+inline void store_tile(Vec (*acc)[kVecs], const float* col_scale, int64_t width, float* const* y, int64_t c) {
+  for (int t = 0; t < NT; ++t) {
+    float row[kPanel];
+    float* dst = width == kPanel ? y[t] + c : row;
+    for (int u = 0; u < kVecs; ++u) vstore(dst + u * kLanes, col_scale ? vmul(acc[t][u], vload(col_scale + u * kLanes)) : acc[t][u]);
+    if (dst == row) std::memcpy(y[t] + c, row, width * sizeof(float));
+  }
+}
+
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, kMaxRows>{}); break;
+  }
+}
+
+// The formats an expert matrix comes in (see the panel layout above).
 enum class Format { kFloat, kInt8, kInt4 };
 
 struct Weight {
   Format format;
-  const void* data;
-  const float* scale;   // int8: [N] per output column; int4: [K / G, N]
-  const float* offset;  // int4: [K / G, N]
+  const void* data;     // P panels
+  const float* scale;   // int8: [P 32] per output column; int4: [K / G, P 32]
+  const float* offset;  // int4: [K / G, P 32]
   int64_t group;        // int4: G
 };
 
-// y[j] = x[j] W for n rows (K long each) -> N columns.
-void gemm(const float* const* x, int64_t n, const Weight& w, int64_t k_dim, int64_t n_dim, float* const* y) {
-  if (w.format == Format::kFloat) {
-    gemm_rows<float>(x, n, static_cast<const float*>(w.data), k_dim, n_dim, y);
-    return;
-  }
-  if (w.format == Format::kInt8) {
-    gemm_rows<int8_t>(x, n, static_cast<const int8_t*>(w.data), k_dim, n_dim, y);
-    for (int64_t j = 0; j < n; ++j) {
-#pragma omp simd
-      for (int64_t i = 0; i < n_dim; ++i) y[j][i] *= w.scale[i];
+// Rows x[0..n) (K long each) times panel p of w ([K, N]) -> y[j][32 p .. 32 p + 32) (clipped to N). xsum: int4's
+// per-group row sums. scratch: K * 32 floats, for decoding a quantized panel once when more than a tile of rows
+// share it.
+void gemm_panel(const float* const* x, const float* const* xsum, int64_t n, const Weight& w, int64_t k_dim,
+                int64_t n_dim, int64_t p, float* const* y, float* scratch) {
+  const int64_t n_pad = (n_dim + kPanel - 1) / kPanel * kPanel, c = p * kPanel;
+  const int64_t width = std::min(kPanel, n_dim - c);
+  const float* decoded = nullptr;
+  if (w.format != Format::kFloat && n > kMaxRows) {
+    Vec row[kVecs];
+    for (int64_t k = 0; k < k_dim; ++k) {
+      if (w.format == Format::kInt8) {
+        load_row(static_cast<const int8_t*>(w.data) + (p * k_dim + k) * kPanel, row);
+      } else {
+        load_row(static_cast<const uint8_t*>(w.data) + (p * k_dim + k) * (kPanel / 2), row);
+      }
+      for (int u = 0; u < kVecs; ++u) vstore(scratch + k * kPanel + u * kLanes, row[u]);
     }
-    return;
+    decoded = scratch;
   }
-  const auto* bytes = static_cast<const uint8_t*>(w.data);
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) gemm_tile_int4<4>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t);
-  switch (n - t) {
-    case 3: gemm_tile_int4<3>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t); break;
-    case 2: gemm_tile_int4<2>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t); break;
-    case 1: gemm_tile_int4<1>(x + t, bytes, w.scale, w.offset, w.group, k_dim, n_dim, y + t); break;
-    default: break;
+  for (int64_t t = 0; t < n; t += kMaxRows) {
+    with_rows(std::min<int64_t>(kMaxRows, n - t), [&](auto rows) {
+      constexpr int NT = decltype(rows)::value;
+      Vec acc[NT][kVecs];
+      switch (w.format) {
+        case Format::kFloat:
+          panel_tile<float, NT>(x + t, static_cast<const float*>(w.data) + p * k_dim * kPanel, k_dim, acc);
+          store_tile<NT>(acc, nullptr, width, y + t, c);
+          break;
+        case Format::kInt8:
+          if (decoded) {
+            panel_tile<float, NT>(x + t, decoded, k_dim, acc);
+          } else {
+            panel_tile<int8_t, NT>(x + t, static_cast<const int8_t*>(w.data) + p * k_dim * kPanel, k_dim, acc);
+          }
+          store_tile<NT>(acc, w.scale + c, width, y + t, c);
+          break;
+        case Format::kInt4:
+          if (decoded) {
+            panel_tile_grouped<float, NT>(x + t, xsum + t, decoded, w.scale + c, w.offset + c, n_pad, w.group, k_dim, acc);
+          } else {
+            panel_tile_grouped<uint8_t, NT>(x + t, xsum + t, static_cast<const uint8_t*>(w.data) + p * k_dim * (kPanel / 2),
+                                            w.scale + c, w.offset + c, n_pad, w.group, k_dim, acc);
+          }
+          store_tile<NT>(acc, nullptr, width, y + t, c);
+          break;
+      }
+    });
   }
 }
 
@@ -325,30 +444,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& work
         probs[g] = sc_row;
         outs[g] = op + (s * h + head) * hd;
       }
-      gemm_rows<float>(probs.data(), groups, values, n, hd, outs.data());  // out[g] = sum_j p[g][j] v[j]
+      gemm_rows(probs.data(), groups, values, n, hd, outs.data());  // out[g] = sum_j p[g][j] v[j]
     }
   });
   return out;
 }
 
 namespace {
-
-// Experts' SwiGLU FFN for n routed rows of one expert: x[j] [D] -> out[j] [D] (before combine weights).
-// w13: [D, 2I] (gate columns then up columns), w2: [I, D].
-void expert_ffn(const float* const* x, int64_t n, int64_t d, int64_t inter, const Weight& w13, const Weight& w2,
-                float* hidden /* [n, 2I] */, float* const* out) {
-  const int64_t two_i = 2 * inter;
-  std::vector<float*> gate_up(n);
-  std::vector<const float*> act(n);
-  for (int64_t j = 0; j < n; ++j) act[j] = gate_up[j] = hidden + j * two_i;
-  gemm(x, n, w13, d, two_i, gate_up.data());
-  for (int64_t j = 0; j < n; ++j) {
-    float* g = gate_up[j];
-#pragma omp simd
-    for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[inter + i];  // silu(gate) * up
-  }
-  gemm(act.data(), n, w2, inter, d, out);  // rows of hidden: their first I entries
-}
 
 // Gate: logits [E] = router [E, D] x, then top-k (ties to the lower expert id) and the family's combine weights.
 void route(const float* x, const float* router, int64_t e, int64_t d, int64_t top_k, bool norm_topk_prob,
@@ -382,44 +484,46 @@ void route(const float* x, const float* router, int64_t e, int64_t d, int64_t to
   for (int64_t a = 0; a < top_k; ++a) weights[a] /= total;
 }
 
-// One stacked expert matrix argument [E, K, N] (int4: [E, K, N/2] bytes) with its scales, checked.
+// One stacked expert matrix argument: [E, P, K, 32] (int4: [E, P, K, 16] bytes) panels of [K, N] per expert, with
+// its scales, checked.
 struct StackedWeight {
   Format format;
   const uint8_t* data;
   int64_t expert_bytes;
-  const float* scale;
-  int64_t scale_stride;
-  const float* offset;
+  const float* scale = nullptr;
+  int64_t scale_stride = 0;
+  const float* offset = nullptr;
   int64_t group;
 
   StackedWeight(const char* name, const torch::Tensor& w, const c10::optional<torch::Tensor>& s,
                 const c10::optional<torch::Tensor>& o, int64_t group_size, int64_t e, int64_t k, int64_t n)
-      : scale(nullptr), scale_stride(0), offset(nullptr), group(group_size) {
-    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 3, name, " must be a contiguous [E, K, N] CPU tensor");
+      : group(group_size) {
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 4, name, " must be contiguous [E, P, K, 32] CPU panels");
     const auto dtype = w.scalar_type();
     format = dtype == torch::kFloat32 ? Format::kFloat : dtype == torch::kInt8 ? Format::kInt8 : Format::kInt4;
     TORCH_CHECK(format != Format::kInt4 || dtype == torch::kUInt8, name, " must be float32, int8 or uint8 (int4 pairs), got ", dtype);
-    const int64_t n_stored = format == Format::kInt4 ? n / 2 : n;
-    TORCH_CHECK(w.size(0) == e && w.size(1) == k && w.size(2) == n_stored && (format != Format::kInt4 || n % 2 == 0),
-                name, " has shape ", w.sizes(), ", expected [", e, ", ", k, ", ", n_stored, "]");
+    const int64_t panels = (n + kPanel - 1) / kPanel, n_pad = panels * kPanel;
+    const int64_t row = format == Format::kInt4 ? kPanel / 2 : kPanel;
+    TORCH_CHECK(w.size(0) == e && w.size(1) == panels && w.size(2) == k && w.size(3) == row, name, " has shape ",
+                w.sizes(), ", expected [", e, ", ", panels, ", ", k, ", ", row, "] (panels of ", n, " columns)");
     data = static_cast<const uint8_t*>(w.data_ptr());
-    expert_bytes = k * n_stored * static_cast<int64_t>(w.element_size());
+    expert_bytes = panels * k * row * static_cast<int64_t>(w.element_size());
     if (format == Format::kInt8) {
       TORCH_CHECK(s, name, ": int8 experts need per-column scales");
       check_cpu_float(*s, "int8 scales", 2);
-      TORCH_CHECK(s->size(0) == e && s->size(1) == n, name, " scales have shape ", s->sizes(), ", expected [", e, ", ", n, "]");
+      TORCH_CHECK(s->size(0) == e && s->size(1) == n_pad, name, " scales have shape ", s->sizes(), ", expected [", e, ", ", n_pad, "]");
       scale = s->data_ptr<float>();
-      scale_stride = n;
+      scale_stride = n_pad;
     } else if (format == Format::kInt4) {
       TORCH_CHECK(s && o, name, ": int4 experts need group scales and offsets");
       TORCH_CHECK(group_size > 0 && k % group_size == 0, name, ": group size ", group_size, " does not divide ", k);
       check_cpu_float(*s, "int4 scales", 3);
       check_cpu_float(*o, "int4 offsets", 3);
-      TORCH_CHECK(s->sizes() == o->sizes() && s->size(0) == e && s->size(1) == k / group_size && s->size(2) == n,
-                  name, " scales have shape ", s->sizes(), ", expected [", e, ", ", k / group_size, ", ", n, "]");
+      TORCH_CHECK(s->sizes() == o->sizes() && s->size(0) == e && s->size(1) == k / group_size && s->size(2) == n_pad,
+                  name, " scales have shape ", s->sizes(), ", expected [", e, ", ", k / group_size, ", ", n_pad, "]");
       scale = s->data_ptr<float>();
       offset = o->data_ptr<float>();
-      scale_stride = (k / group_size) * n;
+      scale_stride = (k / group_size) * n_pad;
     }
   }
 
@@ -429,15 +533,58 @@ struct StackedWeight {
   }
 };
 
+// Below this many multiply-adds a layer's matmuls run on the calling thread: waking the pool costs more.
+constexpr int64_t kSerialMacs = 1 << 16;
+
+// Rows routed to each expert (slots start[e] .. start[e + 1]) times that expert's matrix [K, N] -> outs, split
+// over threads by (expert, panel). sums: int4's per-group row sums (else unused).
+void expert_matmuls(const StackedWeight& w, const std::vector<int64_t>& start, const float* const* rows,
+                    const float* const* sums, int64_t k_dim, int64_t n_dim, float* const* outs) {
+  const int64_t panels = (n_dim + kPanel - 1) / kPanel;
+  std::vector<int64_t> active;
+  for (int64_t ex = 0; ex + 1 < static_cast<int64_t>(start.size()); ++ex)
+    if (start[ex + 1] > start[ex]) active.push_back(ex);
+  const int64_t items = static_cast<int64_t>(active.size()) * panels;
+  const int64_t macs = start.back() * k_dim * n_dim;
+  at::parallel_for(0, items, macs < kSerialMacs ? items : 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t ex = active[item / panels], first = start[ex], n = start[ex + 1] - first;
+      if (w.format != Format::kFloat && n > kMaxRows) scratch.resize(k_dim * kPanel);
+      gemm_panel(rows + first, sums + first, n, w.expert(ex), k_dim, n_dim, item % panels, outs + first, scratch.data());
+    }
+  });
+}
+
+// Per row and group of `group` entries, the entries' sum (int4's offset term); rows by slot.
+std::vector<const float*> group_sums(const std::vector<const float*>& rows, int64_t k_dim, int64_t group,
+                                     std::vector<float>& storage) {
+  const int64_t groups = k_dim / group, n = static_cast<int64_t>(rows.size());
+  storage.resize(n * groups);
+  std::vector<const float*> sums(n);
+  for (int64_t j = 0; j < n; ++j) {
+    float* s = storage.data() + j * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* r = rows[j] + g * group;
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t k = 0; k < group; ++k) total += r[k];
+      s[g] = total;
+    }
+    sums[j] = s;
+  }
+  return sums;
+}
+
 }  // namespace
 
-// Routed MoE for x [T, D]: gate (router [E, D], top_k, norm_topk_prob), every token through its top-k experts,
-// weighted sum -> [T, D]. Expert weights transposed for weight-stationary loops: w13t [E, D, 2I] (gate then up
-// columns), w2t [E, I, D], in one of three formats: float32; int8 with per-column scales s [E, N]; int4 as uint8
-// pairs [E, K, N/2] with group scales and offsets [E, K/G, N] (w = q * scale + offset, G = group_size).
+// Routed MoE for x [T, D]: gate (router [E, D], top_k, norm_topk_prob), every token through its top-k experts'
+// SwiGLU FFN, weighted sum -> [T, D]. Expert weights in column panels (see above; moe_serve/kernels/layout.py):
+// w13 [E, P, D, 32] for [D, 2I] (gate columns then up columns), w2 [E, P, I, 32] for [I, D]; float32, int8 with
+// per-column scales s [E, P 32], or int4 ([E, P, K, 16] bytes) with group scales and offsets [E, K/G, P 32].
 torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& router, int64_t top_k, bool norm_topk_prob,
-                          const torch::Tensor& w13t, const c10::optional<torch::Tensor>& s13,
-                          const c10::optional<torch::Tensor>& o13, const torch::Tensor& w2t,
+                          const torch::Tensor& w13, const c10::optional<torch::Tensor>& s13,
+                          const c10::optional<torch::Tensor>& o13, const torch::Tensor& w2,
                           const c10::optional<torch::Tensor>& s2, const c10::optional<torch::Tensor>& o2,
                           int64_t group_size) {
   check_cpu_float(x, "x", 2);
@@ -445,47 +592,47 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& router, i
   const int64_t t = x.size(0), d = x.size(1), e = router.size(0);
   TORCH_CHECK(router.size(1) == d, "router is ", router.sizes(), " for hidden size ", d);
   TORCH_CHECK(top_k >= 1 && top_k <= e, "top_k ", top_k, " out of range for ", e, " experts");
-  TORCH_CHECK(w2t.dim() == 3, "w2t must be [E, I, D]");
-  const int64_t inter = w2t.size(1);
-  const StackedWeight w13("w13t", w13t, s13, o13, group_size, e, d, 2 * inter);
-  const StackedWeight w2("w2t", w2t, s2, o2, group_size, e, inter, d);
-  TORCH_CHECK(w13.format == w2.format, "w13t and w2t must share a format");
+  TORCH_CHECK(w2.dim() == 4, "w2 must be [E, P, I, 32] panels");
+  const int64_t inter = w2.size(2), two_i = 2 * inter;
+  const StackedWeight gate_up("w13", w13, s13, o13, group_size, e, d, two_i);
+  const StackedWeight down("w2", w2, s2, o2, group_size, e, inter, d);
+  TORCH_CHECK(gate_up.format == down.format, "w13 and w2 must share a format");
 
   const float* xp = x.data_ptr<float>();
-  std::vector<int64_t> experts(t * top_k);
-  std::vector<float> weights(t * top_k), logits(e);
+  const int64_t pairs = t * top_k;
+  std::vector<int64_t> experts(pairs);
+  std::vector<float> weights(pairs), logits(e);
   for (int64_t i = 0; i < t; ++i) {
     route(xp + i * d, router.data_ptr<float>(), e, d, top_k, norm_topk_prob, experts.data() + i * top_k,
           weights.data() + i * top_k, logits.data());
   }
-  // pairs grouped by expert: slots start[e]..start[e+1] are expert e's; tokens[] and pair_of[] per slot
-  std::vector<int64_t> start(e + 1, 0), tokens(t * top_k), pair_of(t * top_k);
-  for (int64_t p = 0; p < t * top_k; ++p) ++start[experts[p] + 1];
+  // routing pairs grouped by expert: slots start[e] .. start[e + 1] are expert e's
+  std::vector<int64_t> start(e + 1, 0), fill(e);
+  for (int64_t p = 0; p < pairs; ++p) ++start[experts[p] + 1];
   for (int64_t i = 0; i < e; ++i) start[i + 1] += start[i];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < t * top_k; ++p) {
+  std::copy(start.begin(), start.end() - 1, fill.begin());
+  std::vector<float> hidden(pairs * two_i), contrib(pairs * d);  // hidden by slot, contrib by routing pair
+  std::vector<const float*> x_rows(pairs), act_rows(pairs);
+  std::vector<float*> hidden_rows(pairs), out_rows(pairs);
+  for (int64_t p = 0; p < pairs; ++p) {
     const int64_t slot = fill[experts[p]]++;
-    tokens[slot] = p / top_k;
-    pair_of[slot] = p;
+    x_rows[slot] = xp + (p / top_k) * d;
+    hidden_rows[slot] = hidden.data() + slot * two_i;
+    act_rows[slot] = hidden_rows[slot];  // silu(gate) * up lands in the first I entries
+    out_rows[slot] = contrib.data() + p * d;
   }
-  std::vector<float> contrib(t * top_k * d);  // per routing pair [T A, D]
-  at::parallel_for(0, e, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> hidden;
-    std::vector<const float*> rows;
-    std::vector<float*> outs;
-    for (int64_t ex = begin; ex < end; ++ex) {
-      const int64_t n = start[ex + 1] - start[ex];
-      if (n == 0) continue;
-      hidden.resize(n * 2 * inter);
-      rows.resize(n);
-      outs.resize(n);
-      for (int64_t j = 0; j < n; ++j) {
-        rows[j] = xp + tokens[start[ex] + j] * d;
-        outs[j] = contrib.data() + pair_of[start[ex] + j] * d;
-      }
-      expert_ffn(rows.data(), n, d, inter, w13.expert(ex), w2.expert(ex), hidden.data(), outs.data());
-    }
-  });
+  const bool int4 = gate_up.format == Format::kInt4;
+  std::vector<float> sum_storage;
+  std::vector<const float*> sums(pairs, nullptr);
+  if (int4) sums = group_sums(x_rows, d, group_size, sum_storage);
+  expert_matmuls(gate_up, start, x_rows.data(), sums.data(), d, two_i, hidden_rows.data());
+  for (float* g : hidden_rows) {
+#pragma omp simd
+    for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[inter + i];
+  }
+  if (int4) sums = group_sums(act_rows, inter, group_size, sum_storage);
+  expert_matmuls(down, start, act_rows.data(), sums.data(), inter, d, out_rows.data());
+
   auto result = torch::zeros({t, d}, x.options());
   float* rp = result.data_ptr<float>();
   for (int64_t i = 0; i < t; ++i) {  // combine in routing order, as the torch paths sum

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.kernels import cpu_ops
+from moe_serve.kernels.layout import int4_panels, pad_columns, panels
 from moe_serve.model.quant import (
     DenseWeight,
     Int4Weight,
@@ -210,10 +211,10 @@ class StackedExperts:
             self.down_t = torch.cat([w.dequantize().t() for w in stack.w2])
             stack.w13 = [DenseWeight(w) for w in self.gate_up_router[: 2 * e * i].view(e, 2 * i, d)]
             stack.w2 = [DenseWeight(w.t()) for w in self.down_t.view(e, i, d)]
-            if _OPS is not None:  # the kernel reads gate_up transposed, [E, D, 2I] (a copy; down is shared)
+            if _OPS is not None:  # the kernel's column panels (kernels/layout.py): a second copy
                 self._kernel_args = (self.gate_up_router[2 * e * i :],
-                                     self.gate_up_router[: 2 * e * i].view(e, 2 * i, d).transpose(1, 2).contiguous(),
-                                     None, None, self.down_t.view(e, i, d), None, None, 0)
+                                     panels(self.gate_up_router[: 2 * e * i].view(e, 2 * i, d).transpose(1, 2)),
+                                     None, None, panels(self.down_t.view(e, i, d)), None, None, 0)
         elif self.mode == "int8":
             w13, w2 = [_as_int8(w) for w in stack.w13], [_as_int8(w) for w in stack.w2]
             self.q13 = torch.cat([w.qweight for w in w13])  # [E 2I, D] int8
@@ -226,9 +227,10 @@ class StackedExperts:
             self.router = router
             stack.w13 = [Int8Weight(q, s) for q, s in zip(self.q13.view(e, 2 * i, d), scales13.view(e, 2 * i))]
             stack.w2 = [Int8Weight(q.t(), s) for q, s in zip(self.q2_t, scales2)]
-            if _OPS is not None:  # the kernel reads gate_up transposed, [E, D, 2I] int8 (a copy)
-                self._kernel_args = (router, self.q13.view(e, 2 * i, d).transpose(1, 2).contiguous(),
-                                     self.s13.view(e, 2 * i), None, self.q2_t, self.s2.view(e, d), None, 0)
+            if _OPS is not None:  # the kernel's column panels (kernels/layout.py): a second copy
+                self._kernel_args = (router, panels(self.q13.view(e, 2 * i, d).transpose(1, 2)),
+                                     pad_columns(self.s13.view(e, 2 * i)), None,
+                                     panels(self.q2_t), pad_columns(self.s2.view(e, d)), None, 0)
         else:
             w13, w2 = [_as_int4(w) for w in stack.w13], [_as_int4(w) for w in stack.w2]
             self.group_size = w13[0].group_size
@@ -240,7 +242,7 @@ class StackedExperts:
             rows = 2 * i
             stack.w13 = [Int4Weight(self.p13[k * rows : (k + 1) * rows], w.scales_and_zeros, w.group_size)
                          for k, w in enumerate(w13)]
-            if _OPS is not None:  # the kernel's own int4 layout (_int4_kernel_layout): a second packed copy
+            if _OPS is not None:  # the kernel's column panels (kernels/layout.py): a second packed copy
                 self._kernel_args = (router, *_int4_kernel_layout(w13), *_int4_kernel_layout(w2), self.group_size)
 
     @property
@@ -375,14 +377,12 @@ def _as_int4(w: PackedWeight) -> Int4Weight:
 
 
 def _int4_kernel_layout(weights: list[Int4Weight]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacked int4 experts [N, K] as the compiled kernel reads them: codes transposed to [E, K, N/2] byte pairs
-    (column c in the low nibble of byte c // 2 when c is even, the high one when odd), and per group the scale and
-    offset [E, K/G, N] with w = q * scale + offset (offset = zero - 8 scale)."""
-    codes = torch.stack([int4_codes(w).t() for w in weights]).to(torch.uint8)  # [E, K, N]
-    pairs = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    """Stacked int4 experts [N, K] as the compiled kernel reads them: codes [E, K, N] in column panels, and per
+    group the scale and offset [E, K/G, N] (padded) with w = q * scale + offset (offset = zero - 8 scale)."""
+    codes = torch.stack([int4_codes(w).t() for w in weights])  # [E, K, N]
     scales_and_zeros = torch.stack([w.scales_and_zeros.float() for w in weights])  # [E, K/G, N, 2]
     scales, zeros = scales_and_zeros.unbind(-1)
-    return pairs, scales.contiguous(), (zeros - 8 * scales).contiguous()
+    return int4_panels(codes), pad_columns(scales), pad_columns(zeros - 8 * scales)
 
 
 def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
