@@ -3,8 +3,10 @@
 It reads only its own experts from the safetensors files and runs the grouped expert FFN for one batched call
 per layer: rows arrive sorted by expert, with the expert ids and row counts as small integer arrays (`forward` for
 plain actor calls, `forward_packed` for the router's compiled graph, where every shard gets a message per layer,
-possibly empty). An expert it does not hold yet (a copy placed by rebalancing, or any expert after a restart) is
-loaded on first use, so a restarted shard heals itself from the checkpoint without the router replaying its history.
+possibly empty). On the CPU, with the compiled kernels built, a call's experts run in one kernel call
+(`KernelExperts.grouped`), which also holds their weights. An expert it does not hold yet (a copy placed by
+rebalancing, or any expert after a restart) is loaded on first use, so a restarted shard heals itself from the
+checkpoint without the router replaying its history.
 Knows nothing of routing, serving or caching.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -20,10 +23,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
+from moe_serve.model.kernel_moe import KernelExperts
 from moe_serve.model.moe import ExpertStack
-from moe_serve.model.quant import QuantMode
+from moe_serve.model.quant import QuantMode, stackable
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,27 @@ class ShardMessage(NamedTuple):
     counts: np.ndarray  # [k] int64
 
 
+Holder = ExpertStack | KernelExperts  # where a shard's expert lives
+
+
+def _runs_by_holder(held: dict[int, tuple[Holder, int]], expert_ids: list[int], counts: list[int],
+                    ) -> Iterator[tuple[Holder, list[int], list[int]]]:
+    """The call's (expert, count) runs, consecutive ones with the same holder merged: (holder, indices, counts)."""
+    current: Holder | None = None
+    indices: list[int] = []
+    run_counts: list[int] = []
+    for expert, count in zip(expert_ids, counts):
+        holder, index = held[expert]
+        if holder is not current and current is not None:
+            yield current, indices, run_counts
+            indices, run_counts = [], []
+        current = holder
+        indices.append(index)
+        run_counts.append(count)
+    if current is not None:
+        yield current, indices, run_counts
+
+
 def shard_device(quantize: QuantMode) -> torch.device:
     """The GPU Ray gave this actor (CUDA_VISIBLE_DEVICES holds just it) when torch sees one, else the CPU.
 
@@ -68,8 +94,10 @@ class ExpertShard:
         self.quantize = quantize
         self.device = shard_device(quantize)
         torch.set_num_threads(1)  # shards share the node's cores with each other and the replica
-        # layer -> expert id -> (stack, index in stack); a stack per load keeps loading incremental
-        self._experts: dict[int, dict[int, tuple[ExpertStack, int]]] = {}
+        # the compiled kernels hold CPU experts when built (KernelExperts), else the torch ExpertStack does
+        self._ops = cpu_ops() if self.device.type == "cpu" else None
+        # layer -> expert id -> (holder, index in it); a holder per load keeps loading incremental
+        self._experts: dict[int, dict[int, tuple[Holder, int]]] = {}
         for layer in self.config.moe_layer_ids:
             self.load_experts(layer, experts)
         self.busy_s = 0.0
@@ -82,7 +110,10 @@ class ExpertShard:
             return
         w13, w2 = self.checkpoint.load_experts(layer, missing)
         stack = ExpertStack(missing, w13.to(self.device), w2.to(self.device), quantize=self.quantize)
-        held.update({expert: (stack, index) for index, expert in enumerate(missing)})
+        holder: ExpertStack | KernelExperts = stack
+        if self._ops is not None and stackable(stack.w13 + stack.w2):
+            holder = KernelExperts(self._ops, stack.w13, stack.w2)  # the experts' only copy from here on
+        held.update({expert: (holder, index) for index, expert in enumerate(missing)})
 
     def forward(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Rows of x [N, D] grouped by expert (`counts[i]` rows for `expert_ids[i]`) -> expert outputs [N, D]."""
@@ -92,10 +123,17 @@ class ExpertShard:
         rows = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         out = torch.empty_like(rows)
         start = 0
-        for expert, count in zip(expert_ids.tolist(), counts.tolist()):
-            stack, index = held[expert]
-            out[start : start + count] = stack.ffn(index, rows[start : start + count])
-            start += count
+        for holder, indices, run_counts in _runs_by_holder(held, expert_ids.tolist(), counts.tolist()):
+            n = sum(run_counts)
+            segment = rows[start : start + n]
+            if isinstance(holder, KernelExperts):  # one kernel call for all its experts' rows
+                out[start : start + n] = holder.grouped(segment, torch.tensor(indices), torch.tensor(run_counts))
+            else:
+                offset = 0
+                for index, count in zip(indices, run_counts):
+                    out[start + offset : start + offset + count] = holder.ffn(index, segment[offset : offset + count])
+                    offset += count
+            start += n
         result = out.cpu().numpy()
         self.busy_s += time.perf_counter() - start_time
         self.calls += 1
@@ -111,7 +149,7 @@ class ExpertShard:
         import ray
 
         context = ray.get_runtime_context()
-        stacks = {id(stack): stack for held in self._experts.values() for stack, _ in held.values()}
+        holders = {id(holder): holder for held in self._experts.values() for holder, _ in held.values()}
         return ShardInfo(
             shard_id=self.shard_id,
             node_id=context.get_node_id(),
@@ -120,7 +158,7 @@ class ExpertShard:
             gpu_ids=[str(g) for g in ray.get_gpu_ids()],
             device=str(self.device),
             experts={layer: sorted(held) for layer, held in self._experts.items()},
-            expert_bytes=sum(stack.nbytes for stack in stacks.values()),
+            expert_bytes=sum(holder.nbytes for holder in holders.values()),
         )
 
     def load_stats(self) -> dict[str, float]:

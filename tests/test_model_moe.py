@@ -12,6 +12,7 @@ import torch
 
 from moe_serve.kernels import cpu_ops
 from moe_serve.model import moe as moe_module
+from moe_serve.model.kernel_moe import KernelExperts
 from moe_serve.model.moe import ROUTED_MAX_TOKENS, ROUTED_MIN_TOKENS, ExpertStack, Gate, LocalMoE, combine, dispatch
 
 E, D, I, TOP_K = 8, 64, 128, 2
@@ -48,7 +49,8 @@ def test_every_path_matches_the_loop(mode: str, norm_topk_prob: bool, tokens: in
 
 @pytest.mark.parametrize("mode", ["none", "int8"])
 @pytest.mark.parametrize("tokens", [1, 16, 40])
-def test_dense_and_routed_agree(mode: str, tokens: int) -> None:
+def test_dense_and_routed_agree(mode: str, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(moe_module, "_OPS", None)  # the torch paths
     moe, _, _ = make_moe(mode)
     x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -57,9 +59,10 @@ def test_dense_and_routed_agree(mode: str, tokens: int) -> None:
 
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
-def test_stacking_keeps_one_copy_and_the_loop_exact(mode: str) -> None:
+def test_stacking_keeps_one_copy_and_the_loop_exact(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """After stacking, the stack's per-expert weights are views of the stacked ones and the loop gives the same
     output (to float rounding: fp32 down weights are now read transposed)."""
+    monkeypatch.setattr(moe_module, "_OPS", None)  # the torch paths
     moe, reference, gate = make_moe(mode)
     stack = moe.experts[0]
     before = stack.nbytes
@@ -91,3 +94,33 @@ def test_compiled_kernel_serves_every_mode_at_every_size() -> None:
     for mode in ("none", "int8", "int4"):
         moe, _, _ = make_moe(mode)
         assert all(moe._path(0, t) == "kernel" for t in (1, ROUTED_MIN_TOKENS, 4 * ROUTED_MAX_TOKENS))
+        assert not moe.experts  # the kernel holds the layer's experts alone
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_kernel_holds_experts_once(mode: str) -> None:
+    """A layer the kernel takes is held in its panels alone: about the stack's bytes (fp32 and int8 exactly up to
+    scale dtypes; int4 keeps fp32 scale and offset per group where the stack keeps bf16 pairs)."""
+    assert cpu_ops() is not None
+    g = torch.Generator().manual_seed(0)
+    stack = ExpertStack(range(E), torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g), mode)
+    moe = LocalMoE({0: Gate(torch.randn(E, D, generator=g), TOP_K, True)}, {0: stack}, E)
+    assert 0.9 < moe.kernel_layers[0].nbytes / stack.nbytes < 1.3
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_kernel_grouped_matches_the_loop(mode: str) -> None:
+    """The shards' call: rows grouped by expert, no gate or combine; against each expert's own FFN."""
+    ops = cpu_ops()
+    assert ops is not None
+    _, reference, _ = make_moe(mode)
+    experts = KernelExperts(ops, reference.w13, reference.w2)
+    expert_ids, counts = torch.tensor([5, 0, 3]), torch.tensor([2, 0, 7])
+    rows = torch.randn(9, D, generator=torch.Generator().manual_seed(4))
+    out = experts.grouped(rows, expert_ids, counts)
+    expected = torch.cat([reference.ffn(5, rows[:2]), reference.ffn(3, rows[2:])])
+    assert rel_err(out, expected) < TOL[mode]
+    with pytest.raises(RuntimeError, match="sum to"):
+        experts.grouped(rows, expert_ids, torch.tensor([2, 0, 6]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        experts.grouped(rows, torch.tensor([5, 0, E]), counts)

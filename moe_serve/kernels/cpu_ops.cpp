@@ -536,22 +536,27 @@ struct StackedWeight {
 // Below this many multiply-adds a layer's matmuls run on the calling thread: waking the pool costs more.
 constexpr int64_t kSerialMacs = 1 << 16;
 
-// Rows routed to each expert (slots start[e] .. start[e + 1]) times that expert's matrix [K, N] -> outs, split
-// over threads by (expert, panel). sums: int4's per-group row sums (else unused).
-void expert_matmuls(const StackedWeight& w, const std::vector<int64_t>& start, const float* const* rows,
+// Rows first .. first + rows (of the caller's row arrays) go through expert `expert`.
+struct RowGroup {
+  int64_t expert, first, rows;
+};
+
+// Each group's rows times its expert's matrix [K, N] -> outs, split over threads by (group, panel).
+// sums: int4's per-group row sums (else unused).
+void expert_matmuls(const StackedWeight& w, const std::vector<RowGroup>& groups, const float* const* rows,
                     const float* const* sums, int64_t k_dim, int64_t n_dim, float* const* outs) {
   const int64_t panels = (n_dim + kPanel - 1) / kPanel;
-  std::vector<int64_t> active;
-  for (int64_t ex = 0; ex + 1 < static_cast<int64_t>(start.size()); ++ex)
-    if (start[ex + 1] > start[ex]) active.push_back(ex);
-  const int64_t items = static_cast<int64_t>(active.size()) * panels;
-  const int64_t macs = start.back() * k_dim * n_dim;
+  const int64_t items = static_cast<int64_t>(groups.size()) * panels;
+  int64_t total_rows = 0;
+  for (const RowGroup& g : groups) total_rows += g.rows;
+  const int64_t macs = total_rows * k_dim * n_dim;
   at::parallel_for(0, items, macs < kSerialMacs ? items : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t ex = active[item / panels], first = start[ex], n = start[ex + 1] - first;
-      if (w.format != Format::kFloat && n > kMaxRows) scratch.resize(k_dim * kPanel);
-      gemm_panel(rows + first, sums + first, n, w.expert(ex), k_dim, n_dim, item % panels, outs + first, scratch.data());
+      const RowGroup& g = groups[item / panels];
+      if (w.format != Format::kFloat && g.rows > kMaxRows) scratch.resize(k_dim * kPanel);
+      gemm_panel(rows + g.first, sums + g.first, g.rows, w.expert(g.expert), k_dim, n_dim, item % panels,
+                 outs + g.first, scratch.data());
     }
   });
 }
@@ -576,6 +581,29 @@ std::vector<const float*> group_sums(const std::vector<const float*>& rows, int6
   return sums;
 }
 
+// The experts' SwiGLU FFN, silu(x W_gate) * (x W_up) W_down, for rows grouped by expert: x_rows[j] [D] ->
+// out_rows[j] [D].
+void expert_ffn(const StackedWeight& gate_up, const StackedWeight& down, const std::vector<RowGroup>& groups,
+                const std::vector<const float*>& x_rows, int64_t d, int64_t inter, int64_t group_size,
+                const std::vector<float*>& out_rows) {
+  const int64_t n = static_cast<int64_t>(x_rows.size()), two_i = 2 * inter;
+  std::vector<float> hidden(n * two_i);
+  std::vector<float*> hidden_rows(n);
+  std::vector<const float*> act_rows(n);
+  for (int64_t j = 0; j < n; ++j) act_rows[j] = hidden_rows[j] = hidden.data() + j * two_i;
+  const bool int4 = gate_up.format == Format::kInt4;
+  std::vector<float> sum_storage;
+  std::vector<const float*> sums(n, nullptr);
+  if (int4) sums = group_sums(x_rows, d, group_size, sum_storage);
+  expert_matmuls(gate_up, groups, x_rows.data(), sums.data(), d, two_i, hidden_rows.data());
+  for (float* g : hidden_rows) {  // silu(gate) * up, into the first I entries
+#pragma omp simd
+    for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[inter + i];
+  }
+  if (int4) sums = group_sums(act_rows, inter, group_size, sum_storage);
+  expert_matmuls(down, groups, act_rows.data(), sums.data(), inter, d, out_rows.data());
+}
+
 }  // namespace
 
 // Routed MoE for x [T, D]: gate (router [E, D], top_k, norm_topk_prob), every token through its top-k experts'
@@ -593,8 +621,8 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& router, i
   TORCH_CHECK(router.size(1) == d, "router is ", router.sizes(), " for hidden size ", d);
   TORCH_CHECK(top_k >= 1 && top_k <= e, "top_k ", top_k, " out of range for ", e, " experts");
   TORCH_CHECK(w2.dim() == 4, "w2 must be [E, P, I, 32] panels");
-  const int64_t inter = w2.size(2), two_i = 2 * inter;
-  const StackedWeight gate_up("w13", w13, s13, o13, group_size, e, d, two_i);
+  const int64_t inter = w2.size(2);
+  const StackedWeight gate_up("w13", w13, s13, o13, group_size, e, d, 2 * inter);
   const StackedWeight down("w2", w2, s2, o2, group_size, e, inter, d);
   TORCH_CHECK(gate_up.format == down.format, "w13 and w2 must share a format");
 
@@ -611,27 +639,18 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& router, i
   for (int64_t p = 0; p < pairs; ++p) ++start[experts[p] + 1];
   for (int64_t i = 0; i < e; ++i) start[i + 1] += start[i];
   std::copy(start.begin(), start.end() - 1, fill.begin());
-  std::vector<float> hidden(pairs * two_i), contrib(pairs * d);  // hidden by slot, contrib by routing pair
-  std::vector<const float*> x_rows(pairs), act_rows(pairs);
-  std::vector<float*> hidden_rows(pairs), out_rows(pairs);
+  std::vector<RowGroup> groups;
+  for (int64_t i = 0; i < e; ++i)
+    if (start[i + 1] > start[i]) groups.push_back({i, start[i], start[i + 1] - start[i]});
+  std::vector<float> contrib(pairs * d);  // by routing pair
+  std::vector<const float*> x_rows(pairs);
+  std::vector<float*> out_rows(pairs);
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t slot = fill[experts[p]]++;
     x_rows[slot] = xp + (p / top_k) * d;
-    hidden_rows[slot] = hidden.data() + slot * two_i;
-    act_rows[slot] = hidden_rows[slot];  // silu(gate) * up lands in the first I entries
     out_rows[slot] = contrib.data() + p * d;
   }
-  const bool int4 = gate_up.format == Format::kInt4;
-  std::vector<float> sum_storage;
-  std::vector<const float*> sums(pairs, nullptr);
-  if (int4) sums = group_sums(x_rows, d, group_size, sum_storage);
-  expert_matmuls(gate_up, start, x_rows.data(), sums.data(), d, two_i, hidden_rows.data());
-  for (float* g : hidden_rows) {
-#pragma omp simd
-    for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[inter + i];
-  }
-  if (int4) sums = group_sums(act_rows, inter, group_size, sum_storage);
-  expert_matmuls(down, start, act_rows.data(), sums.data(), inter, d, out_rows.data());
+  expert_ffn(gate_up, down, groups, x_rows, d, inter, group_size, out_rows);
 
   auto result = torch::zeros({t, d}, x.options());
   float* rp = result.data_ptr<float>();
@@ -647,8 +666,51 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& router, i
   return result;
 }
 
+// The experts' FFN outputs (no gate, no combine) for rows already grouped by expert: x [N, D], counts[i] rows for
+// expert expert_ids[i] (an index into the stacked weights, as in moe_experts) in order -> [N, D]. An expert shard's
+// call: the router gates, groups and combines.
+torch::Tensor grouped_experts(const torch::Tensor& x, const torch::Tensor& expert_ids, const torch::Tensor& counts,
+                              const torch::Tensor& w13, const c10::optional<torch::Tensor>& s13,
+                              const c10::optional<torch::Tensor>& o13, const torch::Tensor& w2,
+                              const c10::optional<torch::Tensor>& s2, const c10::optional<torch::Tensor>& o2,
+                              int64_t group_size) {
+  check_cpu_float(x, "x", 2);
+  TORCH_CHECK(expert_ids.scalar_type() == torch::kInt64 && counts.scalar_type() == torch::kInt64 &&
+                  expert_ids.dim() == 1 && expert_ids.is_contiguous() && counts.is_contiguous() &&
+                  counts.sizes() == expert_ids.sizes(),
+              "expert_ids and counts must be contiguous int64 vectors of one length");
+  TORCH_CHECK(w13.dim() == 4 && w2.dim() == 4, "w13 and w2 must be [E, P, K, 32] panels");
+  const int64_t n = x.size(0), d = x.size(1), e = w13.size(0), inter = w2.size(2);
+  const StackedWeight gate_up("w13", w13, s13, o13, group_size, e, d, 2 * inter);
+  const StackedWeight down("w2", w2, s2, o2, group_size, e, inter, d);
+  TORCH_CHECK(gate_up.format == down.format, "w13 and w2 must share a format");
+  const int64_t* ids = expert_ids.data_ptr<int64_t>();
+  const int64_t* rows = counts.data_ptr<int64_t>();
+  std::vector<RowGroup> groups;
+  int64_t first = 0;
+  for (int64_t i = 0; i < expert_ids.size(0); ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < e, "expert index ", ids[i], " out of range for ", e, " experts");
+    TORCH_CHECK(rows[i] >= 0, "negative row count ", rows[i]);
+    if (rows[i] > 0) groups.push_back({ids[i], first, rows[i]});
+    first += rows[i];
+  }
+  TORCH_CHECK(first == n, "counts sum to ", first, " rows, x has ", n);
+  auto out = torch::empty({n, d}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<const float*> x_rows(n);
+  std::vector<float*> out_rows(n);
+  for (int64_t j = 0; j < n; ++j) {
+    x_rows[j] = xp + j * d;
+    out_rows[j] = op + j * d;
+  }
+  expert_ffn(gate_up, down, groups, x_rows, d, inter, group_size, out_rows);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last axis (float32)");
   m.def("decode_attention", &decode_attention, "decode attention over the decode workspace");
-  m.def("moe_experts", &moe_experts, "gate + routed experts + combine, weight-stationary");
+  m.def("moe_experts", &moe_experts, "gate + routed experts + combine, over column panels");
+  m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels");
 }

@@ -29,8 +29,8 @@ def load_local_model(model_dir: str | Path, quantize: QuantMode = "none") -> Loa
     config = ModelConfig.from_dir(model_dir)
     checkpoint = Checkpoint(model_dir, config)
     all_experts = list(range(config.num_experts))
-    gates, experts = {}, {}
-    for layer in config.moe_layer_ids:
-        gates[layer] = Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
-        experts[layer] = ExpertStack(all_experts, *checkpoint.load_experts(layer, all_experts), quantize=quantize)
-    return LoadedModel(config, DenseModel(config, checkpoint), LocalMoE(gates, experts, config.num_experts))
+    moe = LocalMoE({}, {}, config.num_experts)
+    for layer in config.moe_layer_ids:  # one layer at a time: a layer the kernel takes is held once
+        gate = Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
+        moe.add_layer(layer, gate, ExpertStack(all_experts, *checkpoint.load_experts(layer, all_experts), quantize))
+    return LoadedModel(config, DenseModel(config, checkpoint), moe)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.kernels import cpu_ops
-from moe_serve.kernels.layout import int4_panels, pad_columns, panels
+from moe_serve.model.kernel_moe import KernelExperts
 from moe_serve.model.quant import (
     DenseWeight,
     Int4Weight,
@@ -53,6 +53,7 @@ from moe_serve.model.quant import (
     _int4pack,
     int4_codes,
     pack_weight,
+    stackable,
 )
 
 # MACs one expert's turn of the dispatch loop costs in fixed per-op overhead (~15 us at ~40 GMAC/s, 1 CPU thread,
@@ -201,8 +202,6 @@ class StackedExperts:
         self.gate, self.num_experts, self.intermediate_size = gate, e, i
         self.mode: QuantMode = _stack_mode(stack)
         self._scratch = scratch
-        # moe_experts' arguments after norm_topk_prob (router first), when the compiled kernels are there
-        self._kernel_args: tuple[torch.Tensor | int | None, ...] | None = None
         router = gate.weight.float()
         if self.mode == "none":
             # [E 2I + E, D]: expert e's gate rows then its up rows, for every expert, then the router's rows
@@ -211,10 +210,6 @@ class StackedExperts:
             self.down_t = torch.cat([w.dequantize().t() for w in stack.w2])
             stack.w13 = [DenseWeight(w) for w in self.gate_up_router[: 2 * e * i].view(e, 2 * i, d)]
             stack.w2 = [DenseWeight(w.t()) for w in self.down_t.view(e, i, d)]
-            if _OPS is not None:  # the kernel's column panels (kernels/layout.py): a second copy
-                self._kernel_args = (self.gate_up_router[2 * e * i :],
-                                     panels(self.gate_up_router[: 2 * e * i].view(e, 2 * i, d).transpose(1, 2)),
-                                     None, None, panels(self.down_t.view(e, i, d)), None, None, 0)
         elif self.mode == "int8":
             w13, w2 = [_as_int8(w) for w in stack.w13], [_as_int8(w) for w in stack.w2]
             self.q13 = torch.cat([w.qweight for w in w13])  # [E 2I, D] int8
@@ -227,10 +222,6 @@ class StackedExperts:
             self.router = router
             stack.w13 = [Int8Weight(q, s) for q, s in zip(self.q13.view(e, 2 * i, d), scales13.view(e, 2 * i))]
             stack.w2 = [Int8Weight(q.t(), s) for q, s in zip(self.q2_t, scales2)]
-            if _OPS is not None:  # the kernel's column panels (kernels/layout.py): a second copy
-                self._kernel_args = (router, panels(self.q13.view(e, 2 * i, d).transpose(1, 2)),
-                                     pad_columns(self.s13.view(e, 2 * i)), None,
-                                     panels(self.q2_t), pad_columns(self.s2.view(e, d)), None, 0)
         else:
             w13, w2 = [_as_int4(w) for w in stack.w13], [_as_int4(w) for w in stack.w2]
             self.group_size = w13[0].group_size
@@ -242,18 +233,6 @@ class StackedExperts:
             rows = 2 * i
             stack.w13 = [Int4Weight(self.p13[k * rows : (k + 1) * rows], w.scales_and_zeros, w.group_size)
                          for k, w in enumerate(w13)]
-            if _OPS is not None:  # the kernel's column panels (kernels/layout.py): a second packed copy
-                self._kernel_args = (router, *_int4_kernel_layout(w13), *_int4_kernel_layout(w2), self.group_size)
-
-    @property
-    def has_kernel(self) -> bool:
-        return self._kernel_args is not None
-
-    def fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The compiled routed kernel: gate, top-k, experts and combine in one call."""
-        assert _OPS is not None and self._kernel_args is not None
-        router, *weights = self._kernel_args
-        return _OPS.moe_experts(x, router, self.gate.top_k, self.gate.norm_topk_prob, *weights)
 
     def __call__(self, x: torch.Tensor, routed: bool) -> torch.Tensor:
         """x [T, D] fp32 -> [T, D]: the weighted sum of each token's routed experts."""
@@ -376,15 +355,6 @@ def _as_int4(w: PackedWeight) -> Int4Weight:
     return w
 
 
-def _int4_kernel_layout(weights: list[Int4Weight]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacked int4 experts [N, K] as the compiled kernel reads them: codes [E, K, N] in column panels, and per
-    group the scale and offset [E, K/G, N] (padded) with w = q * scale + offset (offset = zero - 8 scale)."""
-    codes = torch.stack([int4_codes(w).t() for w in weights])  # [E, K, N]
-    scales_and_zeros = torch.stack([w.scales_and_zeros.float() for w in weights])  # [E, K/G, N, 2]
-    scales, zeros = scales_and_zeros.unbind(-1)
-    return int4_panels(codes), pad_columns(scales), pad_columns(zeros - 8 * scales)
-
-
 def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
     buf = buffers.get(name)
     if buf is None or buf.shape != shape:
@@ -395,22 +365,39 @@ def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, int]
 class LocalMoE:
     """In-process MoE backend: every layer's gate and all its experts in this process.
 
-    Per batch, one of three paths (`_path`): dense or routed over the stacked experts, or the dispatch loop
-    (one expert at a time), which is also the only path for layers too big for dense ever to pay.
+    With the compiled kernels built, every layer whose weights they can hold runs there (`KernelExperts`, which
+    then holds the layer's experts alone). Otherwise, per batch, one of three torch paths (`_path`): dense or
+    routed over the stacked experts, or the dispatch loop (one expert at a time), which is also the only path for
+    layers too big for dense ever to pay.
     """
 
     def __init__(self, gates: dict[int, Gate], experts: dict[int, ExpertStack], num_experts: int) -> None:
-        self.gates = gates
-        self.experts = experts
+        self.gates: dict[int, Gate] = {}
+        self.experts: dict[int, ExpertStack] = {}  # layers on the torch paths
+        self.kernel_layers: dict[int, KernelExperts] = {}  # layers on the compiled kernel
         self.num_experts = num_experts
         self._stacked: dict[int, StackedExperts] = {}  # built on first use, so big models never pay the copy
         self._scratch: dict[str, torch.Tensor] = {}  # int8 -> fp32 conversion buffers, shared by every layer
-        self._dense_max_tokens = {layer: self._dense_break_even(layer) for layer in experts}
+        self._dense_max_tokens: dict[int, int] = {}
+        for layer, stack in experts.items():
+            self.add_layer(layer, gates[layer], stack)
+
+    def add_layer(self, layer: int, gate: Gate, stack: ExpertStack) -> None:
+        """One MoE layer with all its experts. Into the kernel's layout when it can hold them: the stack's weights
+        are then not referenced here (a loader that drops its stack keeps one copy of the experts)."""
+        self.gates[layer] = gate
+        whole = stack.expert_ids == list(range(self.num_experts))
+        if _OPS is not None and whole and stackable(stack.w13 + stack.w2):
+            self.kernel_layers[layer] = KernelExperts(_OPS, stack.w13, stack.w2, gate.weight, gate.top_k,
+                                                      gate.norm_topk_prob)
+            return
+        self.experts[layer] = stack
+        self._dense_max_tokens[layer] = self._dense_break_even(layer)
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer in self.kernel_layers:
+            return self.kernel_layers[layer].routed(x)
         path = self._path(layer, x.shape[0]) if x.dtype == torch.float32 else "loop"
-        if path == "kernel":
-            return self._stacked_experts(layer).fused(x)
         if path != "loop":
             return self._stacked_experts(layer)(x, routed=path == "routed")
         routing = self.gates[layer](x)
@@ -419,15 +406,15 @@ class LocalMoE:
         return combine(expert_out, plan, routing, x.shape[0])
 
     def _path(self, layer: int, t: int) -> str:
-        """kernel, dense, routed (all three on the stacked experts) or loop, for a batch of t tokens (bench numbers
-        in the module docstring). Only layers small enough for dense to ever pay (dense_max > 0) are stacked; the
-        compiled kernel, when built, beat the torch paths in every mode at every t from 1 to 512."""
+        """kernel (layers it holds), else dense, routed (both on the stacked experts) or loop, for a batch of t
+        tokens (bench numbers in the module docstring). Only layers small enough for dense to ever pay
+        (dense_max > 0) are stacked."""
+        if layer in self.kernel_layers:
+            return "kernel"
         dense_max = self._dense_max_tokens[layer]
         if not dense_max:
             return "loop"
         mode = _stack_mode(self.experts[layer])
-        if _OPS is not None:
-            return "kernel"
         if mode == "int4":  # its kernel only pays stacked while dense is cheap
             return "dense" if t <= dense_max else "loop"
         if t < ROUTED_MIN_TOKENS and t <= dense_max:
@@ -441,7 +428,7 @@ class LocalMoE:
         weights = stack.w13 + stack.w2
         if stack.expert_ids != list(range(self.num_experts)) or layer not in self.gates:
             return 0
-        if not _stackable(weights):
+        if not stackable(weights):
             return 0
         hidden = stack.w13[0].in_features
         extra_per_token = (self.num_experts - self.gates[layer].top_k) * 3 * hidden * stack.intermediate_size
@@ -453,12 +440,3 @@ class LocalMoE:
         return self._stacked[layer]
 
 
-def _stackable(weights: Sequence[PackedWeight]) -> bool:
-    """fp32 dense weights, or all int8, or all int4 with one group size whose down weights stack along K."""
-    if all(isinstance(w, DenseWeight) and w.weight.dtype == torch.float32 for w in weights):
-        return True
-    if all(isinstance(w, Int8Weight) for w in weights):
-        return True
-    if all(isinstance(w, Int4Weight) for w in weights):
-        return len({w.group_size for w in weights if isinstance(w, Int4Weight)}) == 1
-    return False

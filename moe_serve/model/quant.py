@@ -38,6 +38,7 @@ at [4096 x 1024]: int4 9.0% with group 64, 10.0% with 128. Heavier-tailed Studen
 Shapes: T = tokens, N = out_features, K = in_features, G = group_size.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
@@ -160,6 +161,17 @@ def int4_codes(w: Int4Weight) -> Tensor:
     q = torch.empty(n * k, dtype=torch.int32)
     q[_int4pack_source_index(n, k)] = _nibbles(w.packed).to(torch.int32)
     return q.view(n, k)
+
+
+def stackable(weights: Sequence[PackedWeight]) -> bool:
+    """fp32 CPU weights, or all int8, or all int4 with one group size: what the stacked paths and the compiled
+    kernel take."""
+    if all(isinstance(w, DenseWeight) and w.weight.dtype == torch.float32 and w.weight.device.type == "cpu"
+           for w in weights):
+        return True
+    if all(isinstance(w, Int8Weight) for w in weights):
+        return True
+    return all(isinstance(w, Int4Weight) for w in weights) and len({w.group_size for w in weights}) == 1  # type: ignore[union-attr]
 
 
 def pack_weight(w: Tensor, mode: QuantMode, group_size: int = DEFAULT_GROUP_SIZE) -> PackedWeight:

@@ -1,0 +1,68 @@
+"""Experts held in the compiled kernel's layout (moe_serve/kernels): the in-process MoE path and the shards' FFN.
+
+`KernelExperts` takes an `ExpertStack`'s weights (fp32, int8 or int4) into the kernel's column panels
+(moe_serve/kernels/layout.py) and is then the only holder of them: the stack's per-expert weights are released,
+so a model's experts are in memory once. Two calls:
+- `routed(x)`: gate, top-k, the routed experts and the combine for tokens x [T, D] (LocalMoE's layers);
+- `grouped(rows, expert_ids, counts)`: the experts' FFN outputs for rows already grouped by expert (a shard's call;
+  the router gates and combines).
+Activations are fp32 in the kernel whatever the storage; other dtypes are cast on the way in and out.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from moe_serve.kernels.layout import int4_panels, pad_columns, panels
+from moe_serve.model.quant import Int4Weight, Int8Weight, PackedWeight, int4_codes, stackable
+
+
+class KernelExperts:
+    """Stacked experts [E] of one layer in panels; expert i of the stack is index i here."""
+
+    def __init__(self, ops: ModuleType, w13: list[PackedWeight], w2: list[PackedWeight],
+                 router: torch.Tensor | None = None, top_k: int = 0, norm_topk_prob: bool = True) -> None:
+        # w13[e] [2I, D] (gate rows then up rows), w2[e] [D, I]; the kernel multiplies x @ W.T, so W.T [K, N] goes
+        # into panels
+        if not stackable(w13 + w2):
+            raise ValueError("expert weights are not all fp32 CPU, all int8, or all int4 with one group size")
+        self._ops = ops
+        self.num_experts = len(w13)
+        self.router = None if router is None else router.float().contiguous()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self._args = (*_panel_args(w13), *_panel_args(w2), getattr(w13[0], "group_size", 0))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self._args if isinstance(t, torch.Tensor))
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> the weighted sum of each token's top-k experts [T, D] (needs the router)."""
+        assert self.router is not None, "built without a router: grouped() only"
+        out = self._ops.moe_experts(_fp32(x), self.router, self.top_k, self.norm_topk_prob, *self._args)
+        return out.to(x.dtype)
+
+    def grouped(self, rows: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, D], `counts[i]` of them for expert `expert_ids[i]` (this object's indices), in order -> [N, D]."""
+        return self._ops.grouped_experts(_fp32(rows), expert_ids, counts, *self._args).to(rows.dtype)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float().contiguous()
+
+
+def _panel_args(weights: list[PackedWeight]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One matrix of every expert ([N, K] each) as moe_experts reads it: panels, scales, offsets."""
+    first = weights[0]
+    if isinstance(first, Int8Weight):
+        q = torch.stack([w.qweight.t() for w in weights if isinstance(w, Int8Weight)])  # [E, K, N]
+        scales = torch.stack([w.scales.float() for w in weights if isinstance(w, Int8Weight)])
+        return panels(q), pad_columns(scales), None
+    if isinstance(first, Int4Weight):
+        int4 = [w for w in weights if isinstance(w, Int4Weight)]
+        codes = torch.stack([int4_codes(w).t() for w in int4])  # [E, K, N]
+        scales, zeros = torch.stack([w.scales_and_zeros.float() for w in int4]).unbind(-1)  # [E, K/G, N] each
+        return int4_panels(codes), pad_columns(scales), pad_columns(zeros - 8 * scales)  # w = q scale + offset
+    return panels(torch.stack([w.dequantize().t() for w in weights])), None, None
