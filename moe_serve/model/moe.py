@@ -22,15 +22,19 @@ per layer) on top of the same GEMMs, and the int4 kernel is slower than fp32 GEM
 whole decode step (attention, host work) the gap was ~3% (16 sequences, steps of both engines alternated in one
 process), within run-to-run noise of bench/engine.py.
 
-The compiled kernel (moe_serve/kernels, `StackedExperts.fused`) runs gate, top-k, the routed experts and combine in
-one call with register-blocked loops that read each expert's weights once for all its tokens, converting int8 and
-int4 on the fly. Same model, us per layer, kernel vs the torch path picked above at that T (measured back to back
-in one process on a 2-core AVX512 Xeon VM whose speed drifts between runs, so compare within a row):
-    T                        1          16          64          512
-    fp32 kernel / torch    9 / 85    44 / 183   153 / 407   1215 / 2067
-    int8 kernel / torch   11 / 180   53 / 329   196 / 628   1108 / 1828
-    int4 kernel / torch   10 / 66    54 / 210   208 / 570   2006 / 2660
-With the kernels built, the torch paths only serve models whose experts are not stacked (and builds without them).
+With the compiled kernels built, `LocalMoE` hands every layer they can hold to `KernelExperts` (kernel_moe.py):
+gate, top-k, the routed experts and combine in one call over the experts' column panels, each panel read once for
+all its tokens, int8 and int4 decoded on the fly. Us per layer, bench/quant_decode.py (8 experts, top-2, 2-core
+AVX-512 Xeon VM whose speed drifts between runs: compare within a row):
+    T                            1       4      16      64     512
+    tiny fp32 (D 64, I 128)     10      21      43     119    1023    weights stay in cache
+    tiny int8                   12      21      45     120    1004
+    tiny int4                   13      24      52     141    1131
+    mid fp32 (D 1024, I 2816)  6505   18990   36399   60425  243463   weights come from memory
+    mid int8                   2887    8595   18672   50681  285221
+    mid int4                   3551    9623   21095   52015  271023
+The torch paths above (about 4-8x slower than the kernel on the tiny shape) serve layers the kernel cannot hold
+(a partial expert set, mixed formats) and builds without it.
 """
 
 from __future__ import annotations
