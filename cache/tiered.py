@@ -516,6 +516,7 @@ class TieredKVCache:
 
     async def _close_stores(self) -> None:
         self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)  # let it finish cancelling before the loop ends
         for tier in self.tiers.remote:
             try:
                 await tier.store.close()
