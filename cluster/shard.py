@@ -4,7 +4,8 @@ It reads only its own experts from the safetensors files and runs the grouped ex
 per layer: rows arrive sorted by expert, with the expert ids and row counts as small integer arrays (`forward` for
 plain actor calls, `forward_packed` for the router's compiled graph, where every shard gets a message per layer,
 possibly empty). On the CPU, with the compiled kernels built, a call's experts run in one kernel call
-(`KernelExperts.grouped`), which also holds their weights. An expert it does not hold yet (a copy placed by
+(`KernelExperts.grouped`), which also holds their weights; on a GPU, vLLM's fused MoE kernel does when the `gpu`
+extra is installed and passes a check against torch (fused_experts.py). An expert it does not hold yet (a copy placed by
 rebalancing, or any expert after a restart) is loaded on first use, so a restarted shard heals itself from the
 checkpoint without the router replaying its history.
 Knows nothing of routing, serving or caching.
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from moe_serve.cluster.fused_experts import FusedMoEExperts, fused_or_none
 from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
@@ -52,7 +54,7 @@ class ShardMessage(NamedTuple):
     counts: np.ndarray  # [k] int64
 
 
-Holder = ExpertStack | KernelExperts  # where a shard's expert lives
+Holder = ExpertStack | KernelExperts | FusedMoEExperts  # where a shard's expert lives
 
 
 def _runs_by_holder(held: dict[int, tuple[Holder, int]], expert_ids: list[int], counts: list[int],
@@ -110,9 +112,11 @@ class ExpertShard:
             return
         w13, w2 = self.checkpoint.load_experts(layer, missing)
         stack = ExpertStack(missing, w13.to(self.device), w2.to(self.device), quantize=self.quantize)
-        holder: ExpertStack | KernelExperts = stack
+        holder: Holder = stack
         if self._ops is not None and stackable(stack.w13 + stack.w2):
             holder = KernelExperts(self._ops, stack.w13, stack.w2)  # the experts' only copy from here on
+        elif self.device.type == "cuda":
+            holder = fused_or_none(stack) or stack
         held.update({expert: (holder, index) for index, expert in enumerate(missing)})
 
     def forward(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -126,7 +130,7 @@ class ExpertShard:
         for holder, indices, run_counts in _runs_by_holder(held, expert_ids.tolist(), counts.tolist()):
             n = sum(run_counts)
             segment = rows[start : start + n]
-            if isinstance(holder, KernelExperts):  # one kernel call for all its experts' rows
+            if not isinstance(holder, ExpertStack):  # one kernel call for all its experts' rows
                 out[start : start + n] = holder.grouped(segment, torch.tensor(indices), torch.tensor(run_counts))
             else:
                 offset = 0
