@@ -137,11 +137,10 @@ void gemm_rows(const float* const* x, int64_t n, const float* wt, int64_t k_dim,
 // - int4: [K, 16] bytes, byte j holding column j (low nibble) and column j + 16 (high nibble), and
 //   w[k][c] = q * scale[k / G][c] + offset[k / G][c] ([K / G, P 32] each); per group of G rows the tile sums
 //   x q, then scales once: y += scale * sum_k(x q) + offset * sum_k(x).
-// Up to kMaxRows token rows share each weight load (a register tile). With more rows, a quantized panel is first
+// A few token rows share each weight load (a register tile). With more rows than a tile, a quantized panel is first
 // decoded into floats (its codes, unscaled), which all row tiles then read: the same arithmetic as decoding inline,
 // so a row's result never depends on how many rows share its expert.
 constexpr int64_t kPanel = 32;
-constexpr int kMaxRows = 4;
 
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -226,6 +225,10 @@ inline void load_row(const uint8_t* p, Vec* w) {
 }
 #endif
 constexpr int64_t kLanes = kPanel / kVecs;
+// Rows per register tile: 16 accumulators (8 rows of 2 vectors with AVX-512, 4 of 4 with AVX2); int4's tile also
+// keeps a group's partial sums, so it takes half as many rows.
+constexpr int kMaxRows = 16 / kVecs;
+constexpr int kMaxGroupedRows = kMaxRows / 2 > 0 ? kMaxRows / 2 : 1;
 
 // elements of one panel row: int4 packs two columns a byte
 template <typename W>
@@ -284,14 +287,13 @@ inline void store_tile(Vec (*acc)[kVecs], const float* col_scale, int64_t width,
   }
 }
 
-template <typename F>
+// f(std::integral_constant<int, rows>) for 1 <= rows <= Max: a tile's row count as a compile-time constant.
+template <int Max, typename F>
 inline void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, kMaxRows>{}); break;
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_rows<Max - 1>(rows, f);
   }
+  f(std::integral_constant<int, Max>{});
 }
 
 // The formats an expert matrix comes in (see the panel layout above).
@@ -305,6 +307,8 @@ struct Weight {
   int64_t group;        // int4: G
 };
 
+inline int64_t rows_per_tile(Format format) { return format == Format::kInt4 ? kMaxGroupedRows : kMaxRows; }
+
 // Rows x[0..n) (K long each) times panel p of w ([K, N]) -> y[j][32 p .. 32 p + 32) (clipped to N). xsum: int4's
 // per-group row sums. scratch: K * 32 floats, for decoding a quantized panel once when more than a tile of rows
 // share it.
@@ -313,7 +317,7 @@ void gemm_panel(const float* const* x, const float* const* xsum, int64_t n, cons
   const int64_t n_pad = (n_dim + kPanel - 1) / kPanel * kPanel, c = p * kPanel;
   const int64_t width = std::min(kPanel, n_dim - c);
   const float* decoded = nullptr;
-  if (w.format != Format::kFloat && n > kMaxRows) {
+  if (w.format != Format::kFloat && n > rows_per_tile(w.format)) {
     Vec row[kVecs];
     for (int64_t k = 0; k < k_dim; ++k) {
       if (w.format == Format::kInt8) {
@@ -325,33 +329,37 @@ void gemm_panel(const float* const* x, const float* const* xsum, int64_t n, cons
     }
     decoded = scratch;
   }
+  if (w.format == Format::kInt4) {
+    const uint8_t* codes = static_cast<const uint8_t*>(w.data) + p * k_dim * (kPanel / 2);
+    for (int64_t t = 0; t < n; t += kMaxGroupedRows) {
+      with_rows<kMaxGroupedRows>(std::min<int64_t>(kMaxGroupedRows, n - t), [&](auto rows) {
+        constexpr int NT = decltype(rows)::value;
+        Vec acc[NT][kVecs];
+        if (decoded) {
+          panel_tile_grouped<float, NT>(x + t, xsum + t, decoded, w.scale + c, w.offset + c, n_pad, w.group, k_dim, acc);
+        } else {
+          panel_tile_grouped<uint8_t, NT>(x + t, xsum + t, codes, w.scale + c, w.offset + c, n_pad, w.group, k_dim, acc);
+        }
+        store_tile<NT>(acc, nullptr, width, y + t, c);
+      });
+    }
+    return;
+  }
   for (int64_t t = 0; t < n; t += kMaxRows) {
-    with_rows(std::min<int64_t>(kMaxRows, n - t), [&](auto rows) {
+    with_rows<kMaxRows>(std::min<int64_t>(kMaxRows, n - t), [&](auto rows) {
       constexpr int NT = decltype(rows)::value;
       Vec acc[NT][kVecs];
-      switch (w.format) {
-        case Format::kFloat:
-          panel_tile<float, NT>(x + t, static_cast<const float*>(w.data) + p * k_dim * kPanel, k_dim, acc);
-          store_tile<NT>(acc, nullptr, width, y + t, c);
-          break;
-        case Format::kInt8:
-          if (decoded) {
-            panel_tile<float, NT>(x + t, decoded, k_dim, acc);
-          } else {
-            panel_tile<int8_t, NT>(x + t, static_cast<const int8_t*>(w.data) + p * k_dim * kPanel, k_dim, acc);
-          }
-          store_tile<NT>(acc, w.scale + c, width, y + t, c);
-          break;
-        case Format::kInt4:
-          if (decoded) {
-            panel_tile_grouped<float, NT>(x + t, xsum + t, decoded, w.scale + c, w.offset + c, n_pad, w.group, k_dim, acc);
-          } else {
-            panel_tile_grouped<uint8_t, NT>(x + t, xsum + t, static_cast<const uint8_t*>(w.data) + p * k_dim * (kPanel / 2),
-                                            w.scale + c, w.offset + c, n_pad, w.group, k_dim, acc);
-          }
-          store_tile<NT>(acc, nullptr, width, y + t, c);
-          break;
+      if (w.format == Format::kFloat) {
+        panel_tile<float, NT>(x + t, static_cast<const float*>(w.data) + p * k_dim * kPanel, k_dim, acc);
+        store_tile<NT>(acc, nullptr, width, y + t, c);
+        return;
       }
+      if (decoded) {
+        panel_tile<float, NT>(x + t, decoded, k_dim, acc);
+      } else {
+        panel_tile<int8_t, NT>(x + t, static_cast<const int8_t*>(w.data) + p * k_dim * kPanel, k_dim, acc);
+      }
+      store_tile<NT>(acc, w.scale + c, width, y + t, c);
     });
   }
 }
@@ -554,7 +562,7 @@ void expert_matmuls(const StackedWeight& w, const std::vector<RowGroup>& groups,
     std::vector<float> scratch;
     for (int64_t item = begin; item < end; ++item) {
       const RowGroup& g = groups[item / panels];
-      if (w.format != Format::kFloat && g.rows > kMaxRows) scratch.resize(k_dim * kPanel);
+      if (w.format != Format::kFloat && g.rows > rows_per_tile(w.format)) scratch.resize(k_dim * kPanel);
       gemm_panel(rows + g.first, sums + g.first, g.rows, w.expert(g.expert), k_dim, n_dim, item % panels,
                  outs + g.first, scratch.data());
     }
