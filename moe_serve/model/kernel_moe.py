@@ -1,8 +1,8 @@
 """Experts held in the compiled kernel's layout (moe_serve/kernels): the in-process MoE path and the shards' FFN.
 
-`KernelExperts` takes an `ExpertStack`'s weights (fp32, int8 or int4) into the kernel's column panels
-(moe_serve/kernels/layout.py) and is then the only holder of them: the stack's per-expert weights are released,
-so a model's experts are in memory once. Two calls:
+`KernelExperts` copies an `ExpertStack`'s weights (fp32, int8 or int4) into the kernel's column panels
+(moe_serve/kernels/layout.py) and needs nothing else: a caller that then drops the stack (the loader, a shard)
+holds the experts once. Two calls:
 - `routed(x)`: gate, top-k, the routed experts and the combine for tokens x [T, D] (LocalMoE's layers);
 - `grouped(rows, expert_ids, counts)`: the experts' FFN outputs for rows already grouped by expert (a shard's call;
   the router gates and combines).
