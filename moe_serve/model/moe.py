@@ -27,12 +27,12 @@ gate, top-k, the routed experts and combine in one call over the experts' column
 all its tokens, int8 and int4 decoded on the fly. Us per layer, bench/quant_decode.py (8 experts, top-2, 2-core
 AVX-512 Xeon VM whose speed drifts between runs: compare within a row):
     T                            1       4      16      64     512
-    tiny fp32 (D 64, I 128)        10      20      49     105     876   weights stay in cache
-    tiny int8                      11      22      36     110     855
-    tiny int4                      12      24      47     120     978
-    mid fp32 (D 1024, I 2816)    6381   22839   37732   70774  228762   weights come from memory
-    mid int8                     2903    8349   12704   46902  212712
-    mid int4                     3578    9633   20429   58029  269509
+    tiny fp32 (D 64, I 128)        13      23      58     126     911   weights stay in cache
+    tiny int8                      12      21      39     121     864
+    tiny int4                      14      23      47     133    1076
+    mid fp32 (D 1024, I 2816)    6473   21881   34260   58393  219010   weights come from memory
+    mid int8                     2919    8647   11770   40687  202095
+    mid int4                     3233   10536   15364   44805  243368
 The torch paths above (about 4-8x slower than the kernel on the tiny shape) serve layers the kernel cannot hold
 (a partial expert set, mixed formats) and builds without it.
 """
