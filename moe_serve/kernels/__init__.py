@@ -1,10 +1,11 @@
 """Compiled CPU kernels for the decode hot path (cpu_ops.cpp), with torch ops as the fallback everywhere.
 
 On the small MoE models this project is tested and benchmarked on, a decode step is bound by eager PyTorch's
-per-op overhead (see moe_serve/model/moe.py), not by arithmetic. Three kernels replace op chains there: RMSNorm,
-decode attention over the decode workspace, and the routed MoE block (gate, top-k, experts in fp32 or int8,
-combine). Each has a torch implementation in moe_serve/model that tests compare it against and that runs when
-the kernels are off or cannot be built.
+per-op overhead (see moe_serve/model/moe.py), not by arithmetic. The kernels replace op chains there: RMSNorm,
+decode attention over the decode workspace, and the MoE block (gate, top-k, experts in fp32, int8 or int4,
+combine; or just the experts, for a shard), whose weights they hold in column panels (layout.py,
+moe_serve/model/kernel_moe.py). Each has a torch implementation in moe_serve/model that tests compare it against
+and that runs when the kernels are off or cannot be built.
 
 Built with torch's cpp_extension (-O3 -march=native) the first time `cpu_ops()` is asked, about a minute on
 2 cores; `make install` does it ahead (`python -m moe_serve.kernels`). The build lands in a directory keyed by the

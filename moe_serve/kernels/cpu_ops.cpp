@@ -1,11 +1,12 @@
-// CPU kernels for the decode hot path of small and mid-size MoE models, where eager PyTorch spends most of a
-// step in per-op overhead rather than arithmetic. Built at first use by moe_serve/kernels/__init__.py (torch's
-// cpp_extension, -O3 -march=native); every kernel here has a torch reference in moe_serve/model that tests compare
-// against, and that runs when the build is not available.
+// CPU kernels for the hot path of MoE models: RMSNorm and decode attention, where eager PyTorch spends most of a
+// small model's step in per-op overhead, and the MoE block (routed, or grouped for an expert shard), whose experts
+// live here in column panels so that big layers stream their weights once per call. Built at first use by
+// moe_serve/kernels/__init__.py (torch's cpp_extension, -O3 -march=native); every kernel here has a torch reference
+// in moe_serve/model that tests compare against, and that runs when the build is not available.
 //
-// Loops are written so that gcc vectorizes them (`#pragma omp simd`, compiled with -fopenmp-simd): innermost
-// loops are unit-stride axpys or dot products over one row. exp is a polynomial (see exp_poly) because libm's expf
-// does not vectorize; it agrees with torch's exp to a few ulp.
+// The matmul tiles use AVX-512 or AVX2 intrinsics, with a portable fallback; other loops are written so that gcc
+// vectorizes them (`#pragma omp simd`, compiled with -fopenmp-simd). exp is a polynomial (see exp_poly) because
+// libm's expf does not vectorize; it agrees with torch's exp to a few ulp.
 //
 // Shape legend: T tokens, D hidden, E experts, A experts per token, I expert width, B decoding sequences,
 // H query heads, KVH key/value heads, G = H / KVH, Lc workspace capacity, Hd head dim.
