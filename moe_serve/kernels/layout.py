@@ -7,6 +7,8 @@ columns a byte: byte j of a panel row holds column j in its low nibble and colum
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 PANEL = 32
@@ -25,13 +27,24 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def panels(w: torch.Tensor) -> torch.Tensor:
-    """Stacked [E, K, N] (float32 or int8) -> [E, P, K, 32] column panels."""
-    e, k, _ = w.shape
-    return pad_columns(w).view(e, k, -1, PANEL).permute(0, 2, 1, 3).contiguous()
+def panels(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each expert's [K, N] (float32 or int8; a stacked [E, K, N] tensor will do) -> [E, P, K, 32] column panels,
+    filled one expert at a time, so a big layer never needs more than its panels and one expert's copy."""
+    k, n = matrices[0].shape
+    full = n // PANEL
+    out = matrices[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)
+    for e, m in enumerate(matrices):
+        out[e, :full] = m[:, : full * PANEL].reshape(k, full, PANEL).transpose(0, 1)
+        if full * PANEL < n:
+            out[e, full, :, : n - full * PANEL] = m[:, full * PANEL :]
+    return out
 
 
-def int4_panels(codes: torch.Tensor) -> torch.Tensor:
-    """Stacked int4 codes [E, K, N] (values 0..15, uint8) -> [E, P, K, 16] bytes."""
-    p = panels(codes.to(torch.uint8))
-    return (p[..., : PANEL // 2] | (p[..., PANEL // 2 :] << 4)).contiguous()
+def int4_panels(codes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each expert's int4 codes [K, N] (values 0..15) -> [E, P, K, 16] bytes."""
+    k, n = codes[0].shape
+    out = torch.empty(len(codes), padded(n) // PANEL, k, PANEL // 2, dtype=torch.uint8)
+    for e, c in enumerate(codes):
+        p = panels([c.to(torch.uint8)])[0]
+        out[e] = p[..., : PANEL // 2] | (p[..., PANEL // 2 :] << 4)
+    return out

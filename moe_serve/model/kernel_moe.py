@@ -57,12 +57,12 @@ def _panel_args(weights: list[PackedWeight]) -> tuple[torch.Tensor, torch.Tensor
     """One matrix of every expert ([N, K] each) as moe_experts reads it: panels, scales, offsets."""
     first = weights[0]
     if isinstance(first, Int8Weight):
-        q = torch.stack([w.qweight.t() for w in weights if isinstance(w, Int8Weight)])  # [E, K, N]
-        scales = torch.stack([w.scales.float() for w in weights if isinstance(w, Int8Weight)])
-        return panels(q), pad_columns(scales), None
+        int8 = [w for w in weights if isinstance(w, Int8Weight)]
+        return panels([w.qweight.t() for w in int8]), pad_columns(torch.stack([w.scales.float() for w in int8])), None
     if isinstance(first, Int4Weight):
         int4 = [w for w in weights if isinstance(w, Int4Weight)]
-        codes = torch.stack([int4_codes(w).t() for w in int4])  # [E, K, N]
+        # one expert's codes at a time: int4_codes unpacks to int32, 8x the packed bytes
+        codes = torch.cat([int4_panels([int4_codes(w).t()]) for w in int4])
         scales, zeros = torch.stack([w.scales_and_zeros.float() for w in int4]).unbind(-1)  # [E, K/G, N] each
-        return int4_panels(codes), pad_columns(scales), pad_columns(zeros - 8 * scales)  # w = q scale + offset
-    return panels(torch.stack([w.dequantize().t() for w in weights])), None, None
+        return codes, pad_columns(scales), pad_columns(zeros - 8 * scales)  # w = q scale + offset
+    return panels([w.dequantize().t() for w in weights]), None, None
