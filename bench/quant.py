@@ -46,11 +46,11 @@ class Row:
     rel_err: dict[str, float]  # ||y - y_ref|| / ||y_ref||, Frobenius
 
 
-def time_calls(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+def time_calls(fns: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
     """Median microseconds per call of each function, over interleaved rounds."""
     reps = {name: _reps_per_sample(fn) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             for _ in range(reps[name]):

@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from engine import BENCH_DIR, Workload, ensure_model, machine_info, make_prompts
+from quant import time_calls
 from moe_serve.kernels import cpu_ops
 from moe_serve.model.kernel_moe import KernelExperts
 from moe_serve.model.moe import ExpertStack
@@ -37,24 +38,6 @@ MODES = ("none", "int8", "int4")
 LAYER_SHAPES = {"tiny": (64, 128), "mid": (1024, 2816)}  # (D, I)
 LAYER_TOKENS = (1, 4, 16, 64, 512)
 EXPERTS, TOP_K = 8, 2
-
-
-def median_us(fns: dict[str, Callable[[], object]], rounds: int = 15, min_sample_s: float = 2e-3) -> dict[str, float]:
-    """Median microseconds per call of each function, rounds interleaved."""
-    reps = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        reps[name] = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / reps[name] * 1e6)
-    return {name: round(statistics.median(s), 1) for name, s in samples.items()}
 
 
 def moe_layer(ops: ModuleType, d: int, i: int, mode: str) -> KernelExperts:
@@ -72,7 +55,7 @@ def bench_layers(ops: ModuleType) -> list[dict[str, Any]]:
         layers = {mode: moe_layer(ops, d, i, mode) for mode in MODES}
         for tokens in LAYER_TOKENS:
             x = torch.randn(tokens, d)
-            us = median_us({mode: (lambda layer=layer: layer.routed(x)) for mode, layer in layers.items()})
+            us = time_calls({mode: (lambda layer=layer: layer.routed(x)) for mode, layer in layers.items()}, rounds=15)
             rows.append({"shape": shape, "d": d, "i": i, "tokens": tokens, "us": us})
             print(f"{shape:<6}{tokens:>5}" + "".join(f"{us[m]:>12.1f}" for m in MODES)
                   + "".join(f"{us['none'] / us[m]:>8.2f}x" for m in ("int8", "int4")), flush=True)

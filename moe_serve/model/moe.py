@@ -390,8 +390,7 @@ class LocalMoE:
         """One MoE layer with all its experts. Into the kernel's layout when it can hold them: the stack's weights
         are then not referenced here (a loader that drops its stack keeps one copy of the experts)."""
         self.gates[layer] = gate
-        whole = stack.expert_ids == list(range(self.num_experts))
-        if _OPS is not None and whole and stackable(stack.w13 + stack.w2):
+        if _OPS is not None and self._stackable(stack):
             self.kernel_layers[layer] = KernelExperts(_OPS, stack.w13, stack.w2, gate.weight, gate.top_k,
                                                       gate.norm_topk_prob)
             return
@@ -426,13 +425,14 @@ class LocalMoE:
         # int8 through fp32 scratch beats its per-expert kernels at every T measured (8x at 512 tokens)
         return "routed" if mode == "int8" or t <= ROUTED_MAX_TOKENS else "loop"
 
+    def _stackable(self, stack: ExpertStack) -> bool:
+        """All the layer's experts, in one format the stacked paths and the kernel take."""
+        return stack.expert_ids == list(range(self.num_experts)) and stackable(stack.w13 + stack.w2)
+
     def _dense_break_even(self, layer: int) -> int:
         """Most tokens for which dense MoE's extra MACs cost less than the loop's overhead; 0: never dense."""
         stack = self.experts[layer]
-        weights = stack.w13 + stack.w2
-        if stack.expert_ids != list(range(self.num_experts)) or layer not in self.gates:
-            return 0
-        if not stackable(weights):
+        if not self._stackable(stack):
             return 0
         hidden = stack.w13[0].in_features
         extra_per_token = (self.num_experts - self.gates[layer].top_k) * 3 * hidden * stack.intermediate_size
