@@ -28,7 +28,7 @@ from moe_serve.cluster.fused_experts import FusedMoEExperts, fused_or_none
 from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
-from moe_serve.model.kernel_moe import KernelExperts
+from moe_serve.model.kernel_moe import KERNEL_FLOAT_DTYPES, KernelExperts
 from moe_serve.model.moe import ExpertStack
 from moe_serve.model.quant import QuantMode, stackable
 
@@ -113,7 +113,7 @@ class ExpertShard:
         w13, w2 = self.checkpoint.load_experts(layer, missing)
         stack = ExpertStack(missing, w13.to(self.device), w2.to(self.device), quantize=self.quantize)
         holder: Holder = stack
-        if self._ops is not None and stackable(stack.w13 + stack.w2):
+        if self._ops is not None and stackable(stack.w13 + stack.w2, KERNEL_FLOAT_DTYPES):
             holder = KernelExperts(self._ops, stack.w13, stack.w2)  # the experts' only copy from here on
         elif self.device.type == "cuda":
             holder = fused_or_none(stack) or stack

@@ -11,11 +11,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from moe_serve.cluster.placement import STRATEGIES, PlacementError
 from moe_serve.model.checkpoint import CheckpointError
 from moe_serve.model.config import ModelConfigError
+from moe_serve.model.dtype import DEVICE_NAMES, DTYPE_NAMES, check_device, check_dtype_name, dtype_name
 from moe_serve.model.tiny import FAMILIES
 
 PLACEMENTS = [s.lower() for s in STRATEGIES]  # --placement choices of generate and up
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", type=int, default=None, metavar="N",
                      help="add each generated token's logprob and its N most likely alternatives to the JSON")
     gen.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
+    _add_engine_arguments(gen)
     gen.add_argument("--in-process", action="store_true", help="run experts in this process (the default)")
     gen.add_argument("--shards", type=int, default=0, help="spread experts over N shard actors on Ray")
     gen.add_argument("--placement", choices=PLACEMENTS, default="pack",
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--model-name", default=None, help="name in /v1/models (default: the directory name)")
     up.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
+    _add_engine_arguments(up)
     up.add_argument("--min-replicas", type=int, default=1)
     up.add_argument("--max-replicas", type=int, default=2)
     up.add_argument("--api-key", default=None, help="require this bearer token (default: $MOE_SERVE_API_KEY)")
@@ -92,11 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", type=_checked(check_dtype_name), default="auto", metavar="|".join(DTYPE_NAMES),
+                        help="serving dtype; auto (default): the checkpoint's where this hardware computes it "
+                             "natively (bf16 with AVX512-BF16 or AMX), else float32")
+    parser.add_argument("--device", type=_checked(check_device), default="cpu", metavar="|".join(DEVICE_NAMES),
+                        help="where the dense part and KV cache live (default cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and kernel threads of the engine (default: the cores this process may use; "
+                             "1 for models with hidden size under 1024)")
+
+
+def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a check that raises ValueError naming the problem (argparse prints it, exit 2)."""
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return parse
+
+
 def cmd_up(args: argparse.Namespace) -> dict:
     from moe_serve.up import run_up
 
     settings = {
         "model_dir": args.model_dir, "model_name": args.model_name, "quantize": args.quantize,
+        "dtype": args.dtype, "device": args.device, "threads": args.threads,
         "api_key": args.api_key, "shards": args.shards, "placement": args.placement,
         "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas},
     }
@@ -136,7 +161,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         from moe_serve.cache import CacheConfig
 
         cache = CacheConfig(warm_url=args.cache, cold_url=args.cold_cache)
-    engine_config = EngineConfig(quantize=args.quantize, cache=cache)
+    engine_config = EngineConfig(quantize=args.quantize, dtype=args.dtype, device=args.device,
+                                 num_threads=args.threads, cache=cache)
     engine = LLMEngine.from_pretrained(args.model_dir, engine_config, moe=expert_parallel)
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("prompt is empty: give some text or --token-ids")
@@ -164,6 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         "tokens_per_s": round(len(out.token_ids) / elapsed, 2),
         "mode": "distributed" if expert_parallel else "in-process",
         "quantize": args.quantize,
+        "dtype": dtype_name(engine.model.dtype),
     }
     if expert_parallel is not None:
         result["placement"] = expert_parallel.describe()

@@ -13,6 +13,7 @@ built from flat Python lists in one copy each (`_long_tensor`), and a pure decod
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from array import array
 from collections.abc import Sequence as Seq
@@ -25,6 +26,7 @@ import torch
 from moe_serve.cache import CacheConfig
 from moe_serve.model.attention import AttentionBatch, PrefillChunk
 from moe_serve.model.config import ModelConfig
+from moe_serve.model.dtype import DeviceName, DTypeName, check_device, check_dtype_name, resolve_dtype
 from moe_serve.model.loader import load_dense_model, load_local_model
 from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moe_serve.model.transformer import DenseModel, MoEBackend
@@ -42,8 +44,13 @@ class EngineConfig:
     kv_cache_bytes: int = 256 * 2**20
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     quantize: Literal["none", "int8", "int4"] = "none"
-    # torch intra-op threads; None: 1 for small models (thread hand-offs cost more than tiny matmuls gain),
-    # torch's default otherwise. Process-wide: the engine owns its process.
+    # serving dtype of weights, activations and the KV cache (moe_serve.model.dtype): auto = the checkpoint's
+    # where the hardware computes it natively, else float32
+    dtype: DTypeName = "auto"
+    device: DeviceName = "cpu"
+    # torch intra-op threads, which the compiled kernels share; None: 1 for small models (thread hand-offs cost
+    # more than tiny matmuls gain), else the cores in this process's affinity mask. Process-wide: the engine owns
+    # its process.
     num_threads: int | None = None
     cache: CacheConfig | None = None  # tiered prompt-prefix KV cache (hot / Redis warm / cold); None: off
     # Contiguous copy of the decoding batch's K/V kept across steps (kv_cache.DecodeWorkspace), so a decode step
@@ -56,6 +63,10 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
         if self.quantize not in ("none", "int8", "int4"):
             raise ValueError(f"EngineConfig.quantize must be none, int8 or int4, got {self.quantize!r}")
+        check_dtype_name(self.dtype)
+        check_device(self.device)
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"EngineConfig.num_threads must be positive, got {self.num_threads}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys((*config.eos_token_ids, *tokenizer_eos)))
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
-        self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size))
+        self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size,
+                                                       model.dtype))
         self.scheduler = Scheduler(self.kv, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
         self.workspace = DecodeWorkspace(self.kv.spec, engine_config.decode_workspace_bytes, self.max_model_len)
         self.prefix_cache: PrefixCacheLink | None = None  # set by from_pretrained when a cache is configured
@@ -132,10 +144,13 @@ class LLMEngine:
     ) -> LLMEngine:
         """In-process experts by default; pass `moe` (e.g. the router of expert shards) to run them elsewhere."""
         tokenizer = Tokenizer.from_dir(model_dir)
+        # threads before loading: what loading computes (RoPE tables) must not depend on what ran before
+        _set_threads(engine_config.num_threads, ModelConfig.from_dir(model_dir))
+        dtype = resolve_dtype(engine_config.dtype, model_dir, engine_config.device)
         if moe is not None:
-            config, dense = load_dense_model(model_dir)
+            config, dense = load_dense_model(model_dir, dtype)
         else:
-            loaded = load_local_model(model_dir, quantize=engine_config.quantize)
+            loaded = load_local_model(model_dir, quantize=engine_config.quantize, dtype=dtype)
             config, dense, moe = loaded.config, loaded.dense, loaded.moe
         engine = cls(config, dense, moe, engine_config, tokenizer)
         if engine_config.cache is not None:
@@ -326,7 +341,7 @@ class LLMEngine:
         else:
             self.workspace.invalidate()
         batch = AttentionBatch(positions_t, _long_tensor(slots), len(plan.decodes), decode_slots, decode_pos, prefills,
-                               decode_kv, same_length)
+                               decode_kv, same_length, self.model.dtype)
         in_order = len(logits_rows) == len(token_ids) and logits_rows == list(range(len(token_ids)))
         return _long_tensor(token_ids), batch, None if in_order else _long_tensor(logits_rows), prompt_targets
 
@@ -432,10 +447,9 @@ SMALL_MODEL_HIDDEN = 1024  # below this, one thread decodes faster than two on t
 
 
 def _set_threads(num_threads: int | None, config: ModelConfig) -> None:
-    if num_threads is None and config.hidden_size < SMALL_MODEL_HIDDEN:
-        num_threads = 1
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
+    if num_threads is None:
+        num_threads = 1 if config.hidden_size < SMALL_MODEL_HIDDEN else len(os.sched_getaffinity(0))
+    torch.set_num_threads(num_threads)
 
 
 def _log_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:

@@ -38,8 +38,9 @@ class EngineReplica:
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine_config = EngineConfig(
-            quantize=settings.quantize, kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
-            cache=settings.cache_config(),
+            quantize=settings.quantize, dtype=settings.dtype, device=settings.device,
+            num_threads=settings.replica_threads, kv_cache_bytes=settings.kv_cache_bytes,
+            max_num_seqs=settings.max_num_seqs, cache=settings.cache_config(),
         )
         self.remote_experts = None
         if experts is not None:

@@ -34,14 +34,15 @@ class KVCacheSpec:
         return bytes_per_block(self.block_size, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     @classmethod
-    def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int) -> KVCacheSpec:
-        per_block = bytes_per_block(block_size, config.num_layers, config.num_kv_heads, config.head_dim)
+    def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int,
+                    dtype: torch.dtype = torch.float32) -> KVCacheSpec:
+        per_block = bytes_per_block(block_size, config.num_layers, config.num_kv_heads, config.head_dim, dtype)
         num_blocks = budget_bytes // per_block
         if num_blocks < 2:
             raise ValueError(
                 f"kv_cache_bytes={budget_bytes} holds {num_blocks} blocks of {per_block} bytes; need at least 2"
             )
-        return cls(block_size, num_blocks, config.num_layers, config.num_kv_heads, config.head_dim)
+        return cls(block_size, num_blocks, config.num_layers, config.num_kv_heads, config.head_dim, dtype)
 
 
 def bytes_per_block(

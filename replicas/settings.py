@@ -5,6 +5,7 @@ Edges validate (pydantic with descriptions); the hot path gets plain values from
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from moe_serve.cache import CacheConfig
 from moe_serve.cluster.placement import Strategy
+from moe_serve.model.dtype import DeviceName, DTypeName
 from moe_serve.replicas.autoscaling import POLICY_PATH
 from moe_serve.replicas.protocol import Limits
 
@@ -72,6 +74,12 @@ class AppSettings(BaseModel):
     model_dir: str = Field(..., description="Hugging Face layout model directory")
     model_name: str | None = Field(None, description="Name served in /v1/models; default: the directory name")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Weight-only quantization of experts")
+    dtype: DTypeName = Field(
+        "auto", description="Serving dtype of weights, activations and KV cache: auto = the checkpoint's dtype where "
+                            "the hardware computes it natively (bf16 with AVX512-BF16/AMX or on CUDA), else float32")
+    device: DeviceName = Field("cpu", description="Where each engine replica runs its dense part and KV cache")
+    threads: int | None = Field(
+        None, gt=0, description="Torch and kernel threads per engine replica; default: replica_num_cpus rounded up")
     kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV cache budget per engine replica")
     max_num_seqs: int = Field(64, gt=0, description="Sequences in one replica's running batch")
     api_key: str | None = Field(None, description=f"Required bearer token on /v1 routes; default: ${API_KEY_ENV}")
@@ -94,6 +102,10 @@ class AppSettings(BaseModel):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def replica_threads(self) -> int:
+        return self.threads or max(1, math.ceil(self.replica_num_cpus))
 
     @property
     def served_name(self) -> str:

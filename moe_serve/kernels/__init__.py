@@ -54,7 +54,7 @@ def build_dir() -> Path:
     root = Path(os.environ.get("MOE_SERVE_KERNEL_DIR", Path.home() / ".cache" / "moe_serve" / "kernels"))
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(FLAGS).encode(),
-                 platform.machine().encode(), _cpu_flags().encode()):
+                 platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()):
         key.update(part)
     return root / key.hexdigest()[:16]
 
@@ -80,11 +80,14 @@ def _build(directory: Path) -> ModuleType:
     return load(NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(directory))
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo spells them (avx2, avx512_bf16, amx_bf16, ...); the processor name
+    alone where that file is unreadable."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return line
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor()
+    return frozenset([platform.processor()])

@@ -133,7 +133,8 @@ void gemm_rows(const float* const* x, int64_t n, const float* wt, int64_t k_dim,
 // An expert matrix [K, N] (input rows, output columns) is stored as P = ceil(N / 32) panels of [K, 32], columns
 // past N zero, each panel contiguous: it streams from memory in order and stays in cache while every token row
 // uses it (moe_serve/kernels/layout.py writes this layout). Formats:
-// - float32: a panel is [K, 32] floats;
+// - float32: a panel is [K, 32] floats; bfloat16 and float16: [K, 32] halves, widened to float32 as they load
+//   (activations and accumulation stay float32);
 // - int8: [K, 32] codes, y[c] = scale[c] * sum_k x[k] q[k][c] (per-column scales [P 32]);
 // - int4: [K, 16] bytes, byte j holding column j (low nibble) and column j + 16 (high nibble), and
 //   w[k][c] = q * scale[k / G][c] + offset[k / G][c] ([K / G, P 32] each); per group of G rows the tile sums
@@ -166,6 +167,13 @@ inline void load_row(const uint8_t* p, Vec* w) {  // int4: 16 bytes -> 32 codes
   w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
   w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
 }
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline void load_row(const c10::BFloat16* p, Vec* w) {  // bf16 is the top half of a float32
+  for (int u = 0; u < 2; ++u) w[u] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load32(p + 16 * u)), 16));
+}
+inline void load_row(const c10::Half* p, Vec* w) {
+  for (int u = 0; u < 2; ++u) w[u] = _mm512_cvtph_ps(load32(p + 16 * u));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int kVecs = 4;
@@ -189,6 +197,17 @@ inline void load_row(const uint8_t* p, Vec* w) {  // int4: 16 bytes -> 32 codes
   w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
   w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+inline __m128i load8x16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline void load_row(const c10::BFloat16* p, Vec* w) {  // bf16 is the top half of a float32
+  for (int u = 0; u < 4; ++u) w[u] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8x16(p + 8 * u)), 16));
+}
+inline void load_row(const c10::Half* p, Vec* w) {
+#if defined(__F16C__)
+  for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtph_ps(load8x16(p + 8 * u));
+#else
+  for (int c = 0; c < 32; ++c) reinterpret_cast<float*>(w)[c] = static_cast<float>(p[c]);
+#endif
 }
 #else  // portable: eight floats per "vector", loops the compiler may vectorize
 struct Vec {
@@ -223,6 +242,12 @@ inline void load_row(const int8_t* p, Vec* w) {
 }
 inline void load_row(const uint8_t* p, Vec* w) {
   for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = c < 16 ? (p[c] & 0x0F) : (p[c - 16] >> 4);
+}
+inline void load_row(const c10::BFloat16* p, Vec* w) {
+  for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = static_cast<float>(p[c]);
+}
+inline void load_row(const c10::Half* p, Vec* w) {
+  for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = static_cast<float>(p[c]);
 }
 #endif
 constexpr int64_t kLanes = kPanel / kVecs;
@@ -298,12 +323,12 @@ inline void with_rows(int64_t rows, F&& f) {
 }
 
 // The formats an expert matrix comes in (see the panel layout above).
-enum class Format { kFloat, kInt8, kInt4 };
+enum class Format { kFloat, kBFloat16, kHalf, kInt8, kInt4 };
 
 struct Weight {
   Format format;
   const void* data;     // P panels
-  const float* scale;   // int8: [P 32] per output column; int4: [K / G, P 32]
+  const float* scale;   // int8: [P 32] per output column; int4: [K / G, P 32]; else none
   const float* offset;  // int4: [K / G, P 32]
   int64_t group;        // int4: G
 };
@@ -319,10 +344,12 @@ void gemm_panel(const float* const* x, const float* const* xsum, int64_t n, cons
   if (w.format != Format::kFloat && n > kMaxRows) {
     Vec row[kVecs];
     for (int64_t k = 0; k < k_dim; ++k) {
-      if (w.format == Format::kInt8) {
-        load_row(static_cast<const int8_t*>(w.data) + (p * k_dim + k) * kPanel, row);
-      } else {
-        load_row(static_cast<const uint8_t*>(w.data) + (p * k_dim + k) * (kPanel / 2), row);
+      const int64_t at = (p * k_dim + k) * kPanel;
+      switch (w.format) {
+        case Format::kInt8: load_row(static_cast<const int8_t*>(w.data) + at, row); break;
+        case Format::kBFloat16: load_row(static_cast<const c10::BFloat16*>(w.data) + at, row); break;
+        case Format::kHalf: load_row(static_cast<const c10::Half*>(w.data) + at, row); break;
+        default: load_row(static_cast<const uint8_t*>(w.data) + at / 2, row); break;
       }
       for (int u = 0; u < kVecs; ++u) vstore(scratch + k * kPanel + u * kLanes, row[u]);
     }
@@ -353,12 +380,17 @@ void gemm_panel(const float* const* x, const float* const* xsum, int64_t n, cons
         store_tile<NT>(acc, nullptr, width, y + t, c);
         return;
       }
+      const int64_t at = p * k_dim * kPanel;
       if (decoded) {
         panel_tile<float, NT>(x + t, decoded, k_dim, acc);
+      } else if (w.format == Format::kInt8) {
+        panel_tile<int8_t, NT>(x + t, static_cast<const int8_t*>(w.data) + at, k_dim, acc);
+      } else if (w.format == Format::kBFloat16) {
+        panel_tile<c10::BFloat16, NT>(x + t, static_cast<const c10::BFloat16*>(w.data) + at, k_dim, acc);
       } else {
-        panel_tile<int8_t, NT>(x + t, static_cast<const int8_t*>(w.data) + p * k_dim * kPanel, k_dim, acc);
+        panel_tile<c10::Half, NT>(x + t, static_cast<const c10::Half*>(w.data) + at, k_dim, acc);
       }
-      store_tile<NT>(acc, w.scale + c, width, y + t, c);
+      store_tile<NT>(acc, w.scale ? w.scale + c : nullptr, width, y + t, c);
     });
   }
 }
@@ -506,9 +538,14 @@ struct StackedWeight {
                 const c10::optional<torch::Tensor>& o, int64_t group_size, int64_t e, int64_t k, int64_t n)
       : group(group_size) {
     TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 4, name, " must be contiguous [E, P, K, 32] CPU panels");
-    const auto dtype = w.scalar_type();
-    format = dtype == torch::kFloat32 ? Format::kFloat : dtype == torch::kInt8 ? Format::kInt8 : Format::kInt4;
-    TORCH_CHECK(format != Format::kInt4 || dtype == torch::kUInt8, name, " must be float32, int8 or uint8 (int4 pairs), got ", dtype);
+    switch (w.scalar_type()) {
+      case torch::kFloat32: format = Format::kFloat; break;
+      case torch::kBFloat16: format = Format::kBFloat16; break;
+      case torch::kFloat16: format = Format::kHalf; break;
+      case torch::kInt8: format = Format::kInt8; break;
+      case torch::kUInt8: format = Format::kInt4; break;
+      default: TORCH_CHECK(false, name, " must be float32, bfloat16, float16, int8 or uint8 (int4 pairs), got ", w.scalar_type());
+    }
     const int64_t panels = (n + kPanel - 1) / kPanel, n_pad = panels * kPanel;
     const int64_t row = format == Format::kInt4 ? kPanel / 2 : kPanel;
     TORCH_CHECK(w.size(0) == e && w.size(1) == panels && w.size(2) == k && w.size(3) == row, name, " has shape ",

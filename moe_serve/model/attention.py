@@ -67,6 +67,7 @@ class AttentionBatch:
     prefills: list[PrefillChunk]
     decode_kv: DecodeKV | None = None  # the decode workspace; None: decode keys are gathered from the pages
     decode_same_length: bool = False  # every decoding sequence attends to the same L keys (no padding)
+    dtype: torch.dtype = torch.float32  # of queries and keys, and so of the additive masks
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
     _rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -85,7 +86,8 @@ class AttentionBatch:
         key = ("decode", 0, window)
         if key not in self._masks:
             q_pos = self.positions[: self.num_decode].unsqueeze(1)
-            self._masks[key] = _additive(_allowed(q_pos, self.decode_key_positions, window))[:, None, None, :]
+            allowed = _allowed(q_pos, self.decode_key_positions, window)
+            self._masks[key] = _additive(allowed, self.dtype)[:, None, None, :]
         return self._masks[key]
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
@@ -94,7 +96,8 @@ class AttentionBatch:
         if key not in self._masks:
             chunk = self.prefills[index]
             q_pos = self.positions[chunk.start : chunk.end].unsqueeze(1)
-            self._masks[key] = _additive(_allowed(q_pos, chunk.key_positions.unsqueeze(0), window))[None, None]
+            allowed = _allowed(q_pos, chunk.key_positions.unsqueeze(0), window)
+            self._masks[key] = _additive(allowed, self.dtype)[None, None]
         return self._masks[key]
 
 
@@ -105,12 +108,14 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return allowed
 
 
-def _additive(allowed: torch.Tensor) -> torch.Tensor:
-    return torch.where(allowed, 0.0, float("-inf"))
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _OPS is not None and x.dtype == weight.dtype == torch.float32 and x.is_contiguous() and not x.is_cuda:
+    if x.dtype != torch.float32:  # as transformers: normalise in float32, round to x's dtype, then scale
+        return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+    if _OPS is not None and weight.dtype == torch.float32 and x.is_contiguous() and not x.is_cuda:
         return _OPS.rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
@@ -123,13 +128,14 @@ def rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class Rotary:
-    """Default RoPE with rotate-half layout, as Mixtral and Qwen use; cos/sin tables for every position."""
+    """Default RoPE with rotate-half layout, as Mixtral and Qwen use; cos/sin tables for every position, computed in
+    float32 and stored in the serving dtype (as transformers casts them)."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+    def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, Hd]
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
         self.half = head_dim // 2
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

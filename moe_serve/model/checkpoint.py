@@ -38,9 +38,10 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """Name -> tensor access over the safetensors files of one model directory."""
 
-    def __init__(self, model_dir: str | Path, config: ModelConfig) -> None:
+    def __init__(self, model_dir: str | Path, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         self.dir = Path(model_dir)
         self.config = config
+        self.dtype = dtype  # every float tensor is returned in it
         self._file_of = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
@@ -73,14 +74,16 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self._file_of
 
-    def load(self, name: str, shape: Sequence[int] | None = None) -> torch.Tensor:
-        """One tensor, checked against `shape` when given."""
-        return self.load_rows(name, None, shape)
+    def load(self, name: str, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, checked against `shape` when given, in `dtype` (default: the checkpoint's serving dtype)."""
+        return self.load_rows(name, None, shape, dtype)
 
     def load_rows(
-        self, name: str, rows: Sequence[int] | None, shape: Sequence[int] | None = None
+        self, name: str, rows: Sequence[int] | None, shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Tensor `name`, or only the given rows of its first dimension (read without loading the rest)."""
+        """Tensor `name`, or only the given rows of its first dimension (read without loading the rest), converted
+        on its own: loading never holds more than one tensor in the file's dtype beside what was already loaded."""
         file_name = self._file_of.get(name)
         if file_name is None:
             raise CheckpointError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
@@ -100,7 +103,7 @@ class Checkpoint:
                 f"{self.dir / file_name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"config expects {tuple(shape)}"
             )
-        return tensor.float()
+        return tensor.to(dtype or self.dtype)
 
     # --- names ---------------------------------------------------------------------------------------------
 
@@ -114,7 +117,8 @@ class Checkpoint:
 
     def load_gate(self, layer: int) -> torch.Tensor:
         cfg = self.config
-        return self.load(f"{self.moe_prefix(layer)}.gate.weight", (cfg.num_experts, cfg.hidden_size))
+        # router logits are computed in float32 whatever the serving dtype
+        return self.load(f"{self.moe_prefix(layer)}.gate.weight", (cfg.num_experts, cfg.hidden_size), torch.float32)
 
     def load_experts(self, layer: int, expert_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights of the given experts of one layer: w13 [n, 2I, D] (gate rows, then up rows), w2 [n, D, I]."""

@@ -1,12 +1,13 @@
 """Experts held in the compiled kernel's layout (moe_serve/kernels): the in-process MoE path and the shards' FFN.
 
-`KernelExperts` copies an `ExpertStack`'s weights (fp32, int8 or int4) into the kernel's column panels
+`KernelExperts` copies an `ExpertStack`'s weights (fp32, bf16, fp16, int8 or int4) into the kernel's column panels
 (moe_serve/kernels/layout.py) and needs nothing else: a caller that then drops the stack (the loader, a shard)
 holds the experts once. Two calls:
 - `routed(x)`: gate, top-k, the routed experts and the combine for tokens x [T, D] (LocalMoE's layers);
 - `grouped(rows, expert_ids, counts)`: the experts' FFN outputs for rows already grouped by expert (a shard's call;
   the router gates and combines).
-Activations are fp32 in the kernel whatever the storage; other dtypes are cast on the way in and out.
+Activations and accumulation are fp32 in the kernel whatever the storage (bf16 and fp16 weights are widened as they
+load); other activation dtypes are cast on the way in and out.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from types import ModuleType
 import torch
 
 from moe_serve.kernels.layout import int4_panels, pad_columns, panels
-from moe_serve.model.quant import Int4Weight, Int8Weight, PackedWeight, int4_codes, stackable
+from moe_serve.model.quant import DenseWeight, Int4Weight, Int8Weight, PackedWeight, int4_codes, stackable
+
+KERNEL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float weights the kernel holds as they are
 
 
 class KernelExperts:
@@ -26,8 +29,9 @@ class KernelExperts:
                  router: torch.Tensor | None = None, top_k: int = 0, norm_topk_prob: bool = True) -> None:
         # w13[e] [2I, D] (gate rows then up rows), w2[e] [D, I]; the kernel multiplies x @ W.T, so W.T [K, N] goes
         # into panels
-        if not stackable(w13 + w2):
-            raise ValueError("expert weights are not all fp32 CPU, all int8, or all int4 with one group size")
+        if not stackable(w13 + w2, KERNEL_FLOAT_DTYPES):
+            raise ValueError("expert weights are not all float CPU weights of one dtype (float32, bfloat16 or "
+                             "float16), all int8, or all int4 with one group size")
         self._ops = ops
         self.num_experts = len(w13)
         self.router = None if router is None else router.float().contiguous()
@@ -65,4 +69,4 @@ def _panel_args(weights: list[PackedWeight]) -> tuple[torch.Tensor, torch.Tensor
         codes = torch.cat([int4_panels([int4_codes(w).t()]) for w in int4])
         scales, zeros = torch.stack([w.scales_and_zeros.float() for w in int4]).unbind(-1)  # [E, K/G, N] each
         return codes, pad_columns(scales), pad_columns(zeros - 8 * scales)  # w = q scale + offset
-    return panels([w.dequantize().t() for w in weights]), None, None
+    return panels([w.weight.t() for w in weights if isinstance(w, DenseWeight)]), None, None

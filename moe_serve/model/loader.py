@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.moe import ExpertStack, Gate, LocalMoE
@@ -19,15 +21,17 @@ class LoadedModel:
     moe: LocalMoE
 
 
-def load_dense_model(model_dir: str | Path) -> tuple[ModelConfig, DenseModel]:
+def load_dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, DenseModel]:
     """The dense part alone, for a replica whose experts live on shard actors."""
     config = ModelConfig.from_dir(model_dir)
-    return config, DenseModel(config, Checkpoint(model_dir, config))
+    return config, DenseModel(config, Checkpoint(model_dir, config, dtype))
 
 
-def load_local_model(model_dir: str | Path, quantize: QuantMode = "none") -> LoadedModel:
+def load_local_model(model_dir: str | Path, quantize: QuantMode = "none",
+                     dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Every weight in `dtype` (quantized experts are packed from it), converted one tensor at a time."""
     config = ModelConfig.from_dir(model_dir)
-    checkpoint = Checkpoint(model_dir, config)
+    checkpoint = Checkpoint(model_dir, config, dtype)
     all_experts = list(range(config.num_experts))
     moe = LocalMoE({}, {}, config.num_experts)
     for layer in config.moe_layer_ids:  # one layer at a time: a layer the kernel takes is held once

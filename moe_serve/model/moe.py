@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.kernels import cpu_ops
-from moe_serve.model.kernel_moe import KernelExperts
+from moe_serve.model.kernel_moe import KERNEL_FLOAT_DTYPES, KernelExperts
 from moe_serve.model.quant import (
     DenseWeight,
     Int4Weight,
@@ -87,7 +87,8 @@ class Gate:
         return self.route(self.probs(x), x.dtype)
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)  # [T, E]
+        # logits in the gate's dtype (float32) whatever x's
+        return torch.softmax(F.linear(x.to(self.weight.dtype), self.weight), dim=-1, dtype=torch.float32)  # [T, E]
 
     def dense_weights(self, logits: torch.Tensor) -> torch.Tensor:
         """Combine weights [T, E] from gate logits [T, E] (float32): the routed experts' weights, 0 elsewhere."""
@@ -390,7 +391,7 @@ class LocalMoE:
         """One MoE layer with all its experts. Into the kernel's layout when it can hold them: the stack's weights
         are then not referenced here (a loader that drops its stack keeps one copy of the experts)."""
         self.gates[layer] = gate
-        if _OPS is not None and self._stackable(stack):
+        if _OPS is not None and self._stackable(stack, KERNEL_FLOAT_DTYPES):
             self.kernel_layers[layer] = KernelExperts(_OPS, stack.w13, stack.w2, gate.weight, gate.top_k,
                                                       gate.norm_topk_prob)
             return
@@ -425,9 +426,9 @@ class LocalMoE:
         # int8 through fp32 scratch beats its per-expert kernels at every T measured (8x at 512 tokens)
         return "routed" if mode == "int8" or t <= ROUTED_MAX_TOKENS else "loop"
 
-    def _stackable(self, stack: ExpertStack) -> bool:
-        """All the layer's experts, in one format the stacked paths and the kernel take."""
-        return stack.expert_ids == list(range(self.num_experts)) and stackable(stack.w13 + stack.w2)
+    def _stackable(self, stack: ExpertStack, dtypes: Sequence[torch.dtype] = (torch.float32,)) -> bool:
+        """All the layer's experts, in one format the stacked paths (float weights of `dtypes`) or the kernel take."""
+        return stack.expert_ids == list(range(self.num_experts)) and stackable(stack.w13 + stack.w2, dtypes)
 
     def _dense_break_even(self, layer: int) -> int:
         """Most tokens for which dense MoE's extra MACs cost less than the loop's overhead; 0: never dense."""

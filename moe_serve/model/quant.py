@@ -163,11 +163,11 @@ def int4_codes(w: Int4Weight) -> Tensor:
     return q.view(n, k)
 
 
-def stackable(weights: Sequence[PackedWeight]) -> bool:
-    """fp32 CPU weights, or all int8, or all int4 with one group size: what the stacked paths and the compiled
-    kernel take."""
-    if all(isinstance(w, DenseWeight) and w.weight.dtype == torch.float32 and w.weight.device.type == "cpu"
-           for w in weights):
+def stackable(weights: Sequence[PackedWeight], dtypes: Sequence[torch.dtype] = (torch.float32,)) -> bool:
+    """Float CPU weights of one of `dtypes`, all of one dtype, or all int8, or all int4 with one group size: what
+    the stacked paths (float32 only) and the compiled kernel (float32, bfloat16, float16) take."""
+    dense_dtypes = {w.weight.dtype for w in weights if isinstance(w, DenseWeight) and w.weight.device.type == "cpu"}
+    if all(isinstance(w, DenseWeight) for w in weights) and len(dense_dtypes) == 1 and dense_dtypes <= set(dtypes):
         return True
     if all(isinstance(w, Int8Weight) for w in weights):
         return True

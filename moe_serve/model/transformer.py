@@ -41,8 +41,11 @@ class LayerWeights:
 
 
 class DenseModel:
+    """Weights and activations in the checkpoint's serving dtype (`Checkpoint.dtype`); logits come out float32."""
+
     def __init__(self, config: ModelConfig, checkpoint: Checkpoint) -> None:
         self.config = config
+        self.dtype = checkpoint.dtype
         cfg = config
         self.embed = checkpoint.load("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         self.norm = checkpoint.load("model.norm.weight", (cfg.hidden_size,))
@@ -51,7 +54,7 @@ class DenseModel:
         else:
             self.lm_head = checkpoint.load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
         self.layers = [self._load_layer(checkpoint, i) for i in range(cfg.num_layers)]
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, self.dtype)
 
     def _load_layer(self, ckpt: Checkpoint, i: int) -> LayerWeights:
         cfg = self.config
@@ -129,7 +132,7 @@ class DenseModel:
                 x.add_(layer.dense_mlp(h))
         if logits_rows is not None:
             x = x[logits_rows]
-        return F.linear(rms_norm(x, self.norm, eps), self.lm_head)
+        return F.linear(rms_norm(x, self.norm, eps), self.lm_head).float()
 
     def _attention(
         self,

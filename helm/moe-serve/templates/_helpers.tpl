@@ -127,6 +127,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $args := dict
       "model_dir" .Values.model.dir
       "quantize" .Values.model.quantize
+      "dtype" .Values.model.dtype
       "kv_cache_bytes" (int64 $e.kvCacheBytes)
       "max_num_seqs" (int $e.maxNumSeqs)
       "replica_num_cpus" $e.replicaNumCpus
