@@ -170,12 +170,13 @@ def guarded(name: str, fn: Callable[[], SystemResult]) -> SystemResult:
 # --- transformers ------------------------------------------------------------------------------------------
 
 
-def bench_transformers(model_dir: Path, prompts: list[list[int]], w: Workload, threads: int) -> SystemResult:
+def bench_transformers(model_dir: Path, prompts: list[list[int]], w: Workload, threads: int,
+                       dtype: str) -> SystemResult:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - t0
     input_ids = torch.tensor(prompts)  # [B, P]
     mask = torch.ones_like(input_ids)
@@ -195,7 +196,7 @@ def bench_transformers(model_dir: Path, prompts: list[list[int]], w: Workload, t
         runs.append(Run(wall, new.tolist(), [ttft] * len(prompts)))
     import transformers
 
-    details = {"version": transformers.__version__, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+    details = {"version": transformers.__version__, "dtype": dtype, "torch_threads": torch.get_num_threads(),
                "ttft_source": "max_new_tokens=1 batch"}
     return summarize(SystemResult("transformers", load_s=load_s, details=details), runs, w)
 
@@ -204,12 +205,12 @@ def bench_transformers(model_dir: Path, prompts: list[list[int]], w: Workload, t
 
 
 def bench_ours(model_dir: Path, prompts: list[list[int]], w: Workload, quantize: str,
-               max_batched_tokens: int | None, threads: int) -> SystemResult:
+               max_batched_tokens: int | None, threads: int, dtype: str) -> SystemResult:
     from moe_serve.replicas.engine import EngineConfig, LLMEngine
     from moe_serve.replicas.sampling import SamplingParams
 
     overrides: dict[str, Any] = {"max_num_seqs": max(w.num_requests, EngineConfig.max_num_seqs), "quantize": quantize,
-                                 "num_threads": threads}
+                                 "num_threads": threads, "dtype": dtype}
     if max_batched_tokens is not None:
         overrides["max_num_batched_tokens"] = max_batched_tokens
     config = EngineConfig(**overrides)

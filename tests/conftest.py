@@ -31,11 +31,11 @@ BASE = dict(
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test with the compiled CPU kernels, then again on torch ops only (the path without a build)."""
     from moe_serve.kernels import cpu_ops
-    from moe_serve.model import attention, moe
+    from moe_serve.model import attention, linear, moe
 
     if request.param == "torch":
-        monkeypatch.setattr(attention, "_OPS", None)
-        monkeypatch.setattr(moe, "_OPS", None)
+        for module in (attention, linear, moe):
+            monkeypatch.setattr(module, "_OPS", None)
     else:
         assert cpu_ops() is not None, "the compiled CPU kernels did not build: see the warning it logged"
     return request.param

@@ -1,8 +1,8 @@
 """The compiled CPU kernels (moe_serve.kernels) against the torch ops they replace.
 
 Tolerances: 1e-5 absolute for RMSNorm and attention (fp32; different summation order, a polynomial exp within a
-few ulp), 1e-5 relative for the MoE block. int8 and int4 experts are checked against fp32 math on the weights they
-stand for, which the kernel computes up to fp32 rounding (activations stay fp32).
+few ulp), 1e-5 relative for the MoE block. bf16, fp16, int8 and int4 experts are checked against fp32 math on the
+weights they stand for, which the kernel computes up to fp32 rounding (activations stay fp32).
 Shape legend: B sequences, H query heads, KVH kv heads, Lc workspace capacity, Hd head dim, T tokens, D hidden,
 E experts, I expert width.
 """
@@ -78,6 +78,8 @@ def test_decode_attention_rejects_bad_input(ops) -> None:
 
 
 E, D, I, TOP_K = 8, 48, 40, 2  # widths off the kernel's 32-column panels, so the padded ones run too
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ["none", *HALF_DTYPES, "int8", "int4"]  # expert weight formats: float32, 16-bit floats, quantized
 
 
 def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -112,6 +114,10 @@ def random_experts(g: torch.Generator, mode: str, hidden: int, inter: int, group
     w2 = torch.randn(E, hidden, inter, generator=g) * 0.1
     if mode == "none":
         return (panels(w13.transpose(1, 2)), None, None, panels(w2.transpose(1, 2)), None, None, 0), (w13, w2)
+    if mode in HALF_DTYPES:  # stored in 16 bits, widened as they load: exact against float math on those values
+        w13, w2 = w13.to(HALF_DTYPES[mode]), w2.to(HALF_DTYPES[mode])
+        args = (panels(w13.transpose(1, 2)), None, None, panels(w2.transpose(1, 2)), None, None, 0)
+        return args, (w13.float(), w2.float())
     q13, q2 = [pack_weight(w, "int8") for w in w13], [pack_weight(w, "int8") for w in w2]
     args = [(panels(torch.stack([w.qweight.t() for w in ws])), pad_columns(torch.stack([w.scales.float() for w in ws])),
              None) for ws in (q13, q2)]
@@ -119,7 +125,7 @@ def random_experts(g: torch.Generator, mode: str, hidden: int, inter: int, group
     return (*args[0], *args[1], 0), dense
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 @pytest.mark.parametrize("tokens", [1, 3, 16, 70])  # 16 and 70: more rows per expert than one register tile
 def test_moe_experts(ops, mode: str, norm_topk_prob: bool, tokens: int) -> None:
@@ -143,7 +149,7 @@ def test_moe_experts_int4_groups(ops, hidden: int, inter: int, group: int) -> No
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 def test_moe_experts_row_does_not_depend_on_its_batch(ops, mode: str) -> None:
     """A token's output is bit-identical alone and in a batch that sends dozens of rows to its experts (where
     quantized panels are decoded once for all rows instead of inline)."""

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 NAME = "moe_serve_cpu_ops"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-# -fopenmp-simd: honour `#pragma omp simd` (vectorized reductions) without linking an OpenMP runtime
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is inline OpenMP in torch's headers, so without it every kernel runs on one thread.
+# The runtime is torch's own: its wheel loads libgomp.so.1 first, and the extension's libgomp.so.1 resolves to it.
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def enabled() -> bool:
@@ -77,7 +79,7 @@ def _build(directory: Path) -> ModuleType:
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     directory.mkdir(parents=True, exist_ok=True)
     log.info("building compiled CPU kernels in %s (about a minute, once)", directory)
-    return load(NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(directory))
+    return load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory))
 
 
 @functools.cache

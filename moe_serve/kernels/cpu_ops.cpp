@@ -5,7 +5,8 @@
 // in moe_serve/model that tests compare against, and that runs when the build is not available.
 //
 // The matmul tiles use AVX-512 or AVX2 intrinsics, with a portable fallback; other loops are written so that gcc
-// vectorizes them (`#pragma omp simd`, compiled with -fopenmp-simd). exp is a polynomial (see exp_poly) because
+// vectorizes them (`#pragma omp simd`); work is split over torch's intra-op threads with
+// at::parallel_for (OpenMP: built with -fopenmp). exp is a polynomial (see exp_poly) because
 // libm's expf does not vectorize; it agrees with torch's exp to a few ulp.
 //
 // Shape legend: T tokens, D hidden, E experts, A experts per token, I expert width, B decoding sequences,
@@ -251,6 +252,46 @@ inline void load_row(const c10::Half* p, Vec* w) {
 }
 #endif
 constexpr int64_t kLanes = kPanel / kVecs;
+
+// One vector (kLanes consecutive elements) of float, bf16 or fp16 weights, widened to float32.
+inline Vec load_vec(const float* p) { return vload(p); }
+#if defined(__AVX512F__)
+inline Vec load_vec(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load32(p)), 16));
+}
+inline Vec load_vec(const c10::Half* p) { return _mm512_cvtph_ps(load32(p)); }
+inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline Vec load_vec(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8x16(p)), 16));
+}
+inline Vec load_vec(const c10::Half* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(load8x16(p));
+#else
+  float v[8];
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  return vload(v);
+#endif
+}
+inline float hsum(Vec v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#else
+template <typename W>
+inline Vec load_vec(const W* p) {
+  Vec r;
+  for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(p[i]);
+  return r;
+}
+inline float hsum(Vec v) {
+  float s = 0.0f;
+  for (float e : v.v) s += e;
+  return s;
+}
+#endif
 // Rows per register tile: 16 accumulators (8 rows of 2 vectors with AVX-512, 4 of 4 with AVX2). int4's tile also
 // keeps a group's partial sums; with as many rows the compiler spills the accumulators, which are touched once a
 // group, and that still beat half the rows (mid-size T=512: 152 vs 214 ms).
@@ -393,6 +434,93 @@ void gemm_panel(const float* const* x, const float* const* xsum, int64_t n, cons
       store_tile<NT>(acc, w.scale ? w.scale + c : nullptr, width, y + t, c);
     });
   }
+}
+
+// ---- Dense projections over row-major weights ------------------------------------------------------------------
+// y [T, N] = x [T, K] W^T for W [N, K] as checkpoints store it (float32, bf16 or fp16: torch's own layout, so the
+// same tensor serves torch's matmul for big batches). For decode-sized batches the cost is reading W once: a tile
+// keeps NR weight rows times MT token rows of dot products in registers, loads each weight vector once for its MT
+// rows, and sums each dot product horizontally once, at the end of K. Threads split the weight rows in blocks.
+constexpr int kDotTokens = 4;  // MT of a full tile
+// Below this many multiply-adds a matmul runs on the calling thread: waking the pool costs more.
+constexpr int64_t kSerialMacs = 1 << 16;
+// NR per MT: what the registers hold besides the MT x vectors and one weight vector
+constexpr int dot_weight_rows(int mt) {
+#if defined(__AVX512F__)
+  return mt == 4 ? 4 : 8;
+#else
+  return mt == 4 ? 2 : mt == 3 ? 3 : 4;
+#endif
+}
+constexpr int64_t kDotBlock = 48;  // weight rows per thread work item: a multiple of every NR
+
+template <typename W, int NR, int MT>
+inline void dot_tile(const float* const* x, const W* const* w, int64_t k_dim, float* const* y) {
+  Vec acc[MT][NR];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) acc[t][r] = vzero();
+  int64_t k = 0;
+  for (; k + kLanes <= k_dim; k += kLanes) {
+    Vec xv[MT];
+    for (int t = 0; t < MT; ++t) xv[t] = vload(x[t] + k);
+    for (int r = 0; r < NR; ++r) {
+      const Vec wv = load_vec(w[r] + k);
+      for (int t = 0; t < MT; ++t) acc[t][r] = vfma(xv[t], wv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) {
+      float sum = hsum(acc[t][r]);
+      for (int64_t kk = k; kk < k_dim; ++kk) sum += x[t][kk] * static_cast<float>(w[r][kk]);
+      y[t][r] = sum;
+    }
+}
+
+// Weight rows [n0, n1) for every token row: NR weight rows at a time (the block's last rows one at a time), each
+// through every token tile of up to kDotTokens rows while those weight rows sit in L1.
+template <typename W, int NR>
+void dot_rows_block(const float* const* x, int64_t t_dim, const W* w, int64_t k_dim, int64_t n0, int64_t n1,
+                    float* const* y) {
+  const W* rows[NR];
+  float* outs[kDotTokens];
+  for (int64_t n = n0; n < n1;) {
+    const int nr = n + NR <= n1 ? NR : 1;
+    for (int r = 0; r < nr; ++r) rows[r] = w + (n + r) * k_dim;
+    for (int64_t t = 0; t < t_dim; t += kDotTokens) {
+      const int64_t mt = std::min<int64_t>(kDotTokens, t_dim - t);
+      for (int64_t i = 0; i < mt; ++i) outs[i] = y[t + i] + n;
+      with_rows<kDotTokens>(mt, [&](auto tokens) {
+        constexpr int MT = decltype(tokens)::value;
+        if (nr == NR) {
+          dot_tile<W, NR, MT>(x + t, rows, k_dim, outs);
+        } else {
+          dot_tile<W, 1, MT>(x + t, rows, k_dim, outs);
+        }
+      });
+    }
+    n += nr;
+  }
+}
+
+template <typename W>
+void linear_rows(const float* x, int64_t x_stride, int64_t t_dim, const W* w, int64_t n_dim, int64_t k_dim,
+                 float* y) {
+  const int64_t blocks = (n_dim + kDotBlock - 1) / kDotBlock;
+  const int64_t macs = t_dim * n_dim * k_dim;
+  std::vector<const float*> xs(t_dim);
+  std::vector<float*> ys(t_dim);
+  for (int64_t t = 0; t < t_dim; ++t) {
+    xs[t] = x + t * x_stride;
+    ys[t] = y + t * n_dim;
+  }
+  at::parallel_for(0, blocks, macs < kSerialMacs ? blocks : 1, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = begin * kDotBlock, n1 = std::min(n_dim, end * kDotBlock);
+    // NR from the first token tile's size: fewer token rows leave registers for more weight rows
+    with_rows<kDotTokens>(std::min<int64_t>(kDotTokens, t_dim), [&](auto tokens) {
+      constexpr int NR = dot_weight_rows(decltype(tokens)::value);
+      dot_rows_block<W, NR>(xs.data(), t_dim, w, k_dim, n0, n1, ys.data());
+    });
+  });
 }
 
 void check_cpu_float(const torch::Tensor& t, const char* name, int64_t dims) {
@@ -577,8 +705,6 @@ struct StackedWeight {
   }
 };
 
-// Below this many multiply-adds a layer's matmuls run on the calling thread: waking the pool costs more.
-constexpr int64_t kSerialMacs = 1 << 16;
 
 // Rows first .. first + rows (of the caller's row arrays) go through expert `expert`.
 struct RowGroup {
@@ -752,8 +878,31 @@ torch::Tensor grouped_experts(const torch::Tensor& x, const torch::Tensor& exper
   return out;
 }
 
+// x [T, K] float32 (rows may be strided, elements contiguous) times W [N, K] (float32, bfloat16 or float16,
+// contiguous) transposed -> [T, N] float32: a projection for decode-sized batches (see "Dense projections").
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+              "linear: x must be a 2-D float32 CPU tensor with contiguous rows");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), "linear: w must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(w.size(1) == x.size(1), "linear: x has ", x.size(1), " features, w ", w.sizes());
+  const int64_t t = x.size(0), n = w.size(0), k = w.size(1);
+  auto out = torch::empty({t, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  switch (w.scalar_type()) {
+    case torch::kFloat32: linear_rows(xp, x.stride(0), t, w.data_ptr<float>(), n, k, op); break;
+    case torch::kBFloat16:
+      linear_rows(xp, x.stride(0), t, static_cast<const c10::BFloat16*>(w.data_ptr()), n, k, op);
+      break;
+    case torch::kFloat16: linear_rows(xp, x.stride(0), t, static_cast<const c10::Half*>(w.data_ptr()), n, k, op); break;
+    default: TORCH_CHECK(false, "linear: w must be float32, bfloat16 or float16, got ", w.scalar_type());
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last axis (float32)");
+  m.def("linear", &linear, "x W^T over row-major float32/bf16/fp16 weights, for decode-sized batches");
   m.def("decode_attention", &decode_attention, "decode attention over the decode workspace");
   m.def("moe_experts", &moe_experts, "gate + routed experts + combine, over column panels");
   m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels");

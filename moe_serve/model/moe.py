@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from moe_serve.kernels import cpu_ops
 from moe_serve.model.kernel_moe import KERNEL_FLOAT_DTYPES, KernelExperts
+from moe_serve.model.linear import Projection
 from moe_serve.model.quant import (
     DenseWeight,
     Int4Weight,
@@ -174,16 +175,17 @@ class DenseMLP:
     """SwiGLU MLP used for dense layers and for Qwen's shared expert."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, output_gate: torch.Tensor | None = None) -> None:
-        self.gate_up = gate_up  # [2I, D]
-        self.down = down  # [D, I]
-        self.output_gate = output_gate  # [1, D]: Qwen2-MoE scales the shared expert by sigmoid(x @ g)
+        self.gate_up = Projection(gate_up)  # [2I, D]
+        self.down = Projection(down)  # [D, I]
+        # [1, D]: Qwen2-MoE scales the shared expert by sigmoid(x @ g)
+        self.output_gate = None if output_gate is None else Projection(output_gate)
         self.intermediate_size = down.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up)
-        out = F.linear(F.silu(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :], self.down)
+        gate_up = self.gate_up(x)
+        out = self.down(F.silu(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :])
         if self.output_gate is not None:
-            out = torch.sigmoid(F.linear(x, self.output_gate)) * out
+            out = torch.sigmoid(self.output_gate(x)) * out
         return out
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from moe_serve.model.attention import AttentionBatch, Rotary, paged_attention, rms_norm, rotate_half_rows
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
+from moe_serve.model.linear import Projection
 from moe_serve.model.moe import DenseMLP
 
 
@@ -32,9 +32,8 @@ class MoEBackend(Protocol):
 class LayerWeights:
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2 KVH) * Hd, D], then rotate_half of the q and k rows unless q_norm is set
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
+    qkv: Projection  # [(H + 2 KVH) * Hd, D], then rotate_half of the q and k rows unless q_norm is set
+    o_proj: Projection
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head [Hd]; OLMoE: over the whole projection [H Hd]
     k_norm: torch.Tensor | None
     dense_mlp: DenseMLP | None  # dense layers, or Qwen2-MoE's shared expert on MoE layers
@@ -50,9 +49,9 @@ class DenseModel:
         self.embed = checkpoint.load("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         self.norm = checkpoint.load("model.norm.weight", (cfg.hidden_size,))
         if cfg.tie_word_embeddings and not checkpoint.has("lm_head.weight"):
-            self.lm_head = self.embed
+            self.lm_head = Projection(self.embed)
         else:
-            self.lm_head = checkpoint.load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+            self.lm_head = Projection(checkpoint.load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
         self.layers = [self._load_layer(checkpoint, i) for i in range(cfg.num_layers)]
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, self.dtype)
 
@@ -88,9 +87,8 @@ class DenseModel:
         return LayerWeights(
             input_norm=ckpt.load(f"{p}.input_layernorm.weight", (d,)),
             post_attention_norm=ckpt.load(f"{p}.post_attention_layernorm.weight", (d,)),
-            qkv=qkv,
-            qkv_bias=qkv_bias,
-            o_proj=ckpt.load(f"{p}.self_attn.o_proj.weight", (d, q_rows)),
+            qkv=Projection(qkv, qkv_bias),
+            o_proj=Projection(ckpt.load(f"{p}.self_attn.o_proj.weight", (d, q_rows))),
             q_norm=q_norm,
             k_norm=k_norm,
             dense_mlp=self._load_mlp(ckpt, i),
@@ -132,7 +130,7 @@ class DenseModel:
                 x.add_(layer.dense_mlp(h))
         if logits_rows is not None:
             x = x[logits_rows]
-        return F.linear(rms_norm(x, self.norm, eps), self.lm_head).float()
+        return self.lm_head(rms_norm(x, self.norm, eps)).float()
 
     def _attention(
         self,
@@ -143,21 +141,21 @@ class DenseModel:
         kv_cache: torch.Tensor,
         residual: torch.Tensor,
     ) -> torch.Tensor:
-        """residual + attention(x): the residual add rides in the output projection's matmul."""
+        """residual + attention(x)."""
         q, kv = self._qkv(layer, x, batch)
         kv_cache.index_copy_(0, batch.slot_mapping, kv)
         workspace = None
         if batch.decode_kv is not None:
             workspace = batch.decode_kv.update(i, kv_cache, kv[: batch.num_decode], batch.decode_key_slots)
         out = paged_attention(q, kv_cache, batch, self.config.sliding_windows[i], workspace)
-        return torch.addmm(residual, out.reshape(x.shape[0], -1), layer.o_proj.t())
+        return residual + layer.o_proj(out.reshape(x.shape[0], -1))
 
     def _qkv(self, layer: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, Hd] and kv [T, 2, KVH, Hd], queries and keys rotated by position."""
         cfg = self.config
         t, hd, h, kvh = x.shape[0], cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         nq, nkv = h * hd, kvh * hd
-        y = F.linear(x, layer.qkv, layer.qkv_bias)
+        y = layer.qkv(x)
         cos, sin = batch.rope(self.rotary)
         if layer.q_norm is None:  # rows nq + 2 nkv onwards hold rotate_half(q, k): rotate in place
             qk = y[:, : nq + nkv].view(t, h + kvh, hd)
