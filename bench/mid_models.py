@@ -10,6 +10,8 @@ A tiny model is bound by per-op overhead; these are bound by memory bandwidth an
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,32 +44,44 @@ def ensure_mid_model(name: str, root: Path = MODELS_DIR, dtype: torch.dtype = to
     return out
 
 
-def weight_bytes(model_dir: Path) -> dict[str, int]:
-    """Bytes of the checkpoint's tensors read per decode step: every dense weight (embeddings excluded: one row
-    per token), and the experts, whose share depends on how many are routed (see `decode_bytes`)."""
+def param_counts(model_dir: Path) -> dict[str, int]:
+    """Parameters by kind: `embed` (one row read per token), `dense` (every other non-expert weight, LM head
+    included: all read every decode step) and `experts` (all layers)."""
     from safetensors import safe_open
 
-    totals = {"dense": 0, "experts": 0, "embed": 0}
+    counts = {"dense": 0, "experts": 0, "embed": 0}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                t = f.get_slice(key)
-                n = _numel(t.get_shape()) * _itemsize(t.get_dtype())
                 kind = "experts" if ".experts." in key else "embed" if "embed_tokens" in key else "dense"
-                totals[kind] += n
-    return totals
+                counts[kind] += math.prod(f.get_slice(key).get_shape())
+    return counts
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def decode_step_bytes(model_dir: Path, batch: int, dense_bytes_per_param: float,
+                      expert_bytes_per_param: float) -> float:
+    """Weight bytes one decode step of `batch` sequences reads: every dense weight, and in each MoE layer the experts
+    that at least one of the batch's tokens routes to (expected count under uniform routing, E (1 - (1 - A/E)^B))."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    experts = cfg.get("num_local_experts") or cfg["num_experts"]
+    top_k = cfg["num_experts_per_tok"]
+    counts = param_counts(model_dir)
+    touched = 1 - (1 - top_k / experts) ** batch
+    return counts["dense"] * dense_bytes_per_param + counts["experts"] * touched * expert_bytes_per_param
 
 
-def _itemsize(dtype: str) -> int:
-    return {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "I64": 8}.get(dtype, 4)
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes per second a decode step can read: a sum over a buffer far larger than the caches, on every core this
+    process may use, best of `repeats`."""
+    import time
 
-
-def config_summary(model_dir: Path) -> dict[str, Any]:
-    return json.loads((model_dir / "config.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    src = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return nbytes / best

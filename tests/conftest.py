@@ -41,8 +41,9 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return request.param
 
 
-def save_hf_model(out_dir: Path, family: str, seed: int = 0, **overrides: Any) -> Path:
-    """A random `transformers` model of `family`, saved with `save_pretrained` (the layout users have)."""
+def save_hf_model(out_dir: Path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  **overrides: Any) -> Path:
+    """A random `transformers` model of `family`, saved with `save_pretrained` (the layout users have) in `dtype`."""
     from transformers import (
         MixtralConfig,
         MixtralForCausalLM,
@@ -68,7 +69,7 @@ def save_hf_model(out_dir: Path, family: str, seed: int = 0, **overrides: Any) -
     config_cls, model_cls, family_defaults = classes[family]
     torch.manual_seed(seed)
     config = config_cls(**{**BASE, **family_defaults, **overrides})
-    model = model_cls(config).eval()
+    model = model_cls(config).to(dtype).eval()
     model.save_pretrained(out_dir)
     return Path(out_dir)
 

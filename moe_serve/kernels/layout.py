@@ -28,8 +28,9 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
 
 
 def panels(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Each expert's [K, N] (float32 or int8; a stacked [E, K, N] tensor will do) -> [E, P, K, 32] column panels,
-    filled one expert at a time, so a big layer never needs more than its panels and one expert's copy."""
+    """Each expert's [K, N] (float or int8; a stacked [E, K, N] tensor, or a sequence that loads each expert as it
+    is indexed, will do) -> [E, P, K, 32] column panels, filled one expert at a time, so a big layer never needs more
+    than its panels and one expert's copy."""
     k, n = matrices[0].shape
     full = n // PANEL
     out = matrices[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)

@@ -12,6 +12,7 @@ load); other activation dtypes are cast on the way in and out.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -24,6 +25,19 @@ KERNEL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float we
 
 class KernelExperts:
     """Stacked experts [E] of one layer in panels; expert i of the stack is index i here."""
+
+    @classmethod
+    def load(cls, ops: ModuleType, num_experts: int, w13_of: Callable[[int], torch.Tensor],
+             w2_of: Callable[[int], torch.Tensor], router: torch.Tensor, top_k: int,
+             norm_topk_prob: bool) -> KernelExperts:
+        """Float experts read one at a time (w13_of(e) [2I, D], w2_of(e) [D, I], e.g. from the checkpoint) straight
+        into panels: loading holds the panels and one expert's tensors, never a second copy of the layer."""
+        self = cls.__new__(cls)
+        self._ops, self.num_experts = ops, num_experts
+        self.router, self.top_k, self.norm_topk_prob = router.float().contiguous(), top_k, norm_topk_prob
+        self._args = (panels(_Loaded(num_experts, lambda e: w13_of(e).t())), None, None,
+                      panels(_Loaded(num_experts, lambda e: w2_of(e).t())), None, None, 0)
+        return self
 
     def __init__(self, ops: ModuleType, w13: list[PackedWeight], w2: list[PackedWeight],
                  router: torch.Tensor | None = None, top_k: int = 0, norm_topk_prob: bool = True) -> None:
@@ -51,6 +65,21 @@ class KernelExperts:
     def grouped(self, rows: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, D], `counts[i]` of them for expert `expert_ids[i]` (this object's indices), in order -> [N, D]."""
         return self._ops.grouped_experts(_fp32(rows), expert_ids, counts, *self._args).to(rows.dtype)
+
+
+class _Loaded(Sequence[torch.Tensor]):
+    """A sequence whose element i is made when it is indexed (nothing is kept)."""
+
+    def __init__(self, length: int, make: Callable[[int], torch.Tensor]) -> None:
+        self._length, self._make = length, make
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= index < self._length:
+            raise IndexError(index)
+        return self._make(index)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:

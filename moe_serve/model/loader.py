@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.kernel_moe import KernelExperts
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.moe import ExpertStack, Gate, LocalMoE
 from moe_serve.model.quant import QuantMode
@@ -36,5 +39,11 @@ def load_local_model(model_dir: str | Path, quantize: QuantMode = "none",
     moe = LocalMoE({}, {}, config.num_experts)
     for layer in config.moe_layer_ids:  # one layer at a time: a layer the kernel takes is held once
         gate = Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
+        if quantize == "none" and moe.kernel_holds(dtype):  # one expert at a time, straight into panels
+            experts = KernelExperts.load(
+                cpu_ops(), config.num_experts, functools.partial(checkpoint.load_expert_w13, layer),
+                functools.partial(checkpoint.load_expert_w2, layer), gate.weight, gate.top_k, gate.norm_topk_prob)
+            moe.add_kernel_layer(layer, gate, experts)
+            continue
         moe.add_layer(layer, gate, ExpertStack(all_experts, *checkpoint.load_experts(layer, all_experts), quantize))
     return LoadedModel(config, DenseModel(config, checkpoint), moe)

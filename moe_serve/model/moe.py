@@ -389,6 +389,14 @@ class LocalMoE:
         for layer, stack in experts.items():
             self.add_layer(layer, gates[layer], stack)
 
+    def kernel_holds(self, dtype: torch.dtype) -> bool:
+        """Whether float experts of `dtype` go to the compiled kernel (add_kernel_layer)."""
+        return _OPS is not None and dtype in KERNEL_FLOAT_DTYPES
+
+    def add_kernel_layer(self, layer: int, gate: Gate, experts: KernelExperts) -> None:
+        self.gates[layer] = gate
+        self.kernel_layers[layer] = experts
+
     def add_layer(self, layer: int, gate: Gate, stack: ExpertStack) -> None:
         """One MoE layer with all its experts. Into the kernel's layout when it can hold them: the stack's weights
         are then not referenced here (a loader that drops its stack keeps one copy of the experts)."""
