@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from moe_serve.kernels import build_dir, cpu_ops
 from moe_serve.kernels.layout import int4_panels, pad_columns, padded, panels
+from moe_serve.model.linear import KERNEL_MAX_TOKENS, Projection
 from moe_serve.model.moe import Gate
 from moe_serve.model.quant import pack_weight
 
@@ -174,7 +175,44 @@ def test_moe_experts_rejects_bad_input(ops) -> None:
         ops.moe_experts(x, router, TOP_K, True, torch.zeros(E, D, 2 * I), None, None, w2, None, None, 0)
     with pytest.raises(RuntimeError, match="scales"):
         ops.moe_experts(x, router, TOP_K, True, w13.to(torch.int8), None, None, w2.to(torch.int8), None, None, 0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16, float16, int8"):
+        ops.moe_experts(x, router, TOP_K, True, w13.double(), None, None, w2.double(), None, None, 0)
     with pytest.raises(RuntimeError, match="group size"):
         codes13, codes2 = int4_panels(torch.zeros(E, D, 2 * I)), int4_panels(torch.zeros(E, I, D))
         s13, s2 = torch.zeros(E, 1, padded(2 * I)), torch.zeros(E, 1, padded(D))
         ops.moe_experts(x, router, TOP_K, True, codes13, s13, s13, codes2, s2, s2, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 9, 33])  # one token tile, partial ones; weights-outer and x-outer
+@pytest.mark.parametrize(("n", "k"), [(101, 70), (96, 64)])  # tails of the vector, weight-tile and block widths
+def test_linear(ops, dtype: torch.dtype, tokens: int, n: int, k: int) -> None:
+    """x W^T over row-major weights: float math on the stored (rounded) weights, up to fp32 summation order."""
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
+    x = torch.randn(tokens, k + 6, generator=g)[:, :k]  # rows strided, as a view into a wider activation
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w.float()), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_rejects_bad_input(ops) -> None:
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear(torch.zeros(2, 8), torch.zeros(4, 9))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.linear(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(4, 8))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.linear(torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.linear(torch.zeros(2, 8), torch.zeros(8, 4).t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [2, KERNEL_MAX_TOKENS + 7])  # the kernel's batches and torch's
+def test_projection(dtype: torch.dtype, tokens: int) -> None:
+    g = torch.Generator().manual_seed(12)
+    w, b = (torch.randn(40, 24, generator=g) * 0.1).to(dtype), torch.randn(40, generator=g).to(dtype)
+    x = torch.randn(tokens, 24, generator=g).to(dtype)
+    out = Projection(w, b)(x)
+    assert out.dtype == dtype and out.shape == (tokens, 40)
+    expected = F.linear(x.float(), w.float(), b.float())
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's rounding
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)

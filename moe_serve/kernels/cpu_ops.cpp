@@ -292,26 +292,51 @@ inline float hsum(Vec v) {
   return s;
 }
 #endif
-// Rows per register tile: 16 accumulators (8 rows of 2 vectors with AVX-512, 4 of 4 with AVX2). int4's tile also
-// keeps a group's partial sums; with as many rows the compiler spills the accumulators, which are touched once a
-// group, and that still beat half the rows (mid-size T=512: 152 vs 214 ms).
-constexpr int kMaxRows = 16 / kVecs;
+// Rows per register tile: what the registers hold as accumulators besides a broadcast per row and one weight vector
+// (AVX-512's 32: 8 rows of 2 vectors; AVX2's 16: 3 rows of 4). int4's tile also keeps a group's partial sums; with
+// as many rows the compiler spills the accumulators, which are touched once a group, and that still beat half the
+// rows (mid-size T=512: 152 vs 214 ms with AVX-512).
+#if defined(__AVX512F__)
+constexpr int kMaxRows = 8;
+#else
+constexpr int kMaxRows = 3;
+#endif
 
 // elements of one panel row: int4 packs two columns a byte
 template <typename W>
 constexpr int64_t panel_row = std::is_same<W, uint8_t>::value ? kPanel / 2 : kPanel;
 
 // acc[t] = x[t] panel for NT rows (K long each): one panel's 32 columns.
+// Vector u of a panel row (columns u kLanes .. (u + 1) kLanes), widened to float.
+template <typename W>
+inline Vec load_part(const W* row, int u) {
+  return load_vec(row + u * kLanes);
+}
+inline Vec load_part(const int8_t* row, int u) {
+#if defined(__AVX512F__)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(row + u * kLanes)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + u * kLanes))));
+#else
+  Vec r;
+  for (int i = 0; i < 8; ++i) r.v[i] = row[u * kLanes + i];
+  return r;
+#endif
+}
+
+// The row's x values broadcast once a k, then one panel vector at a time through every row: the registers hold
+// the NT x kVecs accumulators, NT broadcasts and one weight vector (kMaxRows is sized for that).
 template <typename W, int NT>
 inline void panel_tile(const float* const* x, const W* __restrict panel, int64_t k_dim, Vec (*acc)[kVecs]) {
   for (int t = 0; t < NT; ++t)
     for (int u = 0; u < kVecs; ++u) acc[t][u] = vzero();
   for (int64_t k = 0; k < k_dim; ++k) {
-    Vec w[kVecs];
-    load_row(panel + k * panel_row<W>, w);
-    for (int t = 0; t < NT; ++t) {
-      const Vec xv = vset1(x[t][k]);
-      for (int u = 0; u < kVecs; ++u) acc[t][u] = vfma(xv, w[u], acc[t][u]);
+    const W* row = panel + k * panel_row<W>;
+    Vec xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = vset1(x[t][k]);
+    for (int u = 0; u < kVecs; ++u) {
+      const Vec w = load_part(row, u);
+      for (int t = 0; t < NT; ++t) acc[t][u] = vfma(xv[t], w, acc[t][u]);
     }
   }
 }
@@ -476,29 +501,41 @@ inline void dot_tile(const float* const* x, const W* const* w, int64_t k_dim, fl
     }
 }
 
-// Weight rows [n0, n1) for every token row: NR weight rows at a time (the block's last rows one at a time), each
-// through every token tile of up to kDotTokens rows while those weight rows sit in L1.
+// Weight rows [n0, n1) for every token row, in NR-row weight tiles (the block's last rows one at a time) and token
+// tiles of up to kDotTokens rows. Few token rows (x fits in L1): each weight tile goes through every token tile while
+// it sits in L1, so weights stream from memory once. Many: each token tile goes through the whole block, which sits
+// in L2, while x streams once.
+constexpr int64_t kDotWeightsOuterMaxTokens = 8;
+
 template <typename W, int NR>
 void dot_rows_block(const float* const* x, int64_t t_dim, const W* w, int64_t k_dim, int64_t n0, int64_t n1,
                     float* const* y) {
-  const W* rows[NR];
-  float* outs[kDotTokens];
-  for (int64_t n = n0; n < n1;) {
+  const auto tile = [&](int64_t n, int64_t t) {
     const int nr = n + NR <= n1 ? NR : 1;
+    const W* rows[NR];
+    float* outs[kDotTokens];
     for (int r = 0; r < nr; ++r) rows[r] = w + (n + r) * k_dim;
-    for (int64_t t = 0; t < t_dim; t += kDotTokens) {
-      const int64_t mt = std::min<int64_t>(kDotTokens, t_dim - t);
-      for (int64_t i = 0; i < mt; ++i) outs[i] = y[t + i] + n;
-      with_rows<kDotTokens>(mt, [&](auto tokens) {
-        constexpr int MT = decltype(tokens)::value;
-        if (nr == NR) {
-          dot_tile<W, NR, MT>(x + t, rows, k_dim, outs);
-        } else {
-          dot_tile<W, 1, MT>(x + t, rows, k_dim, outs);
-        }
-      });
+    const int64_t mt = std::min<int64_t>(kDotTokens, t_dim - t);
+    for (int64_t i = 0; i < mt; ++i) outs[i] = y[t + i] + n;
+    with_rows<kDotTokens>(mt, [&](auto tokens) {
+      constexpr int MT = decltype(tokens)::value;
+      if (nr == NR) {
+        dot_tile<W, NR, MT>(x + t, rows, k_dim, outs);
+      } else {
+        dot_tile<W, 1, MT>(x + t, rows, k_dim, outs);
+      }
+    });
+    return nr;
+  };
+  if (t_dim <= kDotWeightsOuterMaxTokens) {
+    for (int64_t n = n0; n < n1;) {
+      int nr = 1;
+      for (int64_t t = 0; t < t_dim; t += kDotTokens) nr = tile(n, t);
+      n += nr;
     }
-    n += nr;
+  } else {
+    for (int64_t t = 0; t < t_dim; t += kDotTokens)
+      for (int64_t n = n0; n < n1;) n += tile(n, t);
   }
 }
 
