@@ -89,7 +89,8 @@ class RemoteExperts:
         deadline = time.monotonic() + self.recovery_window_s
         while True:
             try:
-                return torch.from_numpy(self.transport(layer, hidden.numpy()))
+                # float32 on the wire (numpy has no bf16); the shards compute in float32
+                return torch.from_numpy(self.transport(layer, hidden.float().numpy())).to(hidden.dtype)
             except RECOVERABLE as exc:
                 if time.monotonic() >= deadline:
                     raise

@@ -33,7 +33,8 @@ class ExpertParallel:
     transport: Transport
 
     def moe(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.transport(layer, hidden.numpy()))
+        # float32 on the wire (numpy has no bf16); the shards compute in float32
+        return torch.from_numpy(self.transport(layer, hidden.float().numpy())).to(hidden.dtype)
 
     __call__ = moe
 

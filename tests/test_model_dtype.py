@@ -150,3 +150,28 @@ def _checkpoint_numel(model_dir: Path) -> int:
             for key in f.keys():
                 total += torch.Size(f.get_slice(key).get_shape()).numel()
     return total
+
+
+ROPE_SCRIPT = """
+import json, math, random, torch
+torch.set_num_threads(2)  # a fresh process, several threads: where MKL VML's first call could race
+from moe_serve.model.attention import Rotary
+rotary = Rotary(128, 1e6, 32768)
+rng = random.Random(0)
+worst = 0
+for _ in range(4000):
+    p, i = rng.randrange(32768), rng.randrange(128)
+    inv_freq = (1.0 / 1e6 ** (torch.arange(0, 128, 2, dtype=torch.int64).float() / 128))[i % 64]
+    angle = float(torch.tensor(float(p)) * inv_freq)  # the float32 angle
+    for table, fn in ((rotary.cos, math.cos), (rotary.sin, math.sin)):
+        exact = torch.tensor(fn(angle), dtype=torch.float32)
+        worst = max(worst, abs(float(table[p, i]) - float(exact)) / max(float(torch.finfo().eps * abs(exact)), 1e-45))
+print(json.dumps({"worst_ulp": worst}))
+"""
+
+
+def test_rope_tables_are_exact_in_a_fresh_process() -> None:
+    """The first RoPE tables of a process, built on two threads, are cos/sin of the float32 angles rounded once."""
+    proc = subprocess.run([sys.executable, "-c", ROPE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["worst_ulp"] <= 0.5

@@ -505,7 +505,7 @@ inline void dot_tile(const float* const* x, const W* const* w, int64_t k_dim, fl
 // tiles of up to kDotTokens rows. Few token rows (x fits in L1): each weight tile goes through every token tile while
 // it sits in L1, so weights stream from memory once. Many: each token tile goes through the whole block, which sits
 // in L2, while x streams once.
-constexpr int64_t kDotWeightsOuterMaxTokens = 8;
+constexpr int64_t kDotWeightsOuterMaxTokens = 32;
 
 template <typename W, int NR>
 void dot_rows_block(const float* const* x, int64_t t_dim, const W* w, int64_t k_dim, int64_t n0, int64_t n1,

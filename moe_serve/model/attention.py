@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,14 +129,20 @@ def rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class Rotary:
-    """Default RoPE with rotate-half layout, as Mixtral and Qwen use; cos/sin tables for every position, computed in
-    float32 and stored in the serving dtype (as transformers casts them)."""
+    """Default RoPE with rotate-half layout, as Mixtral and Qwen use; cos/sin tables for every position, of the
+    float32 angles transformers computes, rounded to float32 and then to the serving dtype (as transformers casts).
+
+    cos and sin are taken in float64 by numpy, not by torch: torch sends big float32 cos/sin to MKL's VML, whose
+    lazy kernel dispatch races when its first call runs on several threads (pytorch/pytorch#188792), so the first
+    tables a process builds could come out ~1000 ulp off in one thread's chunk and differ from every later build.
+    """
 
     def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # [P, Hd]
-        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        angles = torch.cat([freqs, freqs], dim=-1).double().numpy()  # [P, Hd]
+        self.cos = torch.from_numpy(np.cos(angles)).float().to(dtype)
+        self.sin = torch.from_numpy(np.sin(angles)).float().to(dtype)
         self.half = head_dim // 2
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
