@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 	@bash scripts/ensure_redis.sh && VENV=$(VENV) bash scripts/ensure_helm.sh
-	@$(PY) -m moe_serve.kernels
+	@$(PY) -m moe_serve.kernels --variants
 
 # Reinstall only when the pins change. torch first, pinned, so nothing pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml

@@ -13,24 +13,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_serve.kernels import build_dir, cpu_ops
+from moe_serve.kernels import build_dir, build_variant, cpu_ops, runnable, variant_names, variant_ops
 from moe_serve.kernels.layout import int4_panels, pad_columns, padded, panels
 from moe_serve.model.linear import KERNEL_MAX_TOKENS, Projection
 from moe_serve.model.moe import Gate
 from moe_serve.model.quant import pack_weight
 
 
-@pytest.fixture(scope="module")
-def ops():
-    module = cpu_ops()
-    assert module is not None, "the compiled CPU kernels did not build: see the warning it logged"
-    return module
+@pytest.fixture(scope="module", params=variant_names())
+def ops(request: pytest.FixtureRequest):
+    """Each instruction-set variant of the kernels this CPU can run (native is the one that serves)."""
+    if request.param == "native":
+        module = cpu_ops()
+        assert module is not None, "the compiled CPU kernels did not build: see the warning it logged"
+        return module
+    if not runnable(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} kernels (they are only built here)")
+    return variant_ops(request.param)
 
 
-def test_build_is_keyed_by_source_and_cpu(ops) -> None:
+def test_build_is_keyed_by_source_and_cpu() -> None:
+    assert cpu_ops() is not None
     directory = build_dir()
     assert any(directory.glob("moe_serve_cpu_ops*.so"))
     assert len(directory.name) == 16
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_every_variant_builds(variant: str) -> None:
+    """Every instruction-set path compiles on this machine, whatever its CPU runs (make install builds them)."""
+    assert any(build_variant(variant).glob("moe_serve_cpu_ops*.so"))
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (16, 64), (3, 5, 24), (7, 100)])

@@ -32,8 +32,17 @@ NAME = "moe_serve_cpu_ops"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 # -fopenmp: at::parallel_for is inline OpenMP in torch's headers, so without it every kernel runs on one thread.
 # The runtime is torch's own: its wheel loads libgomp.so.1 first, and the extension's libgomp.so.1 resolves to it.
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+FLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
+# Instruction sets the source has paths for. `native` (this CPU's) is what serves; the others are built by
+# `python -m moe_serve.kernels --variants` (make install) so every path compiles on every machine, and tested
+# where the CPU can run them (tests/test_kernels.py). Each needs these CPU flags to run.
+VARIANTS: dict[str, tuple[list[str], frozenset[str]]] = {
+    "native": (["-march=native"], frozenset()),
+    "avx512": (["-march=x86-64-v4"], frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c"})),
+    "avx2": (["-march=x86-64-v3"], frozenset({"avx2", "fma", "f16c"})),
+    "portable": (["-march=x86-64"], frozenset()),  # no vector intrinsics: the portable C++ paths
+}
 
 
 def enabled() -> bool:
@@ -52,19 +61,49 @@ def cpu_ops() -> ModuleType | None:
         return None
 
 
-def build_dir() -> Path:
+def variant_names() -> list[str]:
+    """The variants this platform's compiler targets (x86-64 has them all; elsewhere only native)."""
+    return list(VARIANTS) if platform.machine() in ("x86_64", "AMD64") else ["native"]
+
+
+def runnable(variant: str) -> bool:
+    return VARIANTS[variant][1] <= cpu_flags()
+
+
+def build_variant(variant: str) -> Path:
+    """Build one variant (if not built yet) and return its directory; loads nothing, so any CPU can build any."""
+    directory = build_dir(variant)
+    if next(directory.glob(f"{NAME}*.so"), None) is None:
+        _compile(directory, variant)
+    return directory
+
+
+@functools.cache
+def variant_ops(variant: str) -> ModuleType:
+    """A variant's kernels, built if needed; only for a variant this CPU can run (see `runnable`)."""
+    if not runnable(variant):
+        raise RuntimeError(f"this CPU lacks {sorted(VARIANTS[variant][1] - cpu_flags())} for the {variant} kernels")
+    return _load(build_dir(variant), variant)
+
+
+def build_dir(variant: str = "native") -> Path:
     root = Path(os.environ.get("MOE_SERVE_KERNEL_DIR", Path.home() / ".cache" / "moe_serve" / "kernels"))
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(FLAGS).encode(),
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_flags(variant)).encode(),
                  platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()):
         key.update(part)
-    return root / key.hexdigest()[:16]
+    return root / (key.hexdigest()[:16] if variant == "native" else f"{variant}-{key.hexdigest()[:16]}")
 
 
-def _load(directory: Path) -> ModuleType:
+def _flags(variant: str) -> list[str]:
+    return FLAGS + VARIANTS[variant][0]
+
+
+def _load(directory: Path, variant: str = "native") -> ModuleType:
     built = next(directory.glob(f"{NAME}*.so"), None)
     if built is None:
-        return _build(directory)
+        _compile(directory, variant)
+        built = next(directory.glob(f"{NAME}*.so"))
     spec = importlib.util.spec_from_file_location(NAME, built)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -72,14 +111,20 @@ def _load(directory: Path) -> ModuleType:
     return module
 
 
-def _build(directory: Path) -> ModuleType:
+def _compile(directory: Path, variant: str) -> None:
+    """Compile and link the extension into `directory` without loading it (a variant this CPU cannot run must
+    never be loaded: its static initialisers may use the instructions it was built for)."""
     import ninja  # the build tool cpp_extension runs; the venv's copy may not be on PATH
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
 
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     directory.mkdir(parents=True, exist_ok=True)
-    log.info("building compiled CPU kernels in %s (about a minute, once)", directory)
-    return load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory))
+    log.info("building compiled CPU kernels (%s) in %s (about a minute, once)", variant, directory)
+    # the build half of cpp_extension.load (whose other half would import the module)
+    cpp_extension._write_ninja_file_and_build_library(
+        NAME, [str(SOURCE)], extra_cflags=_flags(variant), extra_cuda_cflags=None, extra_sycl_cflags=None,
+        extra_ldflags=LDFLAGS, extra_include_paths=None, build_directory=str(directory), verbose=False,
+        with_cuda=False, with_sycl=False)
 
 
 @functools.cache
