@@ -26,19 +26,6 @@ KERNEL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float we
 class KernelExperts:
     """Stacked experts [E] of one layer in panels; expert i of the stack is index i here."""
 
-    @classmethod
-    def load(cls, ops: ModuleType, num_experts: int, w13_of: Callable[[int], torch.Tensor],
-             w2_of: Callable[[int], torch.Tensor], router: torch.Tensor, top_k: int,
-             norm_topk_prob: bool) -> KernelExperts:
-        """Float experts read one at a time (w13_of(e) [2I, D], w2_of(e) [D, I], e.g. from the checkpoint) straight
-        into panels: loading holds the panels and one expert's tensors, never a second copy of the layer."""
-        self = cls.__new__(cls)
-        self._ops, self.num_experts = ops, num_experts
-        self.router, self.top_k, self.norm_topk_prob = router.float().contiguous(), top_k, norm_topk_prob
-        self._args = (panels(_Loaded(num_experts, lambda e: w13_of(e).t())), None, None,
-                      panels(_Loaded(num_experts, lambda e: w2_of(e).t())), None, None, 0)
-        return self
-
     def __init__(self, ops: ModuleType, w13: list[PackedWeight], w2: list[PackedWeight],
                  router: torch.Tensor | None = None, top_k: int = 0, norm_topk_prob: bool = True) -> None:
         # w13[e] [2I, D] (gate rows then up rows), w2[e] [D, I]; the kernel multiplies x @ W.T, so W.T [K, N] goes
@@ -46,11 +33,27 @@ class KernelExperts:
         if not stackable(w13 + w2, KERNEL_FLOAT_DTYPES):
             raise ValueError("expert weights are not all float CPU weights of one dtype (float32, bfloat16 or "
                              "float16), all int8, or all int4 with one group size")
-        self._ops = ops
-        self.num_experts = len(w13)
+        args = (*_panel_args(w13), *_panel_args(w2), getattr(w13[0], "group_size", 0))
+        self._hold(ops, len(w13), args, router, top_k, norm_topk_prob)
+
+    @classmethod
+    def load(cls, ops: ModuleType, num_experts: int, w13_of: Callable[[int], torch.Tensor],
+             w2_of: Callable[[int], torch.Tensor], router: torch.Tensor, top_k: int,
+             norm_topk_prob: bool) -> KernelExperts:
+        """Float experts read one at a time (w13_of(e) [2I, D], w2_of(e) [D, I], e.g. from the checkpoint) straight
+        into panels: loading holds the panels and one expert's tensors, never a second copy of the layer."""
+        args = (panels(_Loaded(num_experts, lambda e: w13_of(e).t())), None, None,
+                panels(_Loaded(num_experts, lambda e: w2_of(e).t())), None, None, 0)
+        experts = cls.__new__(cls)
+        experts._hold(ops, num_experts, args, router, top_k, norm_topk_prob)
+        return experts
+
+    def _hold(self, ops: ModuleType, num_experts: int, args: tuple, router: torch.Tensor | None, top_k: int,
+              norm_topk_prob: bool) -> None:
+        """args: the panel tensors, scales, offsets and group size moe_experts and grouped_experts take."""
+        self._ops, self.num_experts, self._args = ops, num_experts, args
         self.router = None if router is None else router.float().contiguous()
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        self._args = (*_panel_args(w13), *_panel_args(w2), getattr(w13[0], "group_size", 0))
 
     @property
     def nbytes(self) -> int:
