@@ -228,3 +228,10 @@ def test_projection(dtype: torch.dtype, tokens: int) -> None:
     expected = F.linear(x.float(), w.float(), b.float())
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's rounding
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("inter", [40, 64])  # blocks off and on the 32-column panels
+def test_panels_from_column_blocks(inter: int) -> None:
+    """An expert given as its gate and up blocks gets the panels of the joined [D, 2I] matrix."""
+    gate, up = torch.randn(inter, 48), torch.randn(inter, 48)
+    assert torch.equal(panels([(gate.t(), up.t())]), panels([torch.cat([gate, up]).t()]))

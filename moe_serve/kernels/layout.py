@@ -27,18 +27,34 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def panels(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+def panels(matrices: Sequence[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """Each expert's [K, N] (float or int8; a stacked [E, K, N] tensor, or a sequence that loads each expert as it
-    is indexed, will do) -> [E, P, K, 32] column panels, filled one expert at a time, so a big layer never needs more
-    than its panels and one expert's copy."""
-    k, n = matrices[0].shape
-    full = n // PANEL
-    out = matrices[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)
-    for e, m in enumerate(matrices):
-        out[e, :full] = m[:, : full * PANEL].reshape(k, full, PANEL).transpose(0, 1)
-        if full * PANEL < n:
-            out[e, full, :, : n - full * PANEL] = m[:, full * PANEL :]
+    is indexed, will do), or a tuple of its column blocks [K, N_i] (every N_i but the last a multiple of 32) ->
+    [E, P, K, 32] column panels, filled one expert at a time, so a big layer never needs more than its panels and
+    one expert's copy. A transposed row-major weight (W.t() of W [N, K]) is copied straight into its panels."""
+    first = _blocks(matrices[0])
+    k, n = first[0].shape[0], sum(b.shape[1] for b in first)
+    out = first[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)
+    for e in range(len(matrices)):
+        panel = 0
+        for block in _blocks(matrices[e]):
+            width = block.shape[1]
+            full = width // PANEL
+            rows = block[:, : full * PANEL].t()  # [full 32, K]: a view when the block is a transposed weight
+            out[e, panel : panel + full] = rows.reshape(full, PANEL, k).transpose(1, 2)
+            if full * PANEL < width:
+                out[e, panel + full, :, : width - full * PANEL] = block[:, full * PANEL :]
+            panel += -(-width // PANEL)
     return out
+
+
+def _blocks(matrix: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A matrix's column blocks, each starting on a panel (blocks that would not are joined, at the cost of a copy)."""
+    if not isinstance(matrix, tuple):
+        return (matrix,)
+    if any(block.shape[1] % PANEL for block in matrix[:-1]):
+        return (torch.cat(matrix, dim=1),)
+    return matrix
 
 
 def int4_panels(codes: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -128,6 +128,9 @@ def rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat([-heads[:, half:], heads[:, :half]], dim=1).reshape(w.shape)
 
 
+_ROPE_CHUNK = 1024  # positions per step of building the RoPE tables
+
+
 class Rotary:
     """Default RoPE with rotate-half layout, as Mixtral and Qwen use; cos/sin tables for every position, of the
     float32 angles transformers computes, rounded to float32 and then to the serving dtype (as transformers casts).
@@ -139,10 +142,14 @@ class Rotary:
 
     def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        angles = torch.cat([freqs, freqs], dim=-1).double().numpy()  # [P, Hd]
-        self.cos = torch.from_numpy(np.cos(angles)).float().to(dtype)
-        self.sin = torch.from_numpy(np.sin(angles)).float().to(dtype)
+        self.cos = torch.empty(max_positions, head_dim, dtype=dtype)  # [P, Hd]
+        self.sin = torch.empty(max_positions, head_dim, dtype=dtype)
+        for start in range(0, max_positions, _ROPE_CHUNK):  # float64 transients of one chunk, not of the table
+            positions = torch.arange(start, min(start + _ROPE_CHUNK, max_positions), dtype=torch.float32)
+            freqs = torch.outer(positions, inv_freq)
+            angles = torch.cat([freqs, freqs], dim=-1).double().numpy()
+            self.cos[start : start + len(positions)] = torch.from_numpy(np.cos(angles)).float()
+            self.sin[start : start + len(positions)] = torch.from_numpy(np.sin(angles)).float()
         self.half = head_dim // 2
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,20 +132,21 @@ class Checkpoint:
             w13 = self.load_rows(f"{prefix}.gate_up_proj", expert_ids, (n, 2 * i, d))
             w2 = self.load_rows(f"{prefix}.down_proj", expert_ids, (n, d, i))
             return w13, w2
-        return (torch.stack([self.load_expert_w13(layer, e) for e in expert_ids]),
+        return (torch.stack([torch.cat(self.load_expert_w13(layer, e)) for e in expert_ids]),
                 torch.stack([self.load_expert_w2(layer, e) for e in expert_ids]))
 
-    def load_expert_w13(self, layer: int, expert: int) -> torch.Tensor:
-        """One expert's gate rows then up rows [2I, D], read on their own (a loader converting expert by expert
-        never holds more than one expert's checkpoint tensors)."""
+    def load_expert_w13(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's gate rows [I, D] and up rows [I, D], read on their own (a loader converting expert by
+        expert never holds more than one expert's checkpoint tensors)."""
         cfg = self.config
         prefix = f"{self.moe_prefix(layer)}.experts"
         d, i = cfg.hidden_size, cfg.expert_intermediate_size
         if self.has(f"{prefix}.gate_up_proj"):
-            return self.load_rows(f"{prefix}.gate_up_proj", [expert], (1, 2 * i, d))[0]
+            w13 = self.load_rows(f"{prefix}.gate_up_proj", [expert], (1, 2 * i, d))[0]
+            return w13[:i], w13[i:]
         gate, up, _ = _EXPERT_PROJ[cfg.family]
-        return torch.cat([self.load(f"{prefix}.{expert}.{gate}.weight", (i, d)),
-                          self.load(f"{prefix}.{expert}.{up}.weight", (i, d))])
+        return (self.load(f"{prefix}.{expert}.{gate}.weight", (i, d)),
+                self.load(f"{prefix}.{expert}.{up}.weight", (i, d)))
 
     def load_expert_w2(self, layer: int, expert: int) -> torch.Tensor:
         """One expert's down projection [D, I]."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -37,12 +38,13 @@ class KernelExperts:
         self._hold(ops, len(w13), args, router, top_k, norm_topk_prob)
 
     @classmethod
-    def load(cls, ops: ModuleType, num_experts: int, w13_of: Callable[[int], torch.Tensor],
+    def load(cls, ops: ModuleType, num_experts: int, w13_of: Callable[[int], tuple[torch.Tensor, ...]],
              w2_of: Callable[[int], torch.Tensor], router: torch.Tensor, top_k: int,
              norm_topk_prob: bool) -> KernelExperts:
-        """Float experts read one at a time (w13_of(e) [2I, D], w2_of(e) [D, I], e.g. from the checkpoint) straight
-        into panels: loading holds the panels and one expert's tensors, never a second copy of the layer."""
-        args = (panels(_Loaded(num_experts, lambda e: w13_of(e).t())), None, None,
+        """Float experts read one at a time (w13_of(e): the gate [I, D] and up [I, D] rows, w2_of(e) [D, I], e.g.
+        from the checkpoint) straight into panels: loading holds the panels and one expert's tensors, never a
+        second copy of the layer, and copies each weight once."""
+        args = (panels(_Loaded(num_experts, lambda e: tuple(w.t() for w in w13_of(e)))), None, None,
                 panels(_Loaded(num_experts, lambda e: w2_of(e).t())), None, None, 0)
         experts = cls.__new__(cls)
         experts._hold(ops, num_experts, args, router, top_k, norm_topk_prob)
@@ -70,16 +72,16 @@ class KernelExperts:
         return self._ops.grouped_experts(_fp32(rows), expert_ids, counts, *self._args).to(rows.dtype)
 
 
-class _Loaded(Sequence[torch.Tensor]):
+class _Loaded(Sequence[Any]):
     """A sequence whose element i is made when it is indexed (nothing is kept)."""
 
-    def __init__(self, length: int, make: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, length: int, make: Callable[[int], Any]) -> None:
         self._length, self._make = length, make
 
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
         if not 0 <= index < self._length:
             raise IndexError(index)
         return self._make(index)
