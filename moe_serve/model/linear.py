@@ -1,8 +1,8 @@
 """Dense projections `x @ W.T (+ b)` of the dense part, on one weight tensor in the serving dtype.
 
 Decode-sized batches run the compiled row kernel (moe_serve/kernels, "Dense projections"): it reads the weight once
-for a few token rows and widens bf16/fp16 as it loads, where torch's CPU GEMMs are slow for skinny batches
-(MKL on AVX2 runs [16 x 1024] x [1024 x 32000] fp32 at ~15 GFLOP/s) and convert bf16 on CPUs without native bf16.
+for a few token rows and widens bf16/fp16 as it loads, where torch's CPU GEMMs are slow for skinny batches and
+convert bf16 on CPUs without native bf16 (bench/linear.py measures both).
 Bigger batches (prefill chunks) run torch's matmul on the same tensor, unless the CPU has no native 16-bit GEMM, where
 the kernel serves every batch. Output dtype = input dtype; accumulation is float32 on both paths.
 """
