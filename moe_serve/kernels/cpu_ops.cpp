@@ -169,12 +169,6 @@ inline void load_row(const uint8_t* p, Vec* w) {  // int4: 16 bytes -> 32 codes
   w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
 }
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-inline void load_row(const c10::BFloat16* p, Vec* w) {  // bf16 is the top half of a float32
-  for (int u = 0; u < 2; ++u) w[u] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load32(p + 16 * u)), 16));
-}
-inline void load_row(const c10::Half* p, Vec* w) {
-  for (int u = 0; u < 2; ++u) w[u] = _mm512_cvtph_ps(load32(p + 16 * u));
-}
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int kVecs = 4;
@@ -200,16 +194,6 @@ inline void load_row(const uint8_t* p, Vec* w) {  // int4: 16 bytes -> 32 codes
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 inline __m128i load8x16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
-inline void load_row(const c10::BFloat16* p, Vec* w) {  // bf16 is the top half of a float32
-  for (int u = 0; u < 4; ++u) w[u] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8x16(p + 8 * u)), 16));
-}
-inline void load_row(const c10::Half* p, Vec* w) {
-#if defined(__F16C__)
-  for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtph_ps(load8x16(p + 8 * u));
-#else
-  for (int c = 0; c < 32; ++c) reinterpret_cast<float*>(w)[c] = static_cast<float>(p[c]);
-#endif
-}
 #else  // portable: eight floats per "vector", loops the compiler may vectorize
 struct Vec {
   float v[8];
@@ -244,25 +228,19 @@ inline void load_row(const int8_t* p, Vec* w) {
 inline void load_row(const uint8_t* p, Vec* w) {
   for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = c < 16 ? (p[c] & 0x0F) : (p[c - 16] >> 4);
 }
-inline void load_row(const c10::BFloat16* p, Vec* w) {
-  for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = static_cast<float>(p[c]);
-}
-inline void load_row(const c10::Half* p, Vec* w) {
-  for (int c = 0; c < 32; ++c) w[c / 8].v[c % 8] = static_cast<float>(p[c]);
-}
 #endif
 constexpr int64_t kLanes = kPanel / kVecs;
 
 // One vector (kLanes consecutive elements) of float, bf16 or fp16 weights, widened to float32.
 inline Vec load_vec(const float* p) { return vload(p); }
 #if defined(__AVX512F__)
-inline Vec load_vec(const c10::BFloat16* p) {
+inline Vec load_vec(const c10::BFloat16* p) {  // bf16 is the top half of a float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load32(p)), 16));
 }
 inline Vec load_vec(const c10::Half* p) { return _mm512_cvtph_ps(load32(p)); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline Vec load_vec(const c10::BFloat16* p) {
+inline Vec load_vec(const c10::BFloat16* p) {  // bf16 is the top half of a float32
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8x16(p)), 16));
 }
 inline Vec load_vec(const c10::Half* p) {
@@ -306,7 +284,6 @@ constexpr int kMaxRows = 3;
 template <typename W>
 constexpr int64_t panel_row = std::is_same<W, uint8_t>::value ? kPanel / 2 : kPanel;
 
-// acc[t] = x[t] panel for NT rows (K long each): one panel's 32 columns.
 // Vector u of a panel row (columns u kLanes .. (u + 1) kLanes), widened to float.
 template <typename W>
 inline Vec load_part(const W* row, int u) {
@@ -324,7 +301,14 @@ inline Vec load_part(const int8_t* row, int u) {
 #endif
 }
 
-// The row's x values broadcast once a k, then one panel vector at a time through every row: the registers hold
+// A whole panel row of 16-bit floats, widened (the float, int8 and int4 overloads are per instruction set above).
+template <typename W>
+inline void load_row(const W* p, Vec* w) {
+  for (int u = 0; u < kVecs; ++u) w[u] = load_part(p, u);
+}
+
+// acc[t] = x[t] panel for NT rows (K long each): one panel's 32 columns. The row's x values broadcast once a k,
+// then one panel vector at a time through every row: the registers hold
 // the NT x kVecs accumulators, NT broadcasts and one weight vector (kMaxRows is sized for that).
 template <typename W, int NT>
 inline void panel_tile(const float* const* x, const W* __restrict panel, int64_t k_dim, Vec (*acc)[kVecs]) {

@@ -37,7 +37,7 @@ def panels(matrices: Sequence[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch
     out = first[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)
     for e in range(len(matrices)):
         panel = 0
-        for block in _blocks(matrices[e]):
+        for block in first if e == 0 else _blocks(matrices[e]):  # a loading sequence reads each expert once
             width = block.shape[1]
             full = width // PANEL
             rows = block[:, : full * PANEL].t()  # [full 32, K]: a view when the block is a transposed weight
