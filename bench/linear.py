@@ -1,8 +1,9 @@
 """Dense projections: the compiled row kernel (moe_serve/model/linear.py) vs torch's F.linear, per dtype and batch.
 
 Contract: for each weight shape of the mid-size Mixtral (qkv with folded RoPE rows, o_proj, LM head) and each
-dtype and batch size T, times both on the same weight tensor (median of `--repeats` calls after a warm-up, torch
-threads = every core this process may use), prints a table and writes `bench/results/linear.json`. It is what
+dtype and batch size T, times both on the same weight tensor (bench/quant.py's `time_calls`: median over `--rounds`
+interleaved rounds, torch threads = every core this process may use), prints a table and writes
+`bench/results/linear.json`. It is what
 `linear.KERNEL_MAX_TOKENS` is chosen from.
 """
 
@@ -11,34 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from moe_serve.kernels import cpu_ops
-from moe_serve.model.dtype import cpu_flags
+from quant import time_calls
+
+from moe_serve.kernels import cpu_flags, cpu_ops
 
 RESULTS = Path(__file__).resolve().parent / "results" / "linear.json"
 SHAPES = {"qkv": (2816, 1024), "o_proj": (1024, 1024), "lm_head": (32000, 1024)}  # [N, K]
 TOKENS = (1, 4, 16, 32, 64, 128, 512)
 
 
-def median_ms(fn, repeats: int) -> float:  # noqa: ANN001 - any callable
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     ops = cpu_ops()
@@ -52,8 +42,8 @@ def main() -> None:
             for t in TOKENS:
                 x = torch.randn(t, k)
                 xd = x.to(dtype)
-                torch_ms = median_ms(lambda: F.linear(xd, w), args.repeats)
-                kernel_ms = median_ms(lambda: ops.linear(x, w), args.repeats)
+                us = time_calls({"torch": lambda: F.linear(xd, w), "kernel": lambda: ops.linear(x, w)}, args.rounds)
+                torch_ms, kernel_ms = us["torch"] / 1e3, us["kernel"] / 1e3
                 rows.append({"weight": name, "shape": [n, k], "dtype": str(dtype).removeprefix("torch."), "tokens": t,
                              "torch_ms": torch_ms, "kernel_ms": kernel_ms})
                 print(f"{name:<9}{rows[-1]['dtype']:<10}{t:>5}{torch_ms:>10.2f}{kernel_ms:>11.2f}"
