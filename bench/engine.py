@@ -1,4 +1,4 @@
-"""Engine benchmark: our LLMEngine vs `transformers` generate vs vLLM's CPU build, on MoE checkpoints.
+"""Engine benchmark: our LLMEngine vs `transformers` generate, vLLM's CPU build and llama.cpp, on MoE checkpoints.
 
 Contract: every system gets the same workload (16 requests, 128 seeded random prompt ids each, exactly 128 greedy
 new tokens: min tokens = max tokens, EOS ignored; `--requests 1` for one user at a time), in the same dtype
@@ -20,8 +20,13 @@ Metrics, one definition for every system (tokens = generated tokens, all request
   an estimate; ours and vLLM report per-request TTFT.
 - TTFT mean and p50 over the requests.
 
+Quantized runs: `--quantize none,int8` runs ours once per expert format (`ours`, `ours-int8`), `--llama-quant
+none,q8_0` llama.cpp once per GGUF type (`llama.cpp`, `llama.cpp-q8_0`), all in the same run.
+
 It owns the workload, timing and reporting; not the systems. vLLM runs in its own venv (bench/vllm_cpu_env.sh,
-pins of its own) through bench/_vllm_worker.py in a subprocess; ours and transformers run in this process.
+pins of its own) through bench/_vllm_worker.py in a subprocess, llama.cpp in another (bench/llama_cpp_env.sh,
+bench/_llama_worker.py, GGUF files written by bench/gguf_export.py into bench/.models/gguf); ours and transformers
+run in this process.
 """
 
 from __future__ import annotations
@@ -51,15 +56,22 @@ DEFAULT_MODEL_DIR = BENCH_DIR / ".models" / "tiny-mixtral"
 VLLM_VENV = BENCH_DIR / ".venv-vllm"
 VLLM_ENV_SCRIPT = BENCH_DIR / "vllm_cpu_env.sh"
 VLLM_WORKER = BENCH_DIR / "_vllm_worker.py"
-VLLM_RESULT_PREFIX = "BENCH_RESULT "
+LLAMA_VENV = BENCH_DIR / ".venv-llama"
+LLAMA_ENV_SCRIPT = BENCH_DIR / "llama_cpp_env.sh"
+LLAMA_WORKER = BENCH_DIR / "_llama_worker.py"
+GGUF_DIR = BENCH_DIR / ".models" / "gguf"
+WORKER_RESULT_PREFIX = "BENCH_RESULT "
 # vLLM CPU settings: KV cache space in GiB (its default is 4), target device, and its best thread binding on this
 # machine kind: OpenMP threads on every core, none reserved (bf16 mid-size Mixtral on 2 cores: 493 tok/s vs 326 with
 # its default, which binds core 0 only and leaves core 1 to its frontend). `--vllm-bind default` measures the latter.
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu"}
 DTYPES = ("float32", "bfloat16")  # every system runs in the one given (the CPU builds of all three support both)
-SYSTEMS = ("transformers", "vllm-cpu", "ours")
-TARGETS = {"transformers": 3.0, "vllm-cpu": 1.0}  # ours / system, on decode tok/s (tiny model)
-MID_TARGETS = {"vllm-cpu": 1.2}  # the mid-size checkpoints, batch 16, same dtype
+SYSTEMS = ("transformers", "vllm-cpu", "llama.cpp", "ours")
+# (ours, peer, minimum ours / peer on decode tok/s, the request count it is set for or None for any); a pair is
+# reported when both systems ran
+TARGETS = (("ours", "transformers", 3.0, None), ("ours", "vllm-cpu", 1.0, None))  # the tiny model
+MID_TARGETS = (("ours", "vllm-cpu", 1.2, 16), ("ours-int8", "vllm-cpu", 2.0, 16),  # mid-size, same dtype
+               ("ours", "llama.cpp", 1.0, 1), ("ours-int8", "llama.cpp-q8_0", 1.0, 1))
 
 
 @dataclass(frozen=True)
@@ -238,8 +250,7 @@ def bench_ours(model_dir: Path, prompts: list[list[int]], w: Workload, quantize:
     runs = [generate(w.new_tokens) for _ in range(w.repeats)]
     details = {"engine_config": asdict(config), "quantize": quantize, "torch_threads": torch.get_num_threads(),
                "ttft_source": "RequestOutput.ttft_s"}
-    name = "ours" if quantize == "none" else f"ours-{quantize}"
-    return summarize(SystemResult(name, load_s=load_s, details=details), runs, w)
+    return summarize(SystemResult(suffixed("ours", quantize), load_s=load_s, details=details), runs, w)
 
 
 # --- vllm-cpu ----------------------------------------------------------------------------------------------
@@ -253,12 +264,33 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def ensure_vllm_venv(timeout_s: float) -> None:
-    env = clean_env() | {"VLLM_CPU_VENV": str(VLLM_VENV)}
-    proc = subprocess.run(["bash", str(VLLM_ENV_SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout_s)
+def ensure_venv(script: Path, env: dict[str, str], timeout_s: float) -> None:
+    """Run a peer's venv script (idempotent); a failure names the script and its most telling line."""
+    proc = subprocess.run(["bash", str(script)], env=clean_env() | env, capture_output=True, text=True,
+                          timeout=timeout_s)
     if proc.returncode != 0:
-        raise RuntimeError(f"vllm-cpu install failed (bench/vllm_cpu_env.sh rc={proc.returncode}): "
-                           f"{last_error_line(proc.stderr)}")
+        raise RuntimeError(f"install failed (bench/{script.name} rc={proc.returncode}): {last_error_line(proc.stderr)}")
+
+
+def run_worker(venv: Path, worker: Path, job: dict[str, Any], env: dict[str, str], timeout_s: float,
+               label: str) -> tuple[dict[str, Any], str]:
+    """Run a peer's worker script in its venv on a job: its BENCH_RESULT document and its log (stderr)."""
+    job_file = RESULTS_FILE.with_name(f"{label}_job.tmp")
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps(job))
+    log_file = RESULTS_FILE.with_name(f"{label}_worker.log.tmp")
+    try:
+        proc = subprocess.run([str(venv / "bin" / "python"), str(worker), str(job_file)], env=clean_env() | env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{label} worker timed out after {timeout_s:.0f}s") from exc
+    finally:
+        job_file.unlink(missing_ok=True)
+    log_file.write_text(proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(WORKER_RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{label} worker rc={proc.returncode}: {last_error_line(proc.stderr)} (log: {log_file})")
+    return json.loads(lines[-1][len(WORKER_RESULT_PREFIX):]), proc.stderr
 
 
 def last_error_line(log: str) -> str:
@@ -279,27 +311,12 @@ def vllm_binding_env(bind: str) -> dict[str, str]:
 
 def bench_vllm(model_dir: Path, prompts: list[list[int]], w: Workload, timeout_s: float, dtype: str,
                bind: str) -> SystemResult:
-    ensure_vllm_venv(timeout_s=900)
+    ensure_venv(VLLM_ENV_SCRIPT, {"VLLM_CPU_VENV": str(VLLM_VENV)}, timeout_s=900)
     job = {"model_dir": str(model_dir), "prompts": prompts, "max_tokens": w.new_tokens, "dtype": dtype,
            "warmup_tokens": w.warmup_tokens, "repeats": w.repeats, "max_model_len": w.prompt_len + w.new_tokens}
-    job_file = RESULTS_FILE.with_name("vllm_job.tmp")
-    job_file.parent.mkdir(parents=True, exist_ok=True)
-    job_file.write_text(json.dumps(job))
-    log_file = RESULTS_FILE.with_name("vllm_worker.log.tmp")
-    env = clean_env() | VLLM_ENV | vllm_binding_env(bind)
-    try:
-        proc = subprocess.run([str(VLLM_VENV / "bin" / "python"), str(VLLM_WORKER), str(job_file)], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"vLLM worker timed out after {timeout_s:.0f}s") from exc
-    finally:
-        job_file.unlink(missing_ok=True)
-    log_file.write_text(proc.stderr)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(VLLM_RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"vLLM worker rc={proc.returncode}: {last_error_line(proc.stderr)} (log: {log_file})")
-    result = vllm_result(json.loads(lines[-1][len(VLLM_RESULT_PREFIX):]), w)
-    bound = [ln.split("core ids=", 1)[1].strip() for ln in proc.stderr.splitlines() if "core ids=" in ln]
+    raw, log = run_worker(VLLM_VENV, VLLM_WORKER, job, VLLM_ENV | vllm_binding_env(bind), timeout_s, "vllm")
+    result = vllm_result(raw, w)
+    bound = [ln.split("core ids=", 1)[1].strip() for ln in log.splitlines() if "core ids=" in ln]
     if bound:  # the cores vLLM's worker bound its OpenMP threads to, one thread each
         result.details["worker_core_ids"] = json.loads(bound[-1])
         result.details["torch_threads"] = len(result.details["worker_core_ids"])
@@ -315,20 +332,41 @@ def vllm_result(raw: dict[str, Any], w: Workload) -> SystemResult:
     return result
 
 
+# --- llama.cpp ---------------------------------------------------------------------------------------------
+
+
+def bench_llama(model_dir: Path, prompts: list[list[int]], w: Workload, timeout_s: float, dtype: str, quant: str,
+                threads: int, extra_bufts: bool) -> SystemResult:
+    ensure_venv(LLAMA_ENV_SCRIPT, {"LLAMA_CPP_VENV": str(LLAMA_VENV)}, timeout_s=1800)
+    job = {"model_dir": str(model_dir), "prompts": prompts, "max_tokens": w.new_tokens, "dtype": dtype,
+           "quant": quant, "threads": threads, "gguf_dir": str(GGUF_DIR), "warmup_tokens": w.warmup_tokens,
+           "repeats": w.repeats, "extra_bufts": extra_bufts}
+    raw, _ = run_worker(LLAMA_VENV, LLAMA_WORKER, job, {}, timeout_s, "llama")
+    keep = ("llama_cpp_python_version", "system_info", "gguf", "dtype", "extra_bufts", "threads")
+    details = {k: raw[k] for k in keep} | {"quantize": quant, "torch_threads": threads,
+                                           "ttft_source": "end of the batch's prefill"}
+    result = summarize(SystemResult(suffixed("llama.cpp", quant), load_s=raw["load_s"], details=details),
+                       [Run(raw["wall_s"], raw["token_ids"], raw["ttft_s"])], w)
+    result.wall_s_all = raw["wall_s_all"]
+    return result
+
+
 # --- report ------------------------------------------------------------------------------------------------
 
 
-def ratios(results: dict[str, SystemResult], targets: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """ours / baseline on decode tok/s, against each target."""
-    ours = next((r for n, r in results.items() if n.startswith("ours") and r.status == "ok"), None)
+def ratios(results: dict[str, SystemResult], targets: Sequence[tuple[str, str, float, int | None]],
+           requests: int) -> dict[str, dict[str, Any]]:
+    """ours / peer on decode tok/s against each target set for this request count whose two systems both ran,
+    keyed "ours-int8 / vllm-cpu"."""
     out: dict[str, dict[str, Any]] = {}
-    for base, target in targets.items():
-        other = results.get(base)
-        if ours is None or other is None or other.status != "ok" or not other.decode_tok_s:
-            out[base] = {"target": target, "ratio": None, "met": None}
+    for ours_name, peer_name, target, for_requests in targets:
+        ours, peer = results.get(ours_name), results.get(peer_name)
+        if ours is None or peer is None or for_requests not in (None, requests):
             continue
-        ratio = ours.decode_tok_s / other.decode_tok_s
-        out[base] = {"target": target, "ratio": ratio, "met": ratio >= target}
+        ok = ours.status == peer.status == "ok" and ours.decode_tok_s and peer.decode_tok_s
+        ratio = ours.decode_tok_s / peer.decode_tok_s if ok else None
+        out[f"{ours_name} / {peer_name}"] = {"target": target, "ratio": ratio,
+                                             "met": None if ratio is None else ratio >= target}
     return out
 
 
@@ -357,9 +395,9 @@ def print_table(results: dict[str, SystemResult], targets: dict[str, dict[str, A
             a = r.details["agreement"]
             print(f"greedy outputs {r.name} vs {a['reference']}: {a['identical_requests']}/{a['requests']} requests "
                   f"identical, mean common prefix {a['mean_common_prefix']:.1f} tokens")
-    for base, t in targets.items():
+    for pair, t in targets.items():
         verdict = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
-        print(f"target ours >= {t['target']:.1f}x {base}: measured {fmt(t['ratio'], '.2f')}x  {verdict}")
+        print(f"target {pair} >= {t['target']:.1f}x: measured {fmt(t['ratio'], '.2f')}x  {verdict}")
 
 
 def machine_info() -> dict[str, Any]:
@@ -398,7 +436,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-bind", choices=("all", "default"), default="all",
                    help="vLLM's OpenMP binding: a thread on every core, none reserved (its best here), or its own")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
-    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="ours: expert weights")
+    p.add_argument("--quantize", default="none",
+                   help="ours: expert weights, comma-separated subset of none,int8,int4 (one run of ours each)")
+    p.add_argument("--llama-quant", default="none",
+                   help="llama.cpp: GGUF types, comma-separated subset of none,q8_0,q4_0 (none = --dtype)")
+    p.add_argument("--llama-extra-bufts", action="store_true",
+                   help="llama.cpp: let it repack weights into its extra (CPU_REPACK / AMX) buffers")
     p.add_argument("--max-batched-tokens", type=int, default=None, help="ours: EngineConfig.max_num_batched_tokens")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for transformers and ours (default: every core this process may use; 1 for "
@@ -412,6 +455,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"results JSON (default: {RESULTS_FILE.name}, {MID_RESULTS_FILE.name} with --suite mid)")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    args.llama_quant = [q.strip() for q in args.llama_quant.split(",") if q.strip()]
+    if set(args.quantize) - {"none", "int8", "int4"} or set(args.llama_quant) - {"none", "q8_0", "q4_0"}:
+        p.error(f"unknown --quantize {args.quantize} or --llama-quant {args.llama_quant}")
     if args.suite and args.model:
         p.error("--suite and --model exclude each other")
     args.dtype = args.dtype or ("bfloat16" if args.suite else "float32")
@@ -426,25 +473,32 @@ def run_model(model_dir: Path, args: argparse.Namespace, w: Workload, bandwidth:
     """Every chosen system on one checkpoint: results, targets and the document written for it."""
     prompts = make_prompts(read_model_config(model_dir)["vocab_size"], w)
     threads = args.threads or (1 if model_dir == DEFAULT_MODEL_DIR else len(os.sched_getaffinity(0)))
-    runners: dict[str, Callable[[], SystemResult]] = {
-        "transformers": lambda: bench_transformers(model_dir, prompts, w, threads, args.dtype),
-        "vllm-cpu": lambda: bench_vllm(model_dir, prompts, w, args.vllm_timeout, args.dtype, args.vllm_bind),
-        "ours": lambda: bench_ours(model_dir, prompts, w, args.quantize, args.max_batched_tokens, threads, args.dtype),
+    runners: dict[str, list[tuple[str, Callable[[], SystemResult]]]] = {
+        "transformers": [("transformers", lambda: bench_transformers(model_dir, prompts, w, threads, args.dtype))],
+        "vllm-cpu": [("vllm-cpu", lambda: bench_vllm(model_dir, prompts, w, args.vllm_timeout, args.dtype,
+                                                     args.vllm_bind))],
+        "llama.cpp": [(suffixed("llama.cpp", q), lambda q=q: bench_llama(model_dir, prompts, w, args.vllm_timeout,
+                                                                         args.dtype, q, threads, args.llama_extra_bufts))
+                      for q in args.llama_quant],
+        "ours": [(suffixed("ours", q), lambda q=q: bench_ours(model_dir, prompts, w, q, args.max_batched_tokens,
+                                                              threads, args.dtype)) for q in args.quantize],
     }
     results: dict[str, SystemResult] = {}
-    for name in args.systems:
-        print(f"[bench] {model_dir.name}: {name} ...", file=sys.stderr, flush=True)
-        result = guarded(name, runners[name])
-        results[result.name] = result
-        if result.status != "ok":
-            print(f"[bench] {name} unavailable: {result.reason}", file=sys.stderr, flush=True)
+    for system in args.systems:
+        for name, runner in runners[system]:
+            print(f"[bench] {model_dir.name}: {name} ...", file=sys.stderr, flush=True)
+            result = guarded(name, runner)
+            result.name = name
+            results[name] = result
+            if result.status != "ok":
+                print(f"[bench] {name} unavailable: {result.reason}", file=sys.stderr, flush=True)
     reference = next((r for n, r in results.items() if n in ("transformers", "ours") and r.status == "ok"), None)
     for r in results.values():
         if reference is not None and r is not reference and r.status == "ok":
             r.details["agreement"] = agreement(r, reference)
         if r.status == "ok":
             r.details["roof"] = roof_share(model_dir, r, w, args.dtype, bandwidth)
-    targets = ratios(results, MID_TARGETS if args.suite else TARGETS)
+    targets = ratios(results, MID_TARGETS if args.suite else TARGETS, w.num_requests)
     print(f"\n== {model_dir.name} ({args.dtype}) ==")
     print_table(results, targets, w)
     return {"model_dir": str(model_dir), "model_config": read_model_config(model_dir), "dtype": args.dtype,
@@ -453,13 +507,20 @@ def run_model(model_dir: Path, args: argparse.Namespace, w: Workload, bandwidth:
             "targets": targets}
 
 
+def suffixed(system: str, quant: str) -> str:
+    """A system's result name: `ours`, `ours-int8`, `llama.cpp-q8_0`."""
+    return system if quant == "none" else f"{system}-{quant}"
+
+
 def roof_share(model_dir: Path, r: SystemResult, w: Workload, dtype: str, bandwidth: float) -> dict[str, Any]:
     """The decode step's weight bytes over the read bandwidth, as a share of the measured step time."""
     from mid_models import decode_step_bytes
 
     dense = 4 if dtype == "float32" else 2
     quantize = r.details.get("quantize", "none")
-    experts = {"int8": 1.0, "int4": 0.5}.get(quantize, dense)
+    experts = {"int8": 1.0, "q8_0": 34 / 32, "int4": 0.5, "q4_0": 18 / 32}.get(quantize, dense)
+    if quantize in ("q8_0", "q4_0"):  # llama.cpp quantizes the dense weights too
+        dense = experts
     step_bytes = decode_step_bytes(model_dir, w.num_requests, dense, experts)
     roof_s = step_bytes / bandwidth
     step_s = w.num_requests / r.decode_only_tok_s if r.decode_only_tok_s else None
