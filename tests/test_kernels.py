@@ -2,7 +2,9 @@
 
 Tolerances: 1e-5 absolute for RMSNorm and attention (fp32; different summation order, a polynomial exp within a
 few ulp), 1e-5 relative for the MoE block. bf16, fp16, int8 and int4 experts are checked against fp32 math on the
-weights they stand for, which the kernel computes up to fp32 rounding (activations stay fp32).
+weights they stand for, which the kernel computes up to fp32 rounding: activations stay fp32, except that a build
+with bf16 dot products (`ops.bf16_dot`, AVX512-BF16) rounds the activations that meet bf16 weights to bf16, which
+the reference then does too.
 Shape legend: B sequences, H query heads, KVH kv heads, Lc workspace capacity, Hd head dim, T tokens, D hidden,
 E experts, I expert width.
 """
@@ -95,16 +97,24 @@ HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ["none", *HALF_DTYPES, "int8", "int4"]  # expert weight formats: float32, 16-bit floats, quantized
 
 
-def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """w13 [E, 2I, D], w2 [E, D, I]: each token's top-k experts one at a time."""
+def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tensor,
+                  bf16_inputs: bool = False) -> torch.Tensor:
+    """w13 [E, 2I, D], w2 [E, D, I]: each token's top-k experts one at a time; bf16_inputs: each matmul's
+    activations rounded to bf16 first (the kernels' bf16 dot path)."""
     routing, inter = gate(x), w2.shape[2]
+    rounded = (lambda v: v.bfloat16().float()) if bf16_inputs else (lambda v: v)
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for a in range(TOP_K):
             e = int(routing.expert_ids[t, a])
-            gate_up = w13[e] @ x[t]
-            out[t] += routing.weights[t, a] * (w2[e] @ (F.silu(gate_up[:inter]) * gate_up[inter:]))
+            gate_up = w13[e] @ rounded(x[t])
+            out[t] += routing.weights[t, a] * (w2[e] @ rounded(F.silu(gate_up[:inter]) * gate_up[inter:]))
     return out
+
+
+def rounds_to_bf16(ops, weight_dtype: torch.dtype | str) -> bool:
+    """Whether this build rounds the activations that meet weights of this dtype to bf16."""
+    return getattr(ops, "bf16_dot", False) and weight_dtype in (torch.bfloat16, "bfloat16")
 
 
 def random_int4(g: torch.Generator, k: int, n: int, group: int) -> tuple[torch.Tensor, ...]:
@@ -147,7 +157,7 @@ def test_moe_experts(ops, mode: str, norm_topk_prob: bool, tokens: int) -> None:
     args, (w13, w2) = random_experts(g, mode, D, I)
     x = torch.randn(tokens, D, generator=g)
     out = ops.moe_experts(x, gate.weight, TOP_K, norm_topk_prob, *args)
-    expected = reference_moe(x, gate, w13, w2)
+    expected = reference_moe(x, gate, w13, w2, rounds_to_bf16(ops, mode))
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
@@ -203,7 +213,8 @@ def test_linear(ops, dtype: torch.dtype, tokens: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(11)
     w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
     x = torch.randn(tokens, k + 6, generator=g)[:, :k]  # rows strided, as a view into a wider activation
-    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w.float()), atol=1e-5, rtol=1e-5)
+    x_seen = x.bfloat16().float() if rounds_to_bf16(ops, dtype) else x
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x_seen, w.float()), atol=1e-5, rtol=1e-5)
 
 
 def test_linear_rejects_bad_input(ops) -> None:

@@ -40,6 +40,8 @@ LDFLAGS = ["-fopenmp"]
 VARIANTS: dict[str, tuple[list[str], frozenset[str]]] = {
     "native": (["-march=native"], frozenset()),
     "avx512": (["-march=x86-64-v4"], frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c"})),
+    "avx512bf16": (["-march=x86-64-v4", "-mavx512bf16"],
+                   frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c", "avx512_bf16"})),
     "avx2": (["-march=x86-64-v3"], frozenset({"avx2", "fma", "f16c"})),
     "portable": (["-march=x86-64"], frozenset()),  # no vector intrinsics: the portable C++ paths
 }

@@ -4,7 +4,8 @@
 // moe_serve/kernels/__init__.py (torch's cpp_extension, -O3 -march=native); every kernel here has a torch reference
 // in moe_serve/model that tests compare against, and that runs when the build is not available.
 //
-// The matmul tiles use AVX-512 or AVX2 intrinsics, with a portable fallback; other loops are written so that gcc
+// The matmul tiles use AVX-512 (with AVX512-BF16 where built for it: see "bf16 dot products") or AVX2 intrinsics,
+// with a portable fallback; other loops are written so that gcc
 // vectorizes them (`#pragma omp simd`); work is split over torch's intra-op threads with
 // at::parallel_for (OpenMP: built with -fopenmp). exp is a polynomial (see exp_poly) because
 // libm's expf does not vectorize; it agrees with torch's exp to a few ulp.
@@ -270,6 +271,71 @@ inline float hsum(Vec v) {
   return s;
 }
 #endif
+// ---- bf16 dot products (AVX512-BF16) ---------------------------------------------------------------------------
+// Built with AVX512-BF16, bf16 weights meet bf16 activations in vdpbf16ps, which multiplies 32 bf16 pairs and adds
+// each pair's two products into a float32 lane: twice the multiply-adds per instruction of widening the weights.
+// The activations are rounded to bf16 once per call (round to nearest even, as torch's .bfloat16() and a
+// transformers bf16 layer's input), the accumulation stays float32, and every row count takes this path, so a
+// row's result still never depends on its batch. Other builds and formats widen as above.
+// Rows x[0..n) (K floats each) rounded to bf16, each zero-padded to a multiple of 32 entries; read as 32-bit lanes,
+// lane i of a row holds entries 2i (low half) and 2i + 1: the activation pairs vdpbf16ps takes.
+struct Bf16Rows {
+  std::vector<uint16_t> storage;
+  std::vector<const uint32_t*> rows;
+
+  Bf16Rows(const float* const* x, int64_t n, int64_t k) : rows(n) {
+    const int64_t stride = (k + 31) / 32 * 32;
+    storage.assign(n * stride, 0);
+    for (int64_t j = 0; j < n; ++j) {
+      uint16_t* dst = storage.data() + j * stride;
+#if defined(__AVX512BF16__)
+      for (int64_t i = 0; i < k; i += 32) {
+        float chunk[32] = {};  // whole vectors, the tail zero-padded
+        std::memcpy(chunk, x[j] + i, std::min<int64_t>(32, k - i) * sizeof(float));
+        _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(chunk + 16), _mm512_loadu_ps(chunk)));
+      }
+#else
+      for (int64_t i = 0; i < k; ++i) dst[i] = c10::BFloat16(x[j][i]).x;
+#endif
+      rows[j] = reinterpret_cast<const uint32_t*>(dst);
+    }
+  }
+};
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+
+// Panel rows k and k + 1 ([32] bf16 each) -> two vectors of (row k, row k + 1) pairs: columns 0-15 and 16-31.
+inline void load_pairs(const c10::BFloat16* row, const c10::BFloat16* next, __m512bh* w) {
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i a = _mm512_loadu_si512(row), b = next ? _mm512_loadu_si512(next) : _mm512_setzero_si512();
+  w[0] = (__m512bh)_mm512_permutex2var_epi16(a, _mm512_load_si512(kLow), b);
+  w[1] = (__m512bh)_mm512_permutex2var_epi16(a, _mm512_load_si512(kHigh), b);
+}
+
+// acc[t] = x[t] panel for NT rows, as panel_tile, two panel rows (one activation pair) per step.
+template <int NT>
+inline void panel_tile_bf16(const uint32_t* const* x, const c10::BFloat16* __restrict panel, int64_t k_dim,
+                            Vec (*acc)[kVecs]) {
+  for (int t = 0; t < NT; ++t)
+    for (int u = 0; u < kVecs; ++u) acc[t][u] = vzero();
+  for (int64_t k = 0; k < k_dim; k += 2) {
+    __m512bh w[2];
+    load_pairs(panel + k * kPanel, k + 1 < k_dim ? panel + (k + 1) * kPanel : nullptr, w);
+    for (int t = 0; t < NT; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[t][k / 2]));
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], xv, w[0]);
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], xv, w[1]);
+    }
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 // Rows per register tile: what the registers hold as accumulators besides a broadcast per row and one weight vector
 // (AVX-512's 32: 8 rows of 2 vectors; AVX2's 16: 3 rows of 4). int4's tile also keeps a group's partial sums; with
 // as many rows the compiler spills the accumulators, which are touched once a group, and that still beat half the
@@ -384,12 +450,26 @@ struct Weight {
 };
 
 // Rows x[0..n) (K long each) times panel p of w ([K, N]) -> y[j][32 p .. 32 p + 32) (clipped to N). xsum: int4's
-// per-group row sums. scratch: K * 32 floats, for decoding a quantized panel once when more than a tile of rows
-// share it.
-void gemm_panel(const float* const* x, const float* const* xsum, int64_t n, const Weight& w, int64_t k_dim,
-                int64_t n_dim, int64_t p, float* const* y, float* scratch) {
+// per-group row sums. pairs: the rows in bf16 (Bf16Rows) for bf16 weights where kBf16Dot, else null. scratch:
+// K * 32 floats, for decoding a quantized panel once when more than a tile of rows share it.
+void gemm_panel(const float* const* x, const float* const* xsum, const uint32_t* const* pairs, int64_t n,
+                const Weight& w, int64_t k_dim, int64_t n_dim, int64_t p, float* const* y, float* scratch) {
   const int64_t n_pad = (n_dim + kPanel - 1) / kPanel * kPanel, c = p * kPanel;
   const int64_t width = std::min(kPanel, n_dim - c);
+#if defined(__AVX512BF16__)
+  if (pairs) {
+    const auto* panel = static_cast<const c10::BFloat16*>(w.data) + p * k_dim * kPanel;
+    for (int64_t t = 0; t < n; t += kMaxRows) {
+      with_rows<kMaxRows>(std::min<int64_t>(kMaxRows, n - t), [&](auto rows) {
+        constexpr int NT = decltype(rows)::value;
+        Vec acc[NT][kVecs];
+        panel_tile_bf16<NT>(pairs + t, panel, k_dim, acc);
+        store_tile<NT>(acc, nullptr, width, y + t, c);
+      });
+    }
+    return;
+  }
+#endif
   const float* decoded = nullptr;
   if (w.format != Format::kFloat && n > kMaxRows) {
     Vec row[kVecs];
@@ -485,14 +565,56 @@ inline void dot_tile(const float* const* x, const W* const* w, int64_t k_dim, fl
     }
 }
 
+#if defined(__AVX512BF16__)
+// dot_tile on bf16 activations (Bf16Rows: zero-padded to whole vectors) and bf16 weights: 32 products an instruction.
+template <int NR, int MT>
+inline void dot_tile_bf16(const uint32_t* const* x, const c10::BFloat16* const* w, int64_t k_dim, float* const* y) {
+  Vec acc[MT][NR];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) acc[t][r] = vzero();
+  int64_t k = 0;
+  for (; k + 32 <= k_dim; k += 32) {
+    __m512bh xv[MT];
+    for (int t = 0; t < MT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + k / 2);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w[r] + k);
+      for (int t = 0; t < MT; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], wv);
+    }
+  }
+  if (k < k_dim) {  // past K the weights load as zeros, not the next row
+    const __mmask32 valid = (__mmask32{1} << (k_dim - k)) - 1;
+    __m512bh xv[MT];
+    for (int t = 0; t < MT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + k / 2);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(valid, w[r] + k);
+      for (int t = 0; t < MT; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], wv);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) y[t][r] = hsum(acc[t][r]);
+}
+#endif
+
+// One tile of dot_rows_block: float activations (X = float) or bf16 pairs (X = uint32_t, Bf16Rows, bf16 weights).
+template <typename X, typename W, int NR, int MT>
+inline void any_dot_tile(const X* const* x, const W* const* w, int64_t k_dim, float* const* y) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<X, uint32_t>::value) {
+    dot_tile_bf16<NR, MT>(x, w, k_dim, y);
+    return;
+  }
+#endif
+  if constexpr (std::is_same<X, float>::value) dot_tile<W, NR, MT>(x, w, k_dim, y);
+}
+
 // Weight rows [n0, n1) for every token row, in NR-row weight tiles (the block's last rows one at a time) and token
 // tiles of up to kDotTokens rows. Few token rows (x fits in L1): each weight tile goes through every token tile while
 // it sits in L1, so weights stream from memory once. Many: each token tile goes through the whole block, which sits
 // in L2, while x streams once.
 constexpr int64_t kDotWeightsOuterMaxTokens = 32;
 
-template <typename W, int NR>
-void dot_rows_block(const float* const* x, int64_t t_dim, const W* w, int64_t k_dim, int64_t n0, int64_t n1,
+template <typename X, typename W, int NR>
+void dot_rows_block(const X* const* x, int64_t t_dim, const W* w, int64_t k_dim, int64_t n0, int64_t n1,
                     float* const* y) {
   const auto tile = [&](int64_t n, int64_t t) {
     const int nr = n + NR <= n1 ? NR : 1;
@@ -504,9 +626,9 @@ void dot_rows_block(const float* const* x, int64_t t_dim, const W* w, int64_t k_
     with_rows<kDotTokens>(mt, [&](auto tokens) {
       constexpr int MT = decltype(tokens)::value;
       if (nr == NR) {
-        dot_tile<W, NR, MT>(x + t, rows, k_dim, outs);
+        any_dot_tile<X, W, NR, MT>(x + t, rows, k_dim, outs);
       } else {
-        dot_tile<W, 1, MT>(x + t, rows, k_dim, outs);
+        any_dot_tile<X, W, 1, MT>(x + t, rows, k_dim, outs);
       }
     });
     return nr;
@@ -534,12 +656,18 @@ void linear_rows(const float* x, int64_t x_stride, int64_t t_dim, const W* w, in
     xs[t] = x + t * x_stride;
     ys[t] = y + t * n_dim;
   }
+  constexpr bool dot = kBf16Dot && std::is_same<W, c10::BFloat16>::value;
+  const Bf16Rows pairs(xs.data(), dot ? t_dim : 0, k_dim);
   at::parallel_for(0, blocks, macs < kSerialMacs ? blocks : 1, [&](int64_t begin, int64_t end) {
     const int64_t n0 = begin * kDotBlock, n1 = std::min(n_dim, end * kDotBlock);
     // NR from the first token tile's size: fewer token rows leave registers for more weight rows
     with_rows<kDotTokens>(std::min<int64_t>(kDotTokens, t_dim), [&](auto tokens) {
       constexpr int NR = dot_weight_rows(decltype(tokens)::value);
-      dot_rows_block<W, NR>(xs.data(), t_dim, w, k_dim, n0, n1, ys.data());
+      if constexpr (dot) {
+        dot_rows_block<uint32_t, W, NR>(pairs.rows.data(), t_dim, w, k_dim, n0, n1, ys.data());
+      } else {
+        dot_rows_block<float, W, NR>(xs.data(), t_dim, w, k_dim, n0, n1, ys.data());
+      }
     });
   });
 }
@@ -733,9 +861,10 @@ struct RowGroup {
 };
 
 // Each group's rows times its expert's matrix [K, N] -> outs, split over threads by (group, panel).
-// sums: int4's per-group row sums (else unused).
+// sums: int4's per-group row sums (else unused); pairs: the rows in bf16 for the bf16 dot path, else null.
 void expert_matmuls(const StackedWeight& w, const std::vector<RowGroup>& groups, const float* const* rows,
-                    const float* const* sums, int64_t k_dim, int64_t n_dim, float* const* outs) {
+                    const float* const* sums, const uint32_t* const* pairs, int64_t k_dim, int64_t n_dim,
+                    float* const* outs) {
   const int64_t panels = (n_dim + kPanel - 1) / kPanel;
   const int64_t items = static_cast<int64_t>(groups.size()) * panels;
   int64_t total_rows = 0;
@@ -745,9 +874,9 @@ void expert_matmuls(const StackedWeight& w, const std::vector<RowGroup>& groups,
     std::vector<float> scratch;
     for (int64_t item = begin; item < end; ++item) {
       const RowGroup& g = groups[item / panels];
-      if (w.format != Format::kFloat && g.rows > kMaxRows) scratch.resize(k_dim * kPanel);
-      gemm_panel(rows + g.first, sums + g.first, g.rows, w.expert(g.expert), k_dim, n_dim, item % panels,
-                 outs + g.first, scratch.data());
+      if (w.format != Format::kFloat && !pairs && g.rows > kMaxRows) scratch.resize(k_dim * kPanel);
+      gemm_panel(rows + g.first, sums + g.first, pairs ? pairs + g.first : nullptr, g.rows, w.expert(g.expert),
+                 k_dim, n_dim, item % panels, outs + g.first, scratch.data());
     }
   });
 }
@@ -786,13 +915,18 @@ void expert_ffn(const StackedWeight& gate_up, const StackedWeight& down, const s
   std::vector<float> sum_storage;
   std::vector<const float*> sums(n, nullptr);
   if (int4) sums = group_sums(x_rows, d, group_size, sum_storage);
-  expert_matmuls(gate_up, groups, x_rows.data(), sums.data(), d, two_i, hidden_rows.data());
+  const bool dot = kBf16Dot && gate_up.format == Format::kBFloat16;
+  const Bf16Rows x_pairs(x_rows.data(), dot ? n : 0, d);
+  expert_matmuls(gate_up, groups, x_rows.data(), sums.data(), dot ? x_pairs.rows.data() : nullptr, d, two_i,
+                 hidden_rows.data());
   for (float* g : hidden_rows) {  // silu(gate) * up, into the first I entries
 #pragma omp simd
     for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[inter + i];
   }
   if (int4) sums = group_sums(act_rows, inter, group_size, sum_storage);
-  expert_matmuls(down, groups, act_rows.data(), sums.data(), inter, d, out_rows.data());
+  const Bf16Rows act_pairs(act_rows.data(), dot ? n : 0, inter);
+  expert_matmuls(down, groups, act_rows.data(), sums.data(), dot ? act_pairs.rows.data() : nullptr, inter, d,
+                 out_rows.data());
 }
 
 }  // namespace
@@ -927,4 +1061,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over the decode workspace");
   m.def("moe_experts", &moe_experts, "gate + routed experts + combine, over column panels");
   m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels");
+  // true where bf16 weights meet activations rounded to bf16 (AVX512-BF16 dot products), not widened
+  m.attr("bf16_dot") = kBf16Dot;
 }
