@@ -3,13 +3,17 @@
 Tolerances: 1e-5 absolute for RMSNorm and attention (fp32; different summation order, a polynomial exp within a
 few ulp), 1e-5 relative for the MoE block. bf16, fp16, int8 and int4 experts are checked against fp32 math on the
 weights they stand for, which the kernel computes up to fp32 rounding: activations stay fp32, except that a build
-with bf16 dot products (`ops.bf16_dot`, AVX512-BF16) rounds the activations that meet bf16 weights to bf16, which
-the reference then does too.
+with bf16 dot products (`ops.bf16_dot`, AVX512-BF16) rounds the activations that meet bf16 weights to bf16, and one
+with int8 dot products (`ops.int8_dot`, AVX512-VNNI) quantizes those that meet int8 weights per row; the reference
+then does the same (`kernel_inputs`).
 Shape legend: B sequences, H query heads, KVH kv heads, Lc workspace capacity, Hd head dim, T tokens, D hidden,
 E experts, I expert width.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +49,14 @@ def test_build_is_keyed_by_source_and_cpu() -> None:
 def test_every_variant_builds(variant: str) -> None:
     """Every instruction-set path compiles on this machine, whatever its CPU runs (make install builds them)."""
     assert any(build_variant(variant).glob("moe_serve_cpu_ops*.so"))
+
+
+def test_each_variant_runs_its_own_build() -> None:
+    """The ops of every runnable variant come from that variant's build, not from the first one loaded here."""
+    loaded = {"native": cpu_ops()} | {v: variant_ops(v) for v in variant_names() if v != "native" and runnable(v)}
+    for variant, module in loaded.items():
+        assert Path(module.__file__).parent == build_dir(variant), variant
+    assert len({id(module) for module in loaded.values()}) == len(loaded)
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (16, 64), (3, 5, 24), (7, 100)])
@@ -98,11 +110,10 @@ MODES = ["none", *HALF_DTYPES, "int8", "int4"]  # expert weight formats: float32
 
 
 def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tensor,
-                  bf16_inputs: bool = False) -> torch.Tensor:
-    """w13 [E, 2I, D], w2 [E, D, I]: each token's top-k experts one at a time; bf16_inputs: each matmul's
-    activations rounded to bf16 first (the kernels' bf16 dot path)."""
+                  rounded: Callable[[torch.Tensor], torch.Tensor] = lambda v: v) -> torch.Tensor:
+    """w13 [E, 2I, D], w2 [E, D, I]: each token's top-k experts one at a time; `rounded`: what each matmul's input
+    row becomes first (the kernels' dot-product paths, `kernel_inputs`)."""
     routing, inter = gate(x), w2.shape[2]
-    rounded = (lambda v: v.bfloat16().float()) if bf16_inputs else (lambda v: v)
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for a in range(TOP_K):
@@ -112,9 +123,18 @@ def reference_moe(x: torch.Tensor, gate: Gate, w13: torch.Tensor, w2: torch.Tens
     return out
 
 
-def rounds_to_bf16(ops, weight_dtype: torch.dtype | str) -> bool:
-    """Whether this build rounds the activations that meet weights of this dtype to bf16."""
-    return getattr(ops, "bf16_dot", False) and weight_dtype in (torch.bfloat16, "bfloat16")
+def kernel_inputs(ops, weights: torch.dtype | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What this build makes of an activation row [K] that meets weights of this dtype or expert mode: rounded to
+    bf16 (bf16 dot products), quantized per row to int8 and back (int8 dot products), or left as it is."""
+    if getattr(ops, "bf16_dot", False) and weights in (torch.bfloat16, "bfloat16"):
+        return lambda v: v.bfloat16().float()
+    if getattr(ops, "int8_dot", False) and weights == "int8":
+        def quantized(v: torch.Tensor) -> torch.Tensor:  # the kernel's arithmetic: float32 scale, x * (1 / scale)
+            top = v.abs().max()
+            scale = top / 127 if top > 0 else torch.tensor(1.0)
+            return torch.round(v * (1.0 / scale)) * scale
+        return quantized
+    return lambda v: v
 
 
 def random_int4(g: torch.Generator, k: int, n: int, group: int) -> tuple[torch.Tensor, ...]:
@@ -157,7 +177,7 @@ def test_moe_experts(ops, mode: str, norm_topk_prob: bool, tokens: int) -> None:
     args, (w13, w2) = random_experts(g, mode, D, I)
     x = torch.randn(tokens, D, generator=g)
     out = ops.moe_experts(x, gate.weight, TOP_K, norm_topk_prob, *args)
-    expected = reference_moe(x, gate, w13, w2, rounds_to_bf16(ops, mode))
+    expected = reference_moe(x, gate, w13, w2, kernel_inputs(ops, mode))
     assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
@@ -213,7 +233,7 @@ def test_linear(ops, dtype: torch.dtype, tokens: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(11)
     w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
     x = torch.randn(tokens, k + 6, generator=g)[:, :k]  # rows strided, as a view into a wider activation
-    x_seen = x.bfloat16().float() if rounds_to_bf16(ops, dtype) else x
+    x_seen = torch.stack([kernel_inputs(ops, dtype)(row) for row in x])
     torch.testing.assert_close(ops.linear(x, w), F.linear(x_seen, w.float()), atol=1e-5, rtol=1e-5)
 
 

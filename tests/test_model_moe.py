@@ -3,7 +3,9 @@ same output.
 
 The loop path is the reference: it runs each expert's own weights. Tolerances: fp32 paths agree to float rounding
 (< 1e-5 relative); the stacked int8 path multiplies the exactly dequantized weights in fp32 while the loop runs the
-bf16 kernels, so they differ by the kernels' bf16 rounding (< 1%, as tests/test_model_quant.py's KERNEL_TOL).
+bf16 kernels, so they differ by the kernels' bf16 rounding (< 1%, as tests/test_model_quant.py's KERNEL_TOL). A
+compiled build with int8 dot products (AVX512-VNNI) also quantizes the activations per row, as vLLM's dynamic
+per-token W8A8 does, which about doubles the int8 error (< 3%; tests/test_kernels.py checks that arithmetic exactly).
 Shape legend: T = tokens, D = hidden, E = experts, I = expert width.
 """
 
@@ -17,6 +19,7 @@ from moe_serve.model.moe import ROUTED_MAX_TOKENS, ROUTED_MIN_TOKENS, ExpertStac
 
 E, D, I, TOP_K = 8, 64, 128, 2
 TOL = {"none": 1e-5, "int8": 1e-2, "int4": 1e-2}
+INT8_ACTIVATIONS_TOL = 3e-2  # int8 weights and per-row int8 activations
 
 
 def make_moe(mode: str, norm_topk_prob: bool = True, seed: int = 0) -> tuple[LocalMoE, ExpertStack, Gate]:
@@ -33,6 +36,13 @@ def loop_output(stack: ExpertStack, gate: Gate, x: torch.Tensor) -> torch.Tensor
     return combine(stack.grouped_ffn(x[plan.token_index], plan.counts), plan, routing, x.shape[0])
 
 
+def tolerance(mode: str, compiled: bool) -> float:
+    """How far a path may be from the loop: TOL, or INT8_ACTIVATIONS_TOL where the kernel quantizes activations."""
+    if compiled and mode == "int8" and getattr(cpu_ops(), "int8_dot", False):
+        return INT8_ACTIVATIONS_TOL
+    return TOL[mode]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -44,7 +54,7 @@ def test_every_path_matches_the_loop(mode: str, norm_topk_prob: bool, tokens: in
     moe, reference, gate = make_moe(mode, norm_topk_prob)
     x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        assert rel_err(moe(0, x), loop_output(reference, gate, x)) < TOL[mode]
+        assert rel_err(moe(0, x), loop_output(reference, gate, x)) < tolerance(mode, kernels == "compiled")
 
 
 @pytest.mark.parametrize("mode", ["none", "int8"])
@@ -119,7 +129,7 @@ def test_kernel_grouped_matches_the_loop(mode: str) -> None:
     rows = torch.randn(9, D, generator=torch.Generator().manual_seed(4))
     out = experts.grouped(rows, expert_ids, counts)
     expected = torch.cat([reference.ffn(5, rows[:2]), reference.ffn(3, rows[2:])])
-    assert rel_err(out, expected) < TOL[mode]
+    assert rel_err(out, expected) < tolerance(mode, compiled=True)
     with pytest.raises(RuntimeError, match="sum to"):
         experts.grouped(rows, expert_ids, torch.tensor([2, 0, 6]))
     with pytest.raises(RuntimeError, match="out of range"):

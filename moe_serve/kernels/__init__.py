@@ -40,8 +40,10 @@ LDFLAGS = ["-fopenmp"]
 VARIANTS: dict[str, tuple[list[str], frozenset[str]]] = {
     "native": (["-march=native"], frozenset()),
     "avx512": (["-march=x86-64-v4"], frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c"})),
-    "avx512bf16": (["-march=x86-64-v4", "-mavx512bf16"],
-                   frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c", "avx512_bf16"})),
+    # AVX-512 with the bf16 and int8 dot products (vdpbf16ps, vpdpbusd) and VBMI's byte shuffles
+    "avx512dot": (["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi"],
+                  frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c", "avx512_bf16",
+                             "avx512_vnni", "avx512vbmi"})),
     "avx2": (["-march=x86-64-v3"], frozenset({"avx2", "fma", "f16c"})),
     "portable": (["-march=x86-64"], frozenset()),  # no vector intrinsics: the portable C++ paths
 }
@@ -75,7 +77,7 @@ def runnable(variant: str) -> bool:
 def build_variant(variant: str) -> Path:
     """Build one variant (if not built yet) and return its directory; loads nothing, so any CPU can build any."""
     directory = build_dir(variant)
-    if next(directory.glob(f"{NAME}*.so"), None) is None:
+    if next(directory.glob(f"{module_name(variant)}.*so"), None) is None:
         _compile(directory, variant)
     return directory
 
@@ -86,6 +88,12 @@ def variant_ops(variant: str) -> ModuleType:
     if not runnable(variant):
         raise RuntimeError(f"this CPU lacks {sorted(VARIANTS[variant][1] - cpu_flags())} for the {variant} kernels")
     return _load(build_dir(variant), variant)
+
+
+def module_name(variant: str) -> str:
+    """Each variant's extension module has a name of its own: loading a second module under a name already loaded
+    in the process hands back the first one, so every variant would run the first variant's code."""
+    return NAME if variant == "native" else f"{NAME}_{variant}"
 
 
 def build_dir(variant: str = "native") -> Path:
@@ -102,11 +110,12 @@ def _flags(variant: str) -> list[str]:
 
 
 def _load(directory: Path, variant: str = "native") -> ModuleType:
-    built = next(directory.glob(f"{NAME}*.so"), None)
+    name = module_name(variant)
+    built = next(directory.glob(f"{name}.*so"), None)
     if built is None:
         _compile(directory, variant)
-        built = next(directory.glob(f"{NAME}*.so"))
-    spec = importlib.util.spec_from_file_location(NAME, built)
+        built = next(directory.glob(f"{name}.*so"))
+    spec = importlib.util.spec_from_file_location(name, built)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -124,7 +133,7 @@ def _compile(directory: Path, variant: str) -> None:
     log.info("building compiled CPU kernels (%s) in %s (about a minute, once)", variant, directory)
     # the build half of cpp_extension.load (whose other half would import the module)
     cpp_extension._write_ninja_file_and_build_library(
-        NAME, [str(SOURCE)], extra_cflags=_flags(variant), extra_cuda_cflags=None, extra_sycl_cflags=None,
+        module_name(variant), [str(SOURCE)], extra_cflags=_flags(variant), extra_cuda_cflags=None, extra_sycl_cflags=None,
         extra_ldflags=LDFLAGS, extra_include_paths=None, build_directory=str(directory), verbose=False,
         with_cuda=False, with_sycl=False)
 

@@ -286,19 +286,22 @@ struct Bf16Rows {
   Bf16Rows(const float* const* x, int64_t n, int64_t k) : rows(n) {
     const int64_t stride = (k + 31) / 32 * 32;
     storage.assign(n * stride, 0);
-    for (int64_t j = 0; j < n; ++j) {
-      uint16_t* dst = storage.data() + j * stride;
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        uint16_t* dst = storage.data() + j * stride;
 #if defined(__AVX512BF16__)
-      for (int64_t i = 0; i < k; i += 32) {
-        float chunk[32] = {};  // whole vectors, the tail zero-padded
-        std::memcpy(chunk, x[j] + i, std::min<int64_t>(32, k - i) * sizeof(float));
-        _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(chunk + 16), _mm512_loadu_ps(chunk)));
-      }
+        for (int64_t i = 0; i < k; i += 32) {
+          float chunk[32] = {};  // whole vectors, the tail zero-padded
+          std::memcpy(chunk, x[j] + i, std::min<int64_t>(32, k - i) * sizeof(float));
+          const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(chunk + 16), _mm512_loadu_ps(chunk));
+          _mm512_storeu_si512(dst + i, (__m512i)v);
+        }
 #else
-      for (int64_t i = 0; i < k; ++i) dst[i] = c10::BFloat16(x[j][i]).x;
+        for (int64_t i = 0; i < k; ++i) dst[i] = c10::BFloat16(x[j][i]).x;
 #endif
-      rows[j] = reinterpret_cast<const uint32_t*>(dst);
-    }
+        rows[j] = reinterpret_cast<const uint32_t*>(dst);
+      }
+    });
   }
 };
 
@@ -334,6 +337,88 @@ inline void panel_tile_bf16(const uint32_t* const* x, const c10::BFloat16* __res
 }
 #else
 constexpr bool kBf16Dot = false;
+#endif
+
+// ---- int8 dot products (AVX512-VNNI) ---------------------------------------------------------------------------
+// Built with AVX512-VNNI (and VBMI's byte shuffles), int8 experts meet int8 activations in vpdpbusd, which
+// multiplies 64 byte pairs and adds each group of four products into an int32 lane: four times the multiply-adds of
+// widening to float. Each row is quantized once per call, symmetric with one scale (max |x| / 127, rounded to
+// nearest), and stored offset by 128 as the unsigned operand; the offset's share, 128 times each column's sum, is
+// taken off the integer result, which then scales by the row's and the column's scales. Like the bf16 path, every
+// row count takes it. Where not built for it, int8 weights widen to float and activations stay fp32.
+struct Int8Rows {
+  std::vector<uint8_t> storage;
+  std::vector<const uint32_t*> rows;  // lane i: entries 4i .. 4i + 3
+  std::vector<float> scales;
+
+  Int8Rows(const float* const* x, int64_t n, int64_t k) : rows(n), scales(n) {
+    const int64_t stride = (k + 63) / 64 * 64;
+    storage.assign(n * stride, 128);  // the padding stands for 0
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const float* src = x[j];
+        float top = 0.0f;
+#pragma omp simd reduction(max : top)
+        for (int64_t i = 0; i < k; ++i) top = std::max(top, std::fabs(src[i]));
+        scales[j] = top > 0.0f ? top / 127.0f : 1.0f;
+        const float inv = 1.0f / scales[j];
+        uint8_t* dst = storage.data() + j * stride;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= k; i += 16) {  // round to nearest even (the default mode), as std::nearbyint below
+          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_set1_ps(inv)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128))));
+        }
+#endif
+        for (; i < k; ++i) dst[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(src[i] * inv)) + 128);
+        rows[j] = reinterpret_cast<const uint32_t*>(dst);
+      }
+    });
+  }
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+constexpr bool kInt8Dot = true;
+
+// Panel rows k .. k + 3 ([32] int8 each; rows past K read as zeros) -> two vectors of per-column quads
+// (row k .. k + 3 of one column in one 32-bit lane): columns 0-15 and 16-31.
+inline void load_quads(const int8_t* rows, int64_t valid_rows, __m512i* w) {
+  alignas(64) static constexpr uint8_t kLow[64] = {
+      0,  32, 64, 96,  1,  33, 65, 97,  2,  34, 66, 98,  3,  35, 67, 99,  4,  36, 68, 100, 5,  37,
+      69, 101, 6, 38, 70, 102, 7,  39, 71, 103, 8,  40, 72, 104, 9,  41, 73, 105, 10, 42, 74, 106,
+      11, 43, 75, 107, 12, 44, 76, 108, 13, 45, 77, 109, 14, 46, 78, 110, 15, 47, 79, 111};
+  const __mmask64 first = valid_rows >= 2 ? ~__mmask64{0} : (__mmask64{1} << (32 * valid_rows)) - 1;
+  const __mmask64 second = valid_rows >= 4 ? ~__mmask64{0}
+                           : valid_rows <= 2 ? __mmask64{0}
+                                             : (__mmask64{1} << (32 * (valid_rows - 2))) - 1;
+  const __m512i a = _mm512_maskz_loadu_epi8(first, rows), b = _mm512_maskz_loadu_epi8(second, rows + 64);
+  const __m512i low = _mm512_load_si512(kLow);
+  w[0] = _mm512_permutex2var_epi8(a, low, b);
+  w[1] = _mm512_permutex2var_epi8(a, _mm512_add_epi8(low, _mm512_set1_epi8(16)), b);
+}
+
+// y[t][c] = (x_q[t] . q[:, c] - 128 sum_k q[k][c]) for one int8 panel and NT rows (Int8Rows), in int32.
+template <int NT>
+inline void panel_tile_int8(const uint32_t* const* x, const int8_t* __restrict panel, int64_t k_dim,
+                            __m512i (*acc)[kVecs]) {
+  __m512i offset[kVecs] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int t = 0; t < NT; ++t)
+    for (int u = 0; u < kVecs; ++u) acc[t][u] = _mm512_setzero_si512();
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < k_dim; k += 4) {
+    __m512i w[2];
+    load_quads(panel + k * kPanel, std::min<int64_t>(4, k_dim - k), w);
+    for (int u = 0; u < kVecs; ++u) offset[u] = _mm512_dpbusd_epi32(offset[u], bias, w[u]);
+    for (int t = 0; t < NT; ++t) {
+      const __m512i xv = _mm512_set1_epi32(static_cast<int>(x[t][k / 4]));
+      for (int u = 0; u < kVecs; ++u) acc[t][u] = _mm512_dpbusd_epi32(acc[t][u], xv, w[u]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int u = 0; u < kVecs; ++u) acc[t][u] = _mm512_sub_epi32(acc[t][u], offset[u]);
+}
+#else
+constexpr bool kInt8Dot = false;
 #endif
 
 // Rows per register tile: what the registers hold as accumulators besides a broadcast per row and one weight vector
@@ -449,22 +534,62 @@ struct Weight {
   int64_t group;        // int4: G
 };
 
+// Rows as a dot-product path takes them: bf16 pairs (Bf16Rows) for bf16 weights, int8 quads and row scales
+// (Int8Rows) for int8 weights; rows null: the float path.
+struct DotRows {
+  const uint32_t* const* rows = nullptr;
+  const float* scales = nullptr;
+
+  DotRows from(int64_t first) const { return rows ? DotRows{rows + first, scales ? scales + first : nullptr} : *this; }
+};
+
+// The rows x[0..n) in the form the dot-product path for `format` takes on this build, if it has one.
+struct DotInput {
+  Bf16Rows bf16;
+  Int8Rows int8;
+  DotRows view;
+
+  DotInput(Format format, const float* const* x, int64_t n, int64_t k)
+      : bf16(x, kBf16Dot && format == Format::kBFloat16 ? n : 0, k),
+        int8(x, kInt8Dot && format == Format::kInt8 ? n : 0, k) {
+    if (!bf16.rows.empty()) view = {bf16.rows.data(), nullptr};
+    if (!int8.rows.empty()) view = {int8.rows.data(), int8.scales.data()};
+  }
+};
+
 // Rows x[0..n) (K long each) times panel p of w ([K, N]) -> y[j][32 p .. 32 p + 32) (clipped to N). xsum: int4's
-// per-group row sums. pairs: the rows in bf16 (Bf16Rows) for bf16 weights where kBf16Dot, else null. scratch:
-// K * 32 floats, for decoding a quantized panel once when more than a tile of rows share it.
-void gemm_panel(const float* const* x, const float* const* xsum, const uint32_t* const* pairs, int64_t n,
-                const Weight& w, int64_t k_dim, int64_t n_dim, int64_t p, float* const* y, float* scratch) {
+// per-group row sums. dot: the rows for this build's dot-product path for w's format (DotInput), else empty.
+// scratch: K * 32 floats, for decoding a quantized panel once when more than a tile of rows share it.
+void gemm_panel(const float* const* x, const float* const* xsum, DotRows dot, int64_t n, const Weight& w,
+                int64_t k_dim, int64_t n_dim, int64_t p, float* const* y, float* scratch) {
   const int64_t n_pad = (n_dim + kPanel - 1) / kPanel * kPanel, c = p * kPanel;
   const int64_t width = std::min(kPanel, n_dim - c);
 #if defined(__AVX512BF16__)
-  if (pairs) {
+  if (dot.rows && w.format == Format::kBFloat16) {
     const auto* panel = static_cast<const c10::BFloat16*>(w.data) + p * k_dim * kPanel;
     for (int64_t t = 0; t < n; t += kMaxRows) {
       with_rows<kMaxRows>(std::min<int64_t>(kMaxRows, n - t), [&](auto rows) {
         constexpr int NT = decltype(rows)::value;
         Vec acc[NT][kVecs];
-        panel_tile_bf16<NT>(pairs + t, panel, k_dim, acc);
+        panel_tile_bf16<NT>(dot.rows + t, panel, k_dim, acc);
         store_tile<NT>(acc, nullptr, width, y + t, c);
+      });
+    }
+    return;
+  }
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  if (dot.rows && w.format == Format::kInt8) {
+    const int8_t* panel = static_cast<const int8_t*>(w.data) + p * k_dim * kPanel;
+    for (int64_t t = 0; t < n; t += kMaxRows) {
+      with_rows<kMaxRows>(std::min<int64_t>(kMaxRows, n - t), [&](auto rows) {
+        constexpr int NT = decltype(rows)::value;
+        __m512i sums[NT][kVecs];
+        panel_tile_int8<NT>(dot.rows + t, panel, k_dim, sums);
+        Vec acc[NT][kVecs];
+        for (int r = 0; r < NT; ++r)
+          for (int u = 0; u < kVecs; ++u) acc[r][u] = vmul(_mm512_cvtepi32_ps(sums[r][u]), vset1(dot.scales[t + r]));
+        store_tile<NT>(acc, w.scale + c, width, y + t, c);
       });
     }
     return;
@@ -861,10 +986,9 @@ struct RowGroup {
 };
 
 // Each group's rows times its expert's matrix [K, N] -> outs, split over threads by (group, panel).
-// sums: int4's per-group row sums (else unused); pairs: the rows in bf16 for the bf16 dot path, else null.
+// sums: int4's per-group row sums (else unused); dot: the rows for the dot-product path (DotInput), or empty.
 void expert_matmuls(const StackedWeight& w, const std::vector<RowGroup>& groups, const float* const* rows,
-                    const float* const* sums, const uint32_t* const* pairs, int64_t k_dim, int64_t n_dim,
-                    float* const* outs) {
+                    const float* const* sums, DotRows dot, int64_t k_dim, int64_t n_dim, float* const* outs) {
   const int64_t panels = (n_dim + kPanel - 1) / kPanel;
   const int64_t items = static_cast<int64_t>(groups.size()) * panels;
   int64_t total_rows = 0;
@@ -874,9 +998,9 @@ void expert_matmuls(const StackedWeight& w, const std::vector<RowGroup>& groups,
     std::vector<float> scratch;
     for (int64_t item = begin; item < end; ++item) {
       const RowGroup& g = groups[item / panels];
-      if (w.format != Format::kFloat && !pairs && g.rows > kMaxRows) scratch.resize(k_dim * kPanel);
-      gemm_panel(rows + g.first, sums + g.first, pairs ? pairs + g.first : nullptr, g.rows, w.expert(g.expert),
-                 k_dim, n_dim, item % panels, outs + g.first, scratch.data());
+      if (w.format != Format::kFloat && !dot.rows && g.rows > kMaxRows) scratch.resize(k_dim * kPanel);
+      gemm_panel(rows + g.first, sums + g.first, dot.from(g.first), g.rows, w.expert(g.expert), k_dim, n_dim,
+                 item % panels, outs + g.first, scratch.data());
     }
   });
 }
@@ -915,18 +1039,15 @@ void expert_ffn(const StackedWeight& gate_up, const StackedWeight& down, const s
   std::vector<float> sum_storage;
   std::vector<const float*> sums(n, nullptr);
   if (int4) sums = group_sums(x_rows, d, group_size, sum_storage);
-  const bool dot = kBf16Dot && gate_up.format == Format::kBFloat16;
-  const Bf16Rows x_pairs(x_rows.data(), dot ? n : 0, d);
-  expert_matmuls(gate_up, groups, x_rows.data(), sums.data(), dot ? x_pairs.rows.data() : nullptr, d, two_i,
-                 hidden_rows.data());
+  const DotInput x_dot(gate_up.format, x_rows.data(), n, d);
+  expert_matmuls(gate_up, groups, x_rows.data(), sums.data(), x_dot.view, d, two_i, hidden_rows.data());
   for (float* g : hidden_rows) {  // silu(gate) * up, into the first I entries
 #pragma omp simd
     for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[inter + i];
   }
   if (int4) sums = group_sums(act_rows, inter, group_size, sum_storage);
-  const Bf16Rows act_pairs(act_rows.data(), dot ? n : 0, inter);
-  expert_matmuls(down, groups, act_rows.data(), sums.data(), dot ? act_pairs.rows.data() : nullptr, inter, d,
-                 out_rows.data());
+  const DotInput act_dot(down.format, act_rows.data(), n, inter);
+  expert_matmuls(down, groups, act_rows.data(), sums.data(), act_dot.view, inter, d, out_rows.data());
 }
 
 }  // namespace
@@ -1063,4 +1184,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels");
   // true where bf16 weights meet activations rounded to bf16 (AVX512-BF16 dot products), not widened
   m.attr("bf16_dot") = kBf16Dot;
+  // true where int8 experts meet activations quantized to int8 per row (AVX512-VNNI dot products)
+  m.attr("int8_dot") = kInt8Dot;
 }
