@@ -81,16 +81,18 @@ def reference_attention(q: torch.Tensor, workspace: torch.Tensor, positions: tor
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(2, 1, 32), (4, 2, 16), (4, 4, 24), (8, 2, 64)])
 @pytest.mark.parametrize("window", [0, 5, 40])
-def test_decode_attention(ops, heads: int, kv_heads: int, head_dim: int, window: int) -> None:
-    """Sequences of different lengths (1 key up to the capacity) in one batch, with and without a window."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention(ops, heads: int, kv_heads: int, head_dim: int, window: int, dtype: torch.dtype) -> None:
+    """Sequences of different lengths (1 key up to the capacity) in one batch, with and without a window; a bf16
+    workspace is widened as it loads (float math on its values)."""
     g = torch.Generator().manual_seed(1)
     b, cap = 6, 70
-    workspace = torch.randn(b, 2, kv_heads, cap, head_dim, generator=g)
+    workspace = torch.randn(b, 2, kv_heads, cap, head_dim, generator=g).to(dtype)
     positions = torch.tensor([0, 3, 17, 31, 52, cap - 1])
     # queries as the model hands them over: a view into a wider projection row
     q = torch.randn(b, heads * head_dim + 8, generator=g)[:, : heads * head_dim].view(b, heads, head_dim)
     out = ops.decode_attention(q, workspace, positions, window, head_dim**-0.5)
-    torch.testing.assert_close(out, reference_attention(q, workspace, positions, window), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, workspace.float(), positions, window), atol=1e-5, rtol=0)
 
 
 def test_decode_attention_rejects_bad_input(ops) -> None:

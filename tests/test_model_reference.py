@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import random_prompts, save_hf_model
 
+from moe_serve.model import transformer
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
 
@@ -47,6 +48,20 @@ def assert_matches(model_dir: Path, prompt: list[int], tokens: list[int], logits
 def test_batch_of_one_matches_transformers(family_dir: str, request: pytest.FixtureRequest, kernels: str) -> None:
     model_dir = request.getfixturevalue(family_dir)
     engine = LLMEngine.from_pretrained(model_dir)
+    [prompt] = random_prompts([23], engine.model_config.vocab_size)
+    [out] = engine.generate([prompt], GREEDY)
+    assert_matches(model_dir, prompt, out.token_ids, out.logits)
+
+
+@pytest.mark.parametrize("family_dir", ["mixtral_dir", "qwen2_dir"])
+def test_rotary_unfolded_matches_transformers(family_dir: str, request: pytest.FixtureRequest,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotary path of models at or above FOLD_ROTARY_MAX_HIDDEN (q and k rotated by their own ops), here on the
+    small model with the threshold lowered."""
+    monkeypatch.setattr(transformer, "FOLD_ROTARY_MAX_HIDDEN", 0)
+    model_dir = request.getfixturevalue(family_dir)
+    engine = LLMEngine.from_pretrained(model_dir)
+    assert not any(layer.rotary_folded for layer in engine.model.layers)
     [prompt] = random_prompts([23], engine.model_config.vocab_size)
     [out] = engine.generate([prompt], GREEDY)
     assert_matches(model_dir, prompt, out.token_ids, out.logits)

@@ -47,8 +47,17 @@ inline float exp_poly(float x) {
   return p * scale;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Eight consecutive keys or values of the decode workspace (float32 or bf16), widened to float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+#endif
+
 // dots[j] = <q, keys[j]> for j in [0, n), keys [n, hd] row-major; 8 keys at a time share one horizontal sum.
-inline void dot_rows(const float* q, const float* keys, int64_t n, int64_t hd, float* dots) {
+template <typename KV>
+inline void dot_rows(const float* q, const KV* keys, int64_t n, int64_t hd, float* dots) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (hd % 8 == 0) {
@@ -57,7 +66,7 @@ inline void dot_rows(const float* q, const float* keys, int64_t n, int64_t hd, f
       for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
       for (int64_t i = 0; i < hd; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (j + u) * hd + i), acc[u]);
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, load8(keys + (j + u) * hd + i), acc[u]);
       }
       const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
       const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
@@ -68,18 +77,18 @@ inline void dot_rows(const float* q, const float* keys, int64_t n, int64_t hd, f
   }
 #endif
   for (; j < n; ++j) {
-    const float* k = keys + j * hd;
+    const KV* k = keys + j * hd;
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < hd; ++i) dot += q[i] * k[i];
+    for (int64_t i = 0; i < hd; ++i) dot += q[i] * static_cast<float>(k[i]);
     dots[j] = dot;
   }
 }
 
 // y[t][0..N) = sum_k x[t][k] * wt[k][0..N) for NT rows, wt [K, N] row-major (attention's values): register-blocked,
 // each weight row read once per tile.
-template <int NT>
-inline void gemm_tile(const float* const* x, const float* __restrict wt, int64_t k_dim, int64_t n_dim, float* const* y) {
+template <int NT, typename KV>
+inline void gemm_tile(const float* const* x, const KV* __restrict wt, int64_t k_dim, int64_t n_dim, float* const* y) {
   int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   for (; c + 32 <= n_dim; c += 32) {
@@ -87,9 +96,8 @@ inline void gemm_tile(const float* const* x, const float* __restrict wt, int64_t
     for (int t = 0; t < NT; ++t)
       for (int u = 0; u < 4; ++u) acc[t][u] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_dim; ++k) {
-      const float* w = wt + k * n_dim + c;
-      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), w2 = _mm256_loadu_ps(w + 16),
-                   w3 = _mm256_loadu_ps(w + 24);
+      const KV* w = wt + k * n_dim + c;
+      const __m256 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16), w3 = load8(w + 24);
       for (int t = 0; t < NT; ++t) {
         const __m256 xv = _mm256_set1_ps(x[t][k]);
         acc[t][0] = _mm256_fmadd_ps(xv, w0, acc[t][0]);
@@ -105,7 +113,7 @@ inline void gemm_tile(const float* const* x, const float* __restrict wt, int64_t
     __m256 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_dim; ++k) {
-      const __m256 w0 = _mm256_loadu_ps(wt + k * n_dim + c);
+      const __m256 w0 = load8(wt + k * n_dim + c);
       for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(x[t][k]), w0, acc[t]);
     }
     for (int t = 0; t < NT; ++t) _mm256_storeu_ps(y[t] + c, acc[t]);
@@ -114,13 +122,14 @@ inline void gemm_tile(const float* const* x, const float* __restrict wt, int64_t
   for (; c < n_dim; ++c) {
     for (int t = 0; t < NT; ++t) {
       float s = 0.0f;
-      for (int64_t k = 0; k < k_dim; ++k) s += x[t][k] * wt[k * n_dim + c];
+      for (int64_t k = 0; k < k_dim; ++k) s += x[t][k] * static_cast<float>(wt[k * n_dim + c]);
       y[t][c] = s;
     }
   }
 }
 
-void gemm_rows(const float* const* x, int64_t n, const float* wt, int64_t k_dim, int64_t n_dim, float* const* y) {
+template <typename KV>
+void gemm_rows(const float* const* x, int64_t n, const KV* wt, int64_t k_dim, int64_t n_dim, float* const* y) {
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) gemm_tile<4>(x + t, wt, k_dim, n_dim, y + t);
   switch (n - t) {
@@ -831,30 +840,13 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return out;
 }
 
-// One query per decoding sequence over the decode workspace: q [B, H, Hd] (any token stride), workspace [B, 2, KVH, Lc, Hd] (K then V),
-// positions [B] (the query's position; keys 0..position are its sequence's, key j at position j); window > 0
-// keeps keys with j > position - window (transformers' sliding-window rule). -> [B, H, Hd]
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& workspace, const torch::Tensor& positions,
-                               int64_t window, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, Hd]");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous within a token");
-  check_cpu_float(workspace, "workspace", 5);
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 1 && positions.is_contiguous(),
-              "positions must be a contiguous int64 vector");
-  const int64_t b = q.size(0), h = q.size(1), hd = q.size(2);
-  const int64_t kvh = workspace.size(2), cap = workspace.size(3);
-  TORCH_CHECK(workspace.size(0) >= b && workspace.size(1) == 2 && workspace.size(4) == hd && h % kvh == 0,
-              "workspace shape ", workspace.sizes(), " does not fit q ", q.sizes());
-  TORCH_CHECK(positions.size(0) == b, "positions has ", positions.size(0), " entries for ", b, " sequences");
+namespace {
+
+// decode_attention over a workspace of KV (float32 or bf16) elements; out [B, H, Hd] float32.
+template <typename KV>
+void decode_attention_over(const float* qp, int64_t q_row, const KV* wsp, const int64_t* pos, int64_t b, int64_t h,
+                           int64_t kvh, int64_t cap, int64_t hd, int64_t window, float sc, float* op) {
   const int64_t groups = h / kvh;
-  auto out = torch::empty({b, h, hd}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const int64_t q_row = q.stride(0);
-  const float* wsp = workspace.data_ptr<float>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  for (int64_t s = 0; s < b; ++s) TORCH_CHECK(pos[s] >= 0 && pos[s] < cap, "position ", pos[s], " outside workspace");
   at::parallel_for(0, b * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * cap);
     std::vector<const float*> probs(groups);
@@ -864,8 +856,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& work
       const int64_t last = pos[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t n = last - first + 1;
-      const float* keys = wsp + ((s * 2 + 0) * kvh + kv_head) * cap * hd + first * hd;
-      const float* values = wsp + ((s * 2 + 1) * kvh + kv_head) * cap * hd + first * hd;
+      const KV* keys = wsp + ((s * 2 + 0) * kvh + kv_head) * cap * hd + first * hd;
+      const KV* values = wsp + ((s * 2 + 1) * kvh + kv_head) * cap * hd + first * hd;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t head = kv_head * groups + g;
         float* sc_row = scores.data() + g * cap;
@@ -888,6 +880,41 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& work
       gemm_rows(probs.data(), groups, values, n, hd, outs.data());  // out[g] = sum_j p[g][j] v[j]
     }
   });
+}
+
+}  // namespace
+
+// One query per decoding sequence over the decode workspace: q [B, H, Hd] float32 (any token stride), workspace
+// [B, 2, KVH, Lc, Hd] (K then V; float32 or bf16, widened as it loads), positions [B] (the query's position; keys
+// 0..position are its sequence's, key j at position j); window > 0 keeps keys with j > position - window
+// (transformers' sliding-window rule). -> [B, H, Hd] float32; scores, softmax and sums in float32.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& workspace, const torch::Tensor& positions,
+                               int64_t window, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, Hd]");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous within a token");
+  TORCH_CHECK(workspace.device().is_cpu() && workspace.dim() == 5 && workspace.is_contiguous() &&
+                  (workspace.scalar_type() == torch::kFloat32 || workspace.scalar_type() == torch::kBFloat16),
+              "workspace must be a contiguous 5-dim float32 or bfloat16 CPU tensor, got ", workspace.scalar_type(),
+              " ", workspace.sizes());
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 1 && positions.is_contiguous(),
+              "positions must be a contiguous int64 vector");
+  const int64_t b = q.size(0), h = q.size(1), hd = q.size(2);
+  const int64_t kvh = workspace.size(2), cap = workspace.size(3);
+  TORCH_CHECK(workspace.size(0) >= b && workspace.size(1) == 2 && workspace.size(4) == hd && h % kvh == 0,
+              "workspace shape ", workspace.sizes(), " does not fit q ", q.sizes());
+  TORCH_CHECK(positions.size(0) == b, "positions has ", positions.size(0), " entries for ", b, " sequences");
+  auto out = torch::empty({b, h, hd}, q.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t s = 0; s < b; ++s) TORCH_CHECK(pos[s] >= 0 && pos[s] < cap, "position ", pos[s], " outside workspace");
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  if (workspace.scalar_type() == torch::kFloat32) {
+    decode_attention_over(qp, q.stride(0), workspace.data_ptr<float>(), pos, b, h, kvh, cap, hd, window, sc, op);
+  } else {
+    decode_attention_over(qp, q.stride(0), static_cast<const c10::BFloat16*>(workspace.data_ptr()), pos, b, h, kvh,
+                          cap, hd, window, sc, op);
+  }
   return out;
 }
 

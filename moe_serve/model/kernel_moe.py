@@ -6,8 +6,10 @@ holds the experts once. Two calls:
 - `routed(x)`: gate, top-k, the routed experts and the combine for tokens x [T, D] (LocalMoE's layers);
 - `grouped(rows, expert_ids, counts)`: the experts' FFN outputs for rows already grouped by expert (a shard's call;
   the router gates and combines).
-Activations and accumulation are fp32 in the kernel whatever the storage (bf16 and fp16 weights are widened as they
-load); other activation dtypes are cast on the way in and out.
+Accumulation is fp32 in the kernel whatever the storage. Activations come in and go out as fp32 (other dtypes are
+cast on the way); inside, bf16 and fp16 weights are widened as they load, except where the kernels are built with dot
+products: there bf16 experts take activations rounded to bf16 (AVX512-BF16) and int8 experts activations quantized
+per row to int8 (AVX512-VNNI), as `ops.bf16_dot` / `ops.int8_dot` say.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Dense projections `x @ W.T (+ b)` of the dense part, on one weight tensor in the serving dtype.
 
 Decode-sized batches run the compiled row kernel (moe_serve/kernels, "Dense projections"): it reads the weight once
-for a few token rows and widens bf16/fp16 as it loads, where torch's CPU GEMMs are slow for skinny batches and
-convert bf16 on CPUs without native bf16 (bench/linear.py measures both).
+for a few token rows and widens bf16/fp16 as it loads (bf16 meets bf16-rounded activations in AVX512-BF16 dot
+products where built for them), where torch's CPU GEMMs are slow for skinny batches and convert bf16 on CPUs
+without native bf16 (bench/linear.py measures both).
 Bigger batches (prefill chunks) run torch's matmul on the same tensor, unless the CPU has no native 16-bit GEMM, where
 the kernel serves every batch. Output dtype = input dtype; accumulation is float32 on both paths.
 """

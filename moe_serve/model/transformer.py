@@ -3,8 +3,9 @@
 Routed experts are not here: every MoE layer calls an `MoEBackend` (`LocalMoE` in-process, the router actor when
 experts live on other actors), so the dense part runs on a replica while experts run anywhere.
 The model is stateless between steps; the KV cache tensors are passed in by the engine.
-Without per-head q/k norms, RoPE's rotate-half is folded into the fused qkv projection (extra rows holding
-rotate_half of the q and k rows), so rotary costs two in-place elementwise ops per layer.
+In small models without q/k norms, RoPE's rotate-half is folded into the fused qkv projection (extra rows holding
+rotate_half of the q and k rows), so rotary costs two in-place elementwise ops per layer; from FOLD_ROTARY_MAX_HIDDEN
+up, reading those rows costs more than the rotary ops they save.
 Shape legend: T = new tokens in the step, D = hidden, V = vocab.
 """
 
@@ -21,6 +22,10 @@ from moe_serve.model.config import ModelConfig
 from moe_serve.model.linear import Projection
 from moe_serve.model.moe import DenseMLP
 
+# Fold rotate-half into qkv below this hidden size: there a step is bound by per-op overhead; above it by reading
+# weights, and the folded rows add (H + KVH) / (H + 2 KVH) to the qkv bytes (83% with 4 query heads per kv head).
+FOLD_ROTARY_MAX_HIDDEN = 1024
+
 
 class MoEBackend(Protocol):
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -32,7 +37,8 @@ class MoEBackend(Protocol):
 class LayerWeights:
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
-    qkv: Projection  # [(H + 2 KVH) * Hd, D], then rotate_half of the q and k rows unless q_norm is set
+    qkv: Projection  # [(H + 2 KVH) * Hd, D], then rotate_half of the q and k rows if rotary_folded
+    rotary_folded: bool
     o_proj: Projection
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head [Hd]; OLMoE: over the whole projection [H Hd]
     k_norm: torch.Tensor | None
@@ -80,7 +86,8 @@ class DenseModel:
         if cfg.qk_norm:
             q_norm = ckpt.load(f"{p}.self_attn.q_norm.weight", (hd,) if cfg.qk_norm_per_head else (q_rows,))
             k_norm = ckpt.load(f"{p}.self_attn.k_norm.weight", (hd,) if cfg.qk_norm_per_head else (kv_rows,))
-        else:  # fold RoPE's rotate-half: x @ rows'.T == rotate_half(x @ rows.T), exactly (a signed permutation)
+        fold = not cfg.qk_norm and d < FOLD_ROTARY_MAX_HIDDEN
+        if fold:  # x @ rows'.T == rotate_half(x @ rows.T), exactly (a signed permutation)
             qkv = torch.cat([qkv, rotate_half_rows(qkv[: q_rows + kv_rows], hd)])
             if qkv_bias is not None:
                 qkv_bias = torch.cat([qkv_bias, rotate_half_rows(qkv_bias[: q_rows + kv_rows], hd)])
@@ -88,6 +95,7 @@ class DenseModel:
             input_norm=ckpt.load(f"{p}.input_layernorm.weight", (d,)),
             post_attention_norm=ckpt.load(f"{p}.post_attention_layernorm.weight", (d,)),
             qkv=Projection(qkv, qkv_bias),
+            rotary_folded=fold,
             o_proj=Projection(ckpt.load(f"{p}.self_attn.o_proj.weight", (d, q_rows))),
             q_norm=q_norm,
             k_norm=k_norm,
@@ -157,17 +165,18 @@ class DenseModel:
         nq, nkv = h * hd, kvh * hd
         y = layer.qkv(x)
         cos, sin = batch.rope(self.rotary)
-        if layer.q_norm is None:  # rows nq + 2 nkv onwards hold rotate_half(q, k): rotate in place
+        if layer.rotary_folded:  # rows nq + 2 nkv onwards hold rotate_half(q, k): rotate in place
             qk = y[:, : nq + nkv].view(t, h + kvh, hd)
             qk.mul_(cos).addcmul_(y[:, nq + 2 * nkv :].view(t, h + kvh, hd), sin)
             return y[:, :nq].view(t, h, hd), y[:, nq : nq + 2 * nkv].view(t, 2, kvh, hd)
-        assert layer.k_norm is not None
-        if cfg.qk_norm_per_head:
-            q = rms_norm(y[:, :nq].view(t, h, hd), layer.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(y[:, nq : nq + nkv].view(t, kvh, hd), layer.k_norm, cfg.rms_norm_eps)
-        else:
-            q = rms_norm(y[:, :nq], layer.q_norm, cfg.rms_norm_eps).view(t, h, hd)
-            k = rms_norm(y[:, nq : nq + nkv], layer.k_norm, cfg.rms_norm_eps).view(t, kvh, hd)
+        q, k = y[:, :nq].view(t, h, hd), y[:, nq : nq + nkv].view(t, kvh, hd)
+        if layer.q_norm is not None:
+            assert layer.k_norm is not None
+            if cfg.qk_norm_per_head:
+                q, k = rms_norm(q, layer.q_norm, cfg.rms_norm_eps), rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+            else:
+                q = rms_norm(y[:, :nq], layer.q_norm, cfg.rms_norm_eps).view(t, h, hd)
+                k = rms_norm(y[:, nq : nq + nkv], layer.k_norm, cfg.rms_norm_eps).view(t, kvh, hd)
         v = y[:, nq + nkv :].view(t, kvh, hd)
         if cfg.clip_qkv is not None:
             q, k, v = (a.clamp(-cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
