@@ -3,9 +3,9 @@
 On the small MoE models this project is tested and benchmarked on, a decode step is bound by eager PyTorch's
 per-op overhead (see moe_serve/model/moe.py), not by arithmetic. The kernels replace op chains there: RMSNorm,
 decode attention over the decode workspace, dense projections, and the MoE block (gate, top-k, experts in fp32,
-bf16, fp16, int8 or int4, combine; or just the experts, for a shard), whose weights they hold in column panels (layout.py,
-moe_serve/model/kernel_moe.py). Each has a torch implementation in moe_serve/model that tests compare it against
-and that runs when the kernels are off or cannot be built.
+bf16, fp16, int8 or int4, combine; or just the experts, for a shard), whose weights they hold in column panels
+(layout.py, moe_serve/model/kernel_moe.py). Each has a torch implementation in moe_serve/model that tests compare it
+against and that runs when the kernels are off or cannot be built.
 
 Built with torch's cpp_extension (-O3 -march=native) the first time `cpu_ops()` is asked, about a minute on
 2 cores; `make install` does it ahead (`python -m moe_serve.kernels`). The build lands in a directory keyed by the
@@ -133,9 +133,9 @@ def _compile(directory: Path, variant: str) -> None:
     log.info("building compiled CPU kernels (%s) in %s (about a minute, once)", variant, directory)
     # the build half of cpp_extension.load (whose other half would import the module)
     cpp_extension._write_ninja_file_and_build_library(
-        module_name(variant), [str(SOURCE)], extra_cflags=_flags(variant), extra_cuda_cflags=None, extra_sycl_cflags=None,
-        extra_ldflags=LDFLAGS, extra_include_paths=None, build_directory=str(directory), verbose=False,
-        with_cuda=False, with_sycl=False)
+        module_name(variant), [str(SOURCE)], extra_cflags=_flags(variant), extra_cuda_cflags=None,
+        extra_sycl_cflags=None, extra_ldflags=LDFLAGS, extra_include_paths=None, build_directory=str(directory),
+        verbose=False, with_cuda=False, with_sycl=False)
 
 
 @functools.cache

@@ -4,8 +4,8 @@
 // moe_serve/kernels/__init__.py (torch's cpp_extension, -O3 -march=native); every kernel here has a torch reference
 // in moe_serve/model that tests compare against, and that runs when the build is not available.
 //
-// The matmul tiles use AVX-512 (with AVX512-BF16 where built for it: see "bf16 dot products") or AVX2 intrinsics,
-// with a portable fallback; other loops are written so that gcc
+// The matmul tiles use AVX-512 (with AVX512-BF16 and AVX512-VNNI where built for them: see "bf16 dot products"
+// and "int8 dot products") or AVX2 intrinsics, with a portable fallback; other loops are written so that gcc
 // vectorizes them (`#pragma omp simd`); work is split over torch's intra-op threads with
 // at::parallel_for (OpenMP: built with -fopenmp). exp is a polynomial (see exp_poly) because
 // libm's expf does not vectorize; it agrees with torch's exp to a few ulp.
@@ -51,7 +51,8 @@ inline float exp_poly(float x) {
 // Eight consecutive keys or values of the decode workspace (float32 or bf16), widened to float32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
 }
 #endif
 
@@ -250,9 +251,7 @@ inline Vec load_vec(const c10::BFloat16* p) {  // bf16 is the top half of a floa
 inline Vec load_vec(const c10::Half* p) { return _mm512_cvtph_ps(load32(p)); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline Vec load_vec(const c10::BFloat16* p) {  // bf16 is the top half of a float32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8x16(p)), 16));
-}
+inline Vec load_vec(const c10::BFloat16* p) { return load8(p); }
 inline Vec load_vec(const c10::Half* p) {
 #if defined(__F16C__)
   return _mm256_cvtph_ps(load8x16(p));
@@ -286,6 +285,7 @@ inline float hsum(Vec v) {
 // The activations are rounded to bf16 once per call (round to nearest even, as torch's .bfloat16() and a
 // transformers bf16 layer's input), the accumulation stays float32, and every row count takes this path, so a
 // row's result still never depends on its batch. Other builds and formats widen as above.
+
 // Rows x[0..n) (K floats each) rounded to bf16, each zero-padded to a multiple of 32 entries; read as 32-bit lanes,
 // lane i of a row holds entries 2i (low half) and 2i + 1: the activation pairs vdpbf16ps takes.
 struct Bf16Rows {
@@ -376,7 +376,8 @@ struct Int8Rows {
 #if defined(__AVX512F__)
         for (; i + 16 <= k; i += 16) {  // round to nearest even (the default mode), as std::nearbyint below
           const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_set1_ps(inv)));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128))));
+          const __m128i bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), bytes);
         }
 #endif
         for (; i < k; ++i) dst[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(src[i] * inv)) + 128);
