@@ -45,6 +45,18 @@ class TierCounters:
     get_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
 
 
+@dataclass
+class Histogram:
+    calls: int = 0
+    seconds_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+
+    def observe(self, seconds: float) -> None:
+        self.calls += 1
+        self.seconds_sum += seconds
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+
 class CacheStats:
     def __init__(self, tiers: tuple[str, ...] = TIERS) -> None:
         self._lock = threading.Lock()
@@ -54,6 +66,7 @@ class CacheStats:
         self.lookup_timeouts = 0  # lookups whose remote part outlived the caller's wait
         self.prompt_hits = {name: 0 for name in tiers}
         self.prompt_misses = 0
+        self.lookup_wait = Histogram()  # arrival to admission of requests that waited on a remote lookup
         self._circuits: dict[str, Callable[[], str]] = {}
 
     def add(self, tier: str, **counts: int) -> None:
@@ -69,6 +82,10 @@ class CacheStats:
             counters.get_calls += 1
             counters.get_seconds_sum += seconds
             counters.get_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def observe_lookup_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.lookup_wait.observe(seconds)
 
     def count_corrupt(self, kind: Corrupt) -> None:
         with self._lock:
@@ -97,6 +114,7 @@ class CacheStats:
                 "redis_errors": sum(c.errors for c in self.tiers.values()),
                 "lookups": self.lookups,
                 "lookup_timeouts": self.lookup_timeouts,
+                "lookup_wait": asdict(self.lookup_wait),
                 "prompt_hits": dict(self.prompt_hits),
                 "prompt_misses": self.prompt_misses,
                 "circuit": {name: state() for name, state in self._circuits.items()},
@@ -140,12 +158,12 @@ class _StatsCollector(Collector):
         latency = HistogramMetricFamily(f"{self.prefix}_get_seconds", "Latency of one get (a batched lookup) per tier",
                                         labels=["tier"])
         for tier, counters in snap["tiers"].items():
-            cumulative, buckets = 0, []
-            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counters["get_buckets"]):
-                cumulative += n
-                buckets.append((str(bound) if bound != float("inf") else "+Inf", float(cumulative)))
-            latency.add_metric([tier], buckets, counters["get_seconds_sum"])
+            latency.add_metric([tier], _cumulative(counters["get_buckets"]), counters["get_seconds_sum"])
         yield latency
+        wait = HistogramMetricFamily(f"{self.prefix}_lookup_wait_seconds",
+                                     "Time a request waited in the queue for its remote prefix lookup")
+        wait.add_metric([], _cumulative(snap["lookup_wait"]["buckets"]), snap["lookup_wait"]["seconds_sum"])
+        yield wait
         corrupt = CounterMetricFamily(f"{self.prefix}_corrupt", "Values rejected by the codec", labels=["kind"])
         for kind, n in snap["corrupt"].items():
             corrupt.add_metric([kind], float(n))
@@ -163,3 +181,12 @@ class _StatsCollector(Collector):
         for tier, state in snap["circuit"].items():
             circuit.add_metric([tier], float(CIRCUIT_STATES[state]))
         yield circuit
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts as Prometheus' cumulative (upper bound, count) pairs."""
+    total, buckets = 0, []
+    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts):
+        total += n
+        buckets.append((str(bound) if bound != float("inf") else "+Inf", float(total)))
+    return buckets

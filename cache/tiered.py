@@ -1,15 +1,14 @@
-"""`TieredKVCache`: the synchronous facade the engine's step thread calls. Lookups wait (with a timeout), writes
-go behind.
+"""`TieredKVCache`: the warm and cold tiers as a connector around the engine's KV pool (the hot tier).
 
-Owns the policy over the tiers of tiers.py: the longest cached prefix (hot, then warm, then cold, each one batched
-get), promotion of lower-tier hits upward, demotion of what hot evicts, write-behind with existence checks,
-the fetch-or-recompute decision (cost.py), circuit breakers (breaker.py) and metrics (stats.py).
-Does not own: the engine's paged KV memory. Blocks come in and go out as tensors of `KVLayout.block_shape`;
-the engine gathers them from and scatters them into its own pages.
+Owns the policy over the remote tiers of tiers.py: the longest cached prefix (warm, then cold, each one batched
+get), promotion of cold hits to warm, write-behind of stored and demoted blocks with existence checks, the
+fetch-or-recompute decision (cost.py), circuit breakers (breaker.py) and metrics (stats.py).
+Does not own: the engine's paged KV memory, which is the hot tier (replicas/block_pool.py). Blocks come in and go
+out as tensors of `KVLayout.block_shape`; the engine gathers them from and scatters them into its own pages.
 
-Threads: the caller's thread touches only the hot tier and hands coroutines to a private event loop thread
-(loop.py), where every Redis and file operation runs. Writes never block the caller; lookups run ahead of
-writes (the writer waits while a lookup is in flight, as LMCache orders its Redis queue).
+Threads: every Redis and file operation runs on a private event loop thread (loop.py). `lookup_async` and the
+writes never block the caller; lookups run ahead of writes (the writer waits while a lookup is in flight, as
+LMCache orders its Redis queue).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from moe_serve.cache.cost import RecomputeModel, TransferModel
 from moe_serve.cache.keys import COLD_PREFIX, WARM_PREFIX, KVLayout, prefix_block_keys
 from moe_serve.cache.loop import BackgroundLoop
 from moe_serve.cache.stats import CacheStats
-from moe_serve.cache.tiers import STORE_ERRORS, HotTier, RemoteTier, TierRegistry, make_store
+from moe_serve.cache.tiers import STORE_ERRORS, RemoteTier, TierRegistry, make_store
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,8 @@ JobKind = Literal["store", "demote", "promote", "touch", "delete"]
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The tiered cache of one engine. The CLI's `--cache URL` sets warm_url, `--cold-cache URL|DIR` cold_url."""
+    """The remote tiers of one engine. The CLI's `--cache URL` sets warm_url, `--cold-cache URL|DIR` cold_url."""
 
-    hot_bytes: int = 256 * 2**20  # replica-local LRU budget; 0 disables the hot tier
     warm_url: str | None = None  # redis://host:port/db; None: no warm tier
     warm_ttl_s: float = 3600.0
     cold_url: str | None = None  # redis://... (a second server or database) or a directory; None: no cold tier
@@ -68,8 +66,8 @@ class CacheConfig:
     cost_check: bool = True  # skip fetches measured to cost more than recomputing
 
     def __post_init__(self) -> None:
-        if self.hot_bytes < 0 or self.warm_ttl_s <= 0 or self.cold_ttl_s <= 0 or self.lookup_timeout_s <= 0:
-            raise ValueError("CacheConfig: hot_bytes >= 0 and positive TTLs and lookup timeout are required")
+        if self.warm_ttl_s <= 0 or self.cold_ttl_s <= 0 or self.lookup_timeout_s <= 0:
+            raise ValueError("CacheConfig: positive TTLs and lookup timeout are required")
 
 
 @dataclass(frozen=True)
@@ -105,14 +103,13 @@ class _Job:
 
 
 class TieredKVCache:
-    """hot -> warm -> cold KV block cache for one model and layout. Thread-safe; `close()` when done."""
+    """warm -> cold KV block cache for one model and layout. Thread-safe; `close()` when done."""
 
     def __init__(self, config: CacheConfig, model_fp: str, layout: KVLayout, stats: CacheStats | None = None) -> None:
         self.config = config
         self.model_fp = model_fp
         self.layout = layout
         self.stats = stats or CacheStats()
-        self.hot = HotTier(config.hot_bytes)
         self.recompute = RecomputeModel()
         remote = []
         if config.warm_url:
@@ -120,7 +117,7 @@ class TieredKVCache:
         if config.cold_url:
             remote.append(self._remote_tier("cold", config.cold_url, COLD_PREFIX, config.cold_ttl_s,
                                             config.cold_zstd_level, config.cold_int8))
-        self.tiers = TierRegistry(self.hot, remote)
+        self.tiers = TierRegistry(remote)
         for tier in remote:
             self.stats.watch_circuit(tier.name, lambda t=tier: t.breaker.state.value)
         self._io = BackgroundLoop("moe-kv-cache-io") if remote else None
@@ -155,66 +152,34 @@ class TieredKVCache:
         """Keys of the full blocks of `token_ids` for this cache's model and layout."""
         return prefix_block_keys(self.model_fp, self.layout, token_ids)
 
-    def lookup(self, keys: Sequence[str], timeout_s: float | None = None) -> CacheLookup:
-        """The longest prefix of `keys` found: hot first, then one batched get per remote tier for the rest.
-
-        Waits at most `timeout_s` (default config.lookup_timeout_s) on the remote tiers; Redis down, slow or
-        skipped by cost or circuit gives a shorter prefix, never an error. The returned tensors are shared with
-        the hot tier: copy them into the KV pages, do not modify them."""
-        found = self._hot_prefix(keys)
-        rest = list(keys[len(found):])
-        if rest and self._remote_open:
-            timeout = self.config.lookup_timeout_s if timeout_s is None else timeout_s
-            future = self._io.submit(self._lookup_remote(rest, timeout))  # type: ignore[union-attr]
-            try:
-                remote = future.result(timeout + GRACE_S)
-            except TimeoutError:
-                future.cancel()
-                self.stats.count("lookup_timeouts")
-                remote = []
-            found += self._promote_hot(remote)
-        return self._result(found)
-
     def lookup_async(self, keys: Sequence[str], timeout_s: float | None = None
                      ) -> concurrent.futures.Future[CacheLookup]:
-        """`lookup` without blocking the caller: start it when a request arrives, collect it (`.result()`) when
-        the scheduler admits the request, so the step loop never waits on Redis. The future always resolves,
-        within about `timeout_s`."""
-        if self._io is None or self._io.closed:
+        """The longest prefix of `keys` found, one batched get per tier (warm, then cold for the rest), without
+        blocking the caller: start it when a request arrives, collect it when the scheduler admits the request,
+        so the step loop never waits on Redis. The future always resolves, within about `timeout_s` (default
+        config.lookup_timeout_s); Redis down, slow or skipped by cost or circuit gives a shorter prefix."""
+        self.stats.count("lookups")
+        if not self._remote_open or not keys:
             done: concurrent.futures.Future[CacheLookup] = concurrent.futures.Future()
-            done.set_result(self.lookup(keys))
+            done.set_result(self._result([]))
             return done
         timeout = self.config.lookup_timeout_s if timeout_s is None else timeout_s
-        return self._io.submit(self._lookup_in_loop(list(keys), timeout))
+        return self._io.submit(self._lookup_in_loop(list(keys), timeout))  # type: ignore[union-attr]
+
+    def lookup(self, keys: Sequence[str], timeout_s: float | None = None) -> CacheLookup:
+        """`lookup_async` waited for (tools and tests; the engine never waits)."""
+        timeout = self.config.lookup_timeout_s if timeout_s is None else timeout_s
+        future = self.lookup_async(keys, timeout)
+        try:
+            return future.result(timeout + GRACE_S)
+        except TimeoutError:
+            future.cancel()
+            self.stats.count("lookup_timeouts")
+            return self._result([])
 
     async def _lookup_in_loop(self, keys: list[str], timeout_s: float) -> CacheLookup:
-        found = self._hot_prefix(keys)
-        rest = keys[len(found):]
-        if rest:
-            found += self._promote_hot(await self._lookup_remote(rest, timeout_s))
-        return self._result(found)
-
-    def _hot_prefix(self, keys: Sequence[str]) -> list[tuple[str, CachedBlock]]:
-        self.stats.count("lookups")
-        start = time.perf_counter()
-        found: list[tuple[str, CachedBlock]] = []
-        for key in keys:
-            block = self.hot.get(key)
-            if block is None:
-                break
-            found.append(("hot", block))
-        if self.hot.capacity_bytes:
-            self.stats.add("hot", hits=len(found), misses=len(keys) - len(found),
-                           bytes_read=sum(b.nbytes for _, b in found))
-            self.stats.observe_get("hot", time.perf_counter() - start)
-        return found
-
-    def _promote_hot(self, remote: list[tuple[str, str, CachedBlock]]) -> list[tuple[str, CachedBlock]]:
-        for key, _, block in remote:
-            self._keep_hot(key, block)
-        if remote and self.hot.capacity_bytes:
-            self.stats.add("hot", promotions=len(remote))
-        return [(tier, block) for _, tier, block in remote]
+        found = await self._lookup_remote(keys, timeout_s)
+        return self._result([(tier, block) for _, tier, block in found])
 
     def _result(self, found: list[tuple[str, CachedBlock]]) -> CacheLookup:
         return CacheLookup([b.data for _, b in found], [t for t, _ in found], self.layout.block_size,
@@ -225,11 +190,18 @@ class TieredKVCache:
         return self._io is not None and not self._io.closed
 
     def store(self, keys: Sequence[str], blocks: Sequence[torch.Tensor]) -> None:
-        """Keep blocks[i] under keys[i]: in hot now, in warm and cold behind (existence-checked, with TTLs).
+        """Write blocks[i] under keys[i] to warm and cold, behind (existence-checked, with TTLs).
 
         Never blocks on I/O; writes are dropped (and counted) when the queue is full or a circuit is open.
         The tensors are kept as given: pass fresh ones (e.g. gathered from the KV pages), not views of pages
         that will be overwritten."""
+        self._write("store", keys, blocks)
+
+    def demote(self, keys: Sequence[str], blocks: Sequence[torch.Tensor]) -> None:
+        """`store` for blocks the engine's pool evicts (counted as demotions)."""
+        self._write("demote", keys, blocks)
+
+    def _write(self, kind: JobKind, keys: Sequence[str], blocks: Sequence[torch.Tensor]) -> None:
         if len(keys) != len(blocks):
             raise ValueError(f"{len(keys)} keys for {len(blocks)} blocks")
         for data in blocks:
@@ -237,9 +209,7 @@ class TieredKVCache:
                 raise ValueError(f"block {tuple(data.shape)} {data.dtype} does not match the layout "
                                  f"{self.layout.block_shape} {self.layout.dtype}")
         entries = [(k, CachedBlock(b)) for k, b in zip(keys, blocks)]
-        self._submit(_Job("store", tuple(t.name for t in self.tiers.remote), entries))
-        for key, block in entries:  # after the store job, so blocks evicted at once count as stored, not demoted
-            self._keep_hot(key, block)
+        self._submit(_Job(kind, tuple(t.name for t in self.tiers.remote), entries))
 
     def report_prefill(self, num_tokens: int, seconds: float) -> None:
         """The engine's measured prefill cost (e.g. one prefill step: its tokens and wall seconds)."""
@@ -255,12 +225,13 @@ class TieredKVCache:
         except TimeoutError:
             return False
 
-    def drain(self, timeout_s: float = 20.0) -> int:
-        """Write every hot block to the remote tiers and wait for it (a replica going away keeps its hits for the
-        others). Existence-checked, so blocks already there cost one EXISTS. Returns the blocks handed over."""
+    def drain(self, blocks: Sequence[tuple[str, torch.Tensor]], timeout_s: float = 20.0) -> int:
+        """Write (key, block) pairs to the remote tiers and wait for it: a replica going away hands its pool's
+        blocks down, so the others keep the hits. Existence-checked, so blocks already there cost one EXISTS.
+        Returns the blocks handed over."""
         if not (self._remote_open and self.tiers.remote):
             return 0
-        entries = [(k, b) for k, b in self.hot.snapshot() if not b.lossy]
+        entries = [(k, CachedBlock(b)) for k, b in blocks]
         deadline = time.monotonic() + timeout_s
         chunk = max(1, self.config.max_pending_blocks // 2)  # never more than the write queue takes at once
         for start in range(0, len(entries), chunk):
@@ -269,14 +240,8 @@ class TieredKVCache:
                 return start
         return len(entries)
 
-    def clear_hot(self) -> None:
-        self.hot.clear()
-
     def stats_dict(self) -> dict[str, object]:
-        snapshot = self.stats.as_dict()
-        snapshot["hot_blocks"] = len(self.hot)
-        snapshot["hot_bytes"] = self.hot.nbytes
-        return snapshot
+        return self.stats.as_dict()
 
     def prometheus_text(self) -> bytes:
         return self.stats.prometheus_text()
@@ -294,12 +259,6 @@ class TieredKVCache:
         self.close()
 
     # --- caller thread helpers -----------------------------------------------------------------------------
-
-    def _keep_hot(self, key: str, block: CachedBlock) -> None:
-        evicted = self.hot.put(key, block)
-        demote = [(k, b) for k, b in evicted if not b.lossy]
-        if demote and self.tiers.remote:
-            self._submit(_Job("demote", tuple(t.name for t in self.tiers.remote), demote))
 
     def _submit(self, job: _Job) -> None:
         if not (self._remote_open and job.targets and job.entries):
@@ -383,7 +342,7 @@ class TieredKVCache:
         if not keys:
             return
         above = tuple(t.name for t in self.tiers.above(tier.name))
-        exact = [(k, b) for k, b in zip(keys, blocks) if not b.lossy]  # lossy blocks stay cold (and hot)
+        exact = [(k, b) for k, b in zip(keys, blocks) if not b.lossy]  # lossy blocks stay cold
         if above and exact:
             self._enqueue(_Job("promote", above, list(exact)))
         if tier.name == "warm" and self.config.touch_on_hit:

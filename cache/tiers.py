@@ -1,7 +1,6 @@
-"""The tiers, in an ordered registry hot -> warm -> cold, as LMCache orders its backends.
+"""The remote tiers, in an ordered registry warm -> cold, as LMCache orders its backends. (The hot tier is the
+engine's own KV pool, replicas/block_pool.py.)
 
-hot  = `HotTier`: decoded blocks in replica memory, LRU within a byte budget; what it evicts is returned so the
-       caller demotes it.
 warm = a `ValueStore` on Redis (`RedisStore`): one key per value, a TTL on every key, batched gets (MGET: one round
        trip for a whole prefix), existence checks before writes (pipelined EXISTS, then SET NX with a TTL).
 cold = a `ValueStore` on a second Redis URL/database or a local directory (`DirectoryStore`), holding compressed
@@ -15,7 +14,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from moe_serve.cache.breaker import CircuitBreaker
-from moe_serve.cache.codec import BlockCodec, CachedBlock
+from moe_serve.cache.codec import BlockCodec
 from moe_serve.cache.cost import TransferModel
 
 # Errors a store may raise; the facade counts them, feeds the circuit breaker and treats the call as a miss.
@@ -229,63 +227,6 @@ def make_store(name: str, url: str, prefix: str, ttl_s: float, *, max_connection
     return DirectoryStore(name, url.removeprefix("file://"), ttl_s)
 
 
-class HotTier:
-    """Replica-local LRU of decoded blocks within `capacity_bytes` (0 disables it). Thread-safe."""
-
-    name = "hot"
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[str, CachedBlock] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def get(self, key: str) -> CachedBlock | None:
-        with self._lock:
-            block = self._entries.get(key)
-            if block is not None:
-                self._entries.move_to_end(key)
-            return block
-
-    def put(self, key: str, block: CachedBlock) -> list[tuple[str, CachedBlock]]:
-        """Insert (or refresh) `key`; returns the entries evicted to make room, least recently used first.
-        A block larger than the whole budget is not kept."""
-        if block.nbytes > self.capacity_bytes:
-            return []
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return []
-            self._entries[key] = block
-            self._bytes += block.nbytes
-            evicted = []
-            while self._bytes > self.capacity_bytes:
-                old_key, old = self._entries.popitem(last=False)
-                self._bytes -= old.nbytes
-                evicted.append((old_key, old))
-            return evicted
-
-    def snapshot(self) -> list[tuple[str, CachedBlock]]:
-        """Every entry, least recently used first (a copy of the list; the blocks are shared)."""
-        with self._lock:
-            return list(self._entries.items())
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-
 @dataclass
 class RemoteTier:
     """A tier behind the I/O loop: its store, its codec, its circuit breaker and its measured transfer cost."""
@@ -298,17 +239,12 @@ class RemoteTier:
 
 
 class TierRegistry:
-    """hot first, then the remote tiers in order (warm, cold): lookups walk down, promotions walk up."""
+    """The remote tiers in order (warm, cold): lookups walk down, promotions walk up."""
 
-    def __init__(self, hot: HotTier, remote: Sequence[RemoteTier]) -> None:
-        self.hot = hot
+    def __init__(self, remote: Sequence[RemoteTier]) -> None:
         self.remote = list(remote)
 
-    @property
-    def names(self) -> list[str]:
-        return [self.hot.name] + [t.name for t in self.remote]
-
     def above(self, name: str) -> list[RemoteTier]:
-        """The remote tiers above `name` (where a hit in `name` is promoted to, besides hot)."""
+        """The remote tiers above `name` (where a hit in `name` is promoted to)."""
         index = [t.name for t in self.remote].index(name)
         return self.remote[:index]

@@ -1,7 +1,8 @@
 """Async streaming front of the engine: `generate()` yields each token as it is produced (`generate_chunks()` in
 chunks, for consumers that pay per message), `abort()` stops one.
 
-A single background thread owns the `LLMEngine` and runs its steps (torch releases the GIL inside kernels, so
+This is the client side of the engine core: callers (the replica, tests) go through its methods, never through
+`.engine`. A single background thread owns the `LLMEngine` and runs its steps (torch releases the GIL inside kernels, so
 the event loop stays responsive). Requests and aborts reach that thread through a thread-safe inbox; outputs go
 back to each request's asyncio queue with `call_soon_threadsafe`. A request whose consumer stops iterating
 (client disconnect, cancellation) is aborted and its KV blocks are freed.
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 from moe_serve.replicas.engine import LLMEngine, StepOutput
 from moe_serve.replicas.sampling import SamplingParams
+
+IDLE_WAIT_S = 0.002  # inbox wait while every waiting request's cache lookup is still out
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,37 @@ class AsyncLLMEngine:
     def stats(self) -> dict[str, float]:
         """Load of this engine (read without locking: a snapshot for metrics and autoscaling, not an invariant)."""
         engine = self.engine
-        kv = engine.kv
+        kv = engine.kv_stats()
+        budget = engine.step_budget
         return {
             "waiting": len(engine.scheduler.waiting) + self._inbox.qsize(),
             "running": len(engine.scheduler.running),
-            "kv_used_fraction": 1.0 - kv.num_free_blocks / kv.spec.num_blocks,
+            "kv_used_fraction": kv["blocks_in_use"] / kv["blocks_total"],
+            "kv_blocks_in_use": kv["blocks_in_use"],
+            "kv_blocks_shared": kv["blocks_shared"],
+            "kv_blocks_evictable": kv["blocks_evictable"],
+            "step_seconds": budget.last_step_s if budget else 0.0,
+            "step_budget_seconds": budget.max_step_s if budget else 0.0,
+            "steps_over_budget": budget.over_budget_steps if budget else 0,
             "preemptions": engine.scheduler.num_preemptions,
             "healthy": self._error is None and self._thread.is_alive(),
         }
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def cache_metrics(self) -> bytes:
+        """Prometheus text of the prefix cache (hits per tier, lookups, lookup wait, Redis); empty when off."""
+        prefix = self.engine.prefix_cache
+        return prefix.stats.prometheus_text() if prefix is not None else b""
+
+    def cache_stats(self) -> dict[str, object] | None:
+        """The prefix cache's counters and the pool's blocks; None when off."""
+        prefix = self.engine.prefix_cache
+        if prefix is None:
+            return None
+        return {**prefix.stats.as_dict(), "pool": self.engine.kv_stats()}
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -125,28 +151,42 @@ class AsyncLLMEngine:
         self._inbox.put(None)
         self._thread.join(timeout=10)
 
+    def drain_cache(self) -> int:
+        """After `shutdown`: hand the pool's cached blocks to the remote tiers and close them; returns how many."""
+        prefix = self.engine.prefix_cache
+        if prefix is None:
+            return 0
+        drained = prefix.drain()
+        prefix.close()
+        return drained
+
     # --- engine thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            while self._drain_inbox(block=not self.engine.has_unfinished()):
-                for output in self.engine.step():
+            timeout: float | None = None
+            while self._drain_inbox(block=not self.engine.has_unfinished(), timeout=timeout):
+                outputs = self.engine.step()
+                for output in outputs:
                     self._deliver(output.request_id, output)
                     if output.finished:
                         self.engine.pop_result(output.request_id)
+                # nothing ran: the waiting requests' cache lookups are out; wait on the inbox, not in a spin
+                timeout = IDLE_WAIT_S if not outputs and not self.engine.scheduler.running else None
         except BaseException as exc:  # surface the failure to every waiting caller instead of hanging them
             self._error = exc
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(f"engine thread failed: {exc!r}"))
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply pending adds and aborts; False when shut down."""
+    def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
+        """Apply pending adds and aborts, waiting for the first one if `block` (forever) or `timeout` (seconds);
+        False when shut down."""
         while True:
             try:
-                message = self._inbox.get(block=block)
+                message = self._inbox.get(block=block or timeout is not None, timeout=None if block else timeout)
             except queue.Empty:
                 return True
-            block = False
+            block, timeout = False, None
             if message is None:
                 return False
             if isinstance(message, _Add):

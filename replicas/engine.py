@@ -3,7 +3,8 @@
 The engine is token ids in, token ids out; a tokenizer, when given, is used only for stop strings and output
 text. Streamed requests (the default) get text deltas every step; `generate()` adds its requests with
 `stream=False`, whose text is decoded once when the result is popped (per step only when stop strings need it).
-It owns the scheduler, the paged KV cache and sampling; the model's dense part runs here and its experts
+It owns the scheduler, the paged KV pool (whose shared prompt blocks are the prefix cache's hot tier, with Redis
+and cold tiers around it: prefix_cache.py) and sampling; the model's dense part runs here and its experts
 run behind an `MoEBackend` (in this process, or on shard actors through the router).
 A step's host-side work is kept small because the tiny models are bound by per-op overhead: step tensors are
 built from flat Python lists in one copy each (`_long_tensor`), and a pure decode step asks for all logits rows.
@@ -23,17 +24,18 @@ from typing import Literal
 
 import torch
 
-from moe_serve.cache import CacheConfig
+from moe_serve.cache import CacheConfig, model_fingerprint
 from moe_serve.model.attention import AttentionBatch, PrefillChunk
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.dtype import DeviceName, DTypeName, check_device, check_dtype_name, resolve_dtype
 from moe_serve.model.loader import load_dense_model, load_local_model
 from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moe_serve.model.transformer import DenseModel, MoEBackend
-from moe_serve.replicas.kv_cache import DecodeWorkspace, KVCacheSpec, PagedKVCache
-from moe_serve.replicas.prefix_cache import PrefixCacheLink
+from moe_serve.replicas.kv_cache import DecodeWorkspace, KVCacheSpec, PagedKVCache, split_budget
+from moe_serve.replicas.prefix_cache import PrefixCache
 from moe_serve.replicas.sampling import SamplingParams, make_generator, sample
 from moe_serve.replicas.scheduler import ScheduledChunk, Scheduler, Sequence, SequenceStatus, StepPlan
+from moe_serve.replicas.step_budget import StepBudget
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch
     max_num_batched_tokens: int = 512  # tokens per step; longer prompts are prefilled in chunks
     block_size: int = 16
+    # one budget for the KV pool and the decode workspace (at most a quarter of it: kv_cache.split_budget)
     kv_cache_bytes: int = 256 * 2**20
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     quantize: Literal["none", "int8", "int4"] = "none"
@@ -52,10 +55,16 @@ class EngineConfig:
     # more than tiny matmuls gain), else the cores in this process's affinity mask. Process-wide: the engine owns
     # its process.
     num_threads: int | None = None
-    cache: CacheConfig | None = None  # tiered prompt-prefix KV cache (hot / Redis warm / cold); None: off
+    # full prompt blocks shared between requests and kept after them (the hot tier), as vLLM's prefix caching
+    enable_prefix_caching: bool = True
+    cache: CacheConfig | None = None  # the Redis warm and the cold tier around the pool; None: none
     # Contiguous copy of the decoding batch's K/V kept across steps (kv_cache.DecodeWorkspace), so a decode step
-    # writes one token per sequence instead of gathering every key from the pages; 0: off. Memory beyond the pages.
+    # writes one token per sequence instead of gathering every key from the pages; 0: off. Taken from
+    # kv_cache_bytes (at most a quarter of it).
     decode_workspace_bytes: int = 64 * 2**20
+    # inter-token budget: while requests decode, prefill chunks are sized so a step stays within it
+    # (step_budget.py); None: chunks limited by max_num_batched_tokens only
+    max_step_ms: float | None = 100.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -67,6 +76,8 @@ class EngineConfig:
         check_device(self.device)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"EngineConfig.num_threads must be positive, got {self.num_threads}")
+        if self.max_step_ms is not None and self.max_step_ms <= 0:
+            raise ValueError(f"EngineConfig.max_step_ms must be positive or None, got {self.max_step_ms}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,10 @@ class LLMEngine:
         moe: MoEBackend,
         engine_config: EngineConfig = EngineConfig(),
         tokenizer: Tokenizer | None = None,
+        model_fp: str = "process-local",
     ) -> None:
+        """`model_fp` roots the prefix cache's block keys (cache.model_fingerprint when blocks are shared with
+        other processes through Redis)."""
         self.model_config = config
         self.config = engine_config
         _set_threads(engine_config.num_threads, config)
@@ -127,11 +141,14 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys((*config.eos_token_ids, *tokenizer_eos)))
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
-        self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size,
-                                                       model.dtype))
-        self.scheduler = Scheduler(self.kv, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
-        self.workspace = DecodeWorkspace(self.kv.spec, engine_config.decode_workspace_bytes, self.max_model_len)
-        self.prefix_cache: PrefixCacheLink | None = None  # set by from_pretrained when a cache is configured
+        pool_bytes, workspace_bytes = split_budget(engine_config.kv_cache_bytes, engine_config.decode_workspace_bytes)
+        self.kv = PagedKVCache(KVCacheSpec.from_budget(config, pool_bytes, engine_config.block_size, model.dtype))
+        self.workspace = DecodeWorkspace(self.kv.spec, workspace_bytes, self.max_model_len)
+        self.prefix_cache = PrefixCache.open(self.kv, model_fp, engine_config.cache) \
+            if engine_config.enable_prefix_caching or engine_config.cache is not None else None
+        self.step_budget = StepBudget(engine_config.max_step_ms) if engine_config.max_step_ms else None
+        self.scheduler = Scheduler(self.kv, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
+                                   self.prefix_cache, self.step_budget)
         self._block_offsets = torch.arange(engine_config.block_size)
         self._positions = torch.arange(self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
@@ -152,12 +169,10 @@ class LLMEngine:
         else:
             loaded = load_local_model(model_dir, quantize=engine_config.quantize, dtype=dtype)
             config, dense, moe = loaded.config, loaded.dense, loaded.moe
-        engine = cls(config, dense, moe, engine_config, tokenizer)
-        if engine_config.cache is not None:
-            engine.prefix_cache = PrefixCacheLink.open(engine_config.cache, str(model_dir), engine_config.quantize,
-                                                       engine.kv)
-            engine.scheduler.on_admit = engine.prefix_cache.admit
-        return engine
+        # blocks shared through Redis need a fingerprint every process computes alike; the pool alone does not
+        model_fp = model_fingerprint(model_dir, extra=f"quantize={engine_config.quantize}") \
+            if engine_config.cache is not None else f"process-local:{engine_config.quantize}"
+        return cls(config, dense, moe, engine_config, tokenizer, model_fp)
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -194,8 +209,8 @@ class LLMEngine:
         self._seqs[request_id] = seq
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # the first prompt token has no context to be predicted from
-        elif self.prefix_cache is not None:  # prompt logprobs need every prompt token computed: no cache hits
-            self.prefix_cache.lookup(seq)
+        if self.prefix_cache is not None:
+            self.prefix_cache.arrive(seq)
         if self.tokenizer is not None and (stream or params.stop):
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
@@ -238,7 +253,8 @@ class LLMEngine:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         ids = [self.add_request(p, sp, stream=False) for p, sp in zip(prompts, per_prompt, strict=True)]
         while self.has_unfinished():
-            self.step()
+            if not self.step() and not self.scheduler.running:
+                time.sleep(IDLE_WAIT_S)  # every waiting request's cache lookup is still out
         return [self.pop_result(i) for i in ids]
 
     # --- one step ------------------------------------------------------------------------------------------
@@ -267,17 +283,36 @@ class LLMEngine:
         prompts_done = [c.seq for c in plan.prefills if c.samples and not c.seq.output_ids]
         for chunk in chunks:
             chunk.seq.num_computed += chunk.num_tokens
+        seconds = time.perf_counter() - started
+        if self.step_budget is not None:
+            self.step_budget.observe(len(plan.decodes), sum(c.num_tokens for c in plan.prefills), seconds)
         if self.prefix_cache is not None and plan.prefills:
-            self._feed_cache(plan, prompts_done, time.perf_counter() - started)
+            self._feed_cache(plan, prompts_done, seconds)
         return [self._append(seq, token, logits, row, token_logprobs.get(row))
                 for row, (seq, token) in enumerate(zip(sampling, new_tokens))]
 
     def _feed_cache(self, plan: StepPlan, prompts_done: list[Sequence], seconds: float) -> None:
-        """Prompts whose prefill just completed give their new blocks to the cache; prefill cost feeds its model."""
+        """Prompt blocks computed this step join the pool's index; prompts whose prefill completed hand their
+        blocks to the remote tiers; the prefill cost feeds the fetch-or-recompute model."""
         assert self.prefix_cache is not None
         self.prefix_cache.report_prefill(sum(c.num_tokens for c in plan.prefills), seconds)
+        for chunk in plan.prefills:
+            self.prefix_cache.computed(chunk.seq, chunk.seq.num_computed - chunk.num_tokens)
         for seq in prompts_done:
-            self.prefix_cache.store_prompt(seq)
+            self.prefix_cache.prompt_done(seq)
+
+    def kv_stats(self) -> dict[str, int]:
+        """KV memory now: pool blocks in use, shared by several requests, evictable (cached, unused) and free;
+        the peak in use since `reset_kv_peak`, and bytes (peak_kv_bytes = peak pool bytes + decode workspace)."""
+        pool = self.kv.pool.stats()
+        block_bytes = self.kv.spec.block_bytes
+        return {"blocks_total": pool.total, "blocks_in_use": pool.in_use, "blocks_shared": pool.shared,
+                "blocks_evictable": pool.evictable, "blocks_free": pool.free, "peak_blocks_in_use": pool.peak_in_use,
+                "block_bytes": block_bytes, "workspace_bytes": self.workspace.nbytes,
+                "peak_kv_bytes": pool.peak_in_use * block_bytes + self.workspace.nbytes}
+
+    def reset_kv_peak(self) -> None:
+        self.kv.pool.reset_peak()
 
     @staticmethod
     def _block_early_stops(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -443,6 +478,7 @@ def _long_tensor(values: list[int]) -> torch.Tensor:
     return torch.frombuffer(array("q", values), dtype=torch.int64)
 
 
+IDLE_WAIT_S = 0.001
 SMALL_MODEL_HIDDEN = 1024  # below this, one thread decodes faster than two on the CPUs we measured
 
 

@@ -40,7 +40,7 @@ class EngineReplica:
         engine_config = EngineConfig(
             quantize=settings.quantize, dtype=settings.dtype, device=settings.device,
             num_threads=settings.replica_threads, kv_cache_bytes=settings.kv_cache_bytes,
-            max_num_seqs=settings.max_num_seqs, cache=settings.cache_config(),
+            max_num_seqs=settings.max_num_seqs, max_step_ms=settings.max_step_ms, cache=settings.cache_config(),
         )
         self.remote_experts = None
         if experts is not None:
@@ -73,20 +73,18 @@ class EngineReplica:
             yield {"error": {"status": 400, "message": str(exc)}}
 
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
     def cache_metrics(self) -> bytes:
-        """Prometheus text of this replica's tiered cache (hits, misses, bytes, latency per tier); empty when off."""
-        link = self.engine.engine.prefix_cache
-        return link.cache.prometheus_text() if link is not None else b""
+        """Prometheus text of this replica's prefix cache (hits, misses, bytes, latency per tier); empty when off."""
+        return self.engine.cache_metrics()
 
     def cache_stats(self) -> dict[str, Any] | None:
-        """This replica's tiered-cache counters as a dict (for `moe-serve status`); None when the cache is off."""
-        link = self.engine.engine.prefix_cache
-        return link.cache.stats_dict() if link is not None else None
+        """This replica's prefix-cache counters and pool blocks (for `moe-serve status`); None when off."""
+        return self.engine.cache_stats()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Load this replica reports to Serve's autoscaler (read by replicas/autoscaling.py)."""
@@ -95,16 +93,12 @@ class EngineReplica:
 
     def __del__(self) -> None:
         """Serve calls this on scale-down after the replica's in-flight requests finished (graceful drain): stop the
-        engine thread and write the hot KV blocks to the warm tier so the surviving replicas keep the hits."""
+        engine thread and write the pool's cached KV blocks to the warm tier so the surviving replicas keep the hits."""
         engine = getattr(self, "engine", None)
         if engine is None:
             return
         engine.shutdown()
-        link = engine.engine.prefix_cache
-        if link is not None:
-            drained = link.drain()
-            logger.info("drained %d hot KV blocks to the lower cache tiers", drained)
-            link.close()
+        logger.info("drained %d cached KV blocks to the lower cache tiers", engine.drain_cache())
 
     def check_health(self) -> None:
         if not self.engine.stats()["healthy"]:

@@ -1,8 +1,9 @@
 """Paged KV cache: fixed-size blocks in preallocated tensors, a free list, and per-sequence block tables.
 
 The block (block_size consecutive token positions, all layers, K and V) is the unit the tiered cache stores
-later. Memory is allocated once from a byte budget; finished sequences return their blocks to the free list, so
-KV memory never grows with the number of requests served.
+and the unit requests share (block_pool.py: refcounted, content-addressed, evictable). Memory is allocated once
+from a byte budget that also covers the decode workspace (`split_budget`), so KV memory never grows with the
+number of requests served.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import torch
 
 from moe_serve.model.attention import DecodeKV
 from moe_serve.model.config import ModelConfig
-
-
-class OutOfBlocks(RuntimeError):
-    """No free KV block: the scheduler preempts a sequence and retries."""
+from moe_serve.replicas.block_pool import BlockPool
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,16 @@ def bytes_per_block(
     return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
+WORKSPACE_SHARE = 4  # the decode workspace takes at most 1/4 of the KV budget
+
+
+def split_budget(kv_cache_bytes: int, workspace_cap_bytes: int) -> tuple[int, int]:
+    """(pool bytes, decode workspace bytes) of one KV byte budget: the workspace gets up to its cap, never more
+    than a quarter, and the pool the rest."""
+    workspace = min(workspace_cap_bytes, kv_cache_bytes // WORKSPACE_SHARE)
+    return kv_cache_bytes - workspace, workspace
+
+
 class PagedKVCache:
     def __init__(self, spec: KVCacheSpec) -> None:
         self.spec = spec
@@ -58,23 +66,32 @@ class PagedKVCache:
         shape = (slots, 2, spec.num_kv_heads, spec.head_dim)  # [S, K/V, KVH, Hd]: one copy writes both
         # zeros, not empty: padded attention reads slot 0 under a mask, and NaN garbage would leak through SDPA
         self.layers = [torch.zeros(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
-        self._free = list(range(spec.num_blocks - 1, -1, -1))  # pop() hands out low block ids first
+        self.pool = BlockPool(spec.num_blocks)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self.pool.num_free
 
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocks(f"need {count} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
+        return self.pool.allocate(count)
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        self.pool.free(blocks)
+
+    def read_block(self, block: int) -> torch.Tensor:
+        """A copy of one block, [L, bs, 2, KVH, Hd] (KVLayout's default order), e.g. to write it behind."""
+        bs = self.spec.block_size
+        return torch.stack([page[block * bs : (block + 1) * bs] for page in self.layers])
+
+    def write_block(self, block: int, data: torch.Tensor) -> None:
+        """Fill one block's pages from `data` [L, bs, 2, KVH, Hd]."""
+        bs = self.spec.block_size
+        for layer, page in enumerate(self.layers):  # page [S, 2, KVH, Hd]
+            page[block * bs : (block + 1) * bs].copy_(data[layer])
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.spec.block_size)

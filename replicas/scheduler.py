@@ -1,9 +1,12 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
 Every step takes one token from each decoding sequence, then fills the remaining token budget with prefill
-chunks (long prompts are split across steps). Waiting requests join as soon as blocks and batch slots allow;
-finished ones leave at once. When KV blocks run out the newest running sequence is preempted: its blocks are
-freed and it is recomputed later (prompt + tokens generated so far), so no request fails for lack of memory.
+chunks (long prompts are split across steps). While sequences decode, the prefill budget is also cut so the step
+stays within the inter-token time budget (step_budget.py): running streams keep their pace while prompts arrive.
+Waiting requests join in arrival order as soon as blocks and batch slots allow, skipping those whose prefix-cache
+lookup is still out (they wait in the queue, not the step); a cached prefix is taken at admission. Finished ones
+leave at once. When KV blocks run out the newest running sequence is preempted: its blocks are freed and it is
+recomputed later (prompt + tokens generated so far), so no request fails for lack of memory.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from moe_serve.replicas.kv_cache import OutOfBlocks, PagedKVCache
+from moe_serve.replicas.block_pool import OutOfBlocks
+from moe_serve.replicas.kv_cache import PagedKVCache
 from moe_serve.replicas.sampling import SamplingParams
+from moe_serve.replicas.step_budget import StepBudget
 
 
 class SequenceStatus(Enum):
@@ -47,7 +51,7 @@ class Sequence:
     prompt_logprobs: list[Any] = field(default_factory=list)  # per prompt position, None at 0, when asked
     early_stop_ids: tuple[int, ...] = ()  # ids masked while below min_tokens: EOS and stop ids
     cache_keys: list[str] = field(default_factory=list)  # tiered-cache keys of the prompt's full blocks
-    cache_hit: Any = None  # a cache lookup waiting for admission (cache.CacheLookup)
+    cache_hit: Any = None  # a remote cache lookup waiting for admission (prefix_cache.PendingLookup)
     cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
     cached_by_tier: dict[str, int] = field(default_factory=dict)
 
@@ -91,16 +95,36 @@ class StepPlan:
         return not self.decodes and not self.prefills
 
 
+class PrefixHit(Protocol):
+    pool_blocks: list[int]
+
+
+class PrefixReuse(Protocol):
+    """What the scheduler asks of the prefix cache (prefix_cache.PrefixCache)."""
+
+    def ready(self, seq: Sequence) -> bool: ...
+
+    def match(self, seq: Sequence) -> PrefixHit: ...
+
+    def admission_cost(self, hit: PrefixHit) -> int: ...
+
+    def admit(self, seq: Sequence, hit: PrefixHit) -> None: ...
+
+    def forget(self, seq: Sequence) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
         kv: PagedKVCache,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        on_admit: Callable[[Sequence], None] | None = None,
+        prefix: PrefixReuse | None = None,
+        step_budget: StepBudget | None = None,
     ) -> None:
         self.kv = kv
-        self.on_admit = on_admit  # e.g. load a cached prompt prefix into pages before the first chunk
+        self.prefix = prefix
+        self.step_budget = step_budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -119,6 +143,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            if self.prefix is not None:
+                self.prefix.forget(seq)
         self.kv.free(seq.block_table)
         seq.block_table = []
 
@@ -126,6 +152,8 @@ class Scheduler:
         preempted: list[Sequence] = []
         decodes = self._schedule_decodes(preempted)
         budget = self.max_num_batched_tokens - len(decodes)
+        if decodes and self.step_budget is not None:
+            budget = min(budget, self.step_budget.prefill_tokens(len(decodes)))
         prefills: list[ScheduledChunk] = []
         for seq in [s for s in self.running if s.num_uncomputed > 1]:
             if budget <= 0:
@@ -134,22 +162,34 @@ class Scheduler:
             if chunk is not None:
                 prefills.append(chunk)
                 budget -= chunk.num_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
-            # Admit only when the whole prompt fits beside what is running: avoids admit/preempt thrash.
-            if self.kv.blocks_for(seq.num_tokens + 1) > self.kv.num_free_blocks:
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or preempted:
                 break
-            if self.on_admit is not None:
-                self.on_admit(seq)
+            if self.prefix is not None and not self.prefix.ready(seq):
+                continue  # its cache lookup is still out: it waits in the queue, the step does not
+            if not self._admit(seq):
+                break
             chunk = self._reserve(seq, min(seq.num_uncomputed, budget))
             if chunk is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             prefills.append(chunk)
             budget -= chunk.num_tokens
         return StepPlan(decodes, prefills, preempted)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Take the sequence's cached prefix if its whole prompt fits beside what is running (admitting only what
+        fits avoids admit/preempt thrash); False when it does not fit."""
+        needed = self.kv.blocks_for(seq.num_tokens + 1)
+        if self.prefix is None:
+            return needed <= self.kv.num_free_blocks
+        hit = self.prefix.match(seq)
+        if needed - len(hit.pool_blocks) + self.prefix.admission_cost(hit) > self.kv.num_free_blocks:
+            return False
+        self.prefix.admit(seq, hit)
+        return True
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[ScheduledChunk]:
         decodes: list[ScheduledChunk] = []

@@ -27,7 +27,8 @@ class CacheSettings(BaseModel):
 
     redis_url: str | None = Field(None, description=f"Warm tier, redis://host:port/db; default: ${REDIS_URL_ENV}")
     cold_url: str | None = Field(None, description=f"Cold tier, a Redis URL or directory; default: ${COLD_CACHE_ENV}")
-    hot_bytes: int = Field(256 << 20, ge=0, description="Replica-local hot tier budget")
+    hot_bytes: int | None = Field(None, ge=0, description="Deprecated and ignored: the hot tier is the engine's KV "
+                                                          "pool, sized by kv_cache_bytes")
     warm_ttl_s: float = Field(3600.0, gt=0)
     cold_ttl_s: float = Field(7 * 86400.0, gt=0)
 
@@ -80,7 +81,11 @@ class AppSettings(BaseModel):
     device: DeviceName = Field("cpu", description="Where each engine replica runs its dense part and KV cache")
     threads: int | None = Field(
         None, gt=0, description="Torch and kernel threads per engine replica; default: replica_num_cpus rounded up")
-    kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV cache budget per engine replica")
+    kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV memory per engine replica: the paged pool (its "
+                                                             "cached prefix blocks are the hot tier) and the decode "
+                                                             "workspace")
+    max_step_ms: float | None = Field(100.0, gt=0, description="Inter-token budget: while requests decode, prefill "
+                                                               "chunks are sized to keep a step within it; None: off")
     max_num_seqs: int = Field(64, gt=0, description="Sequences in one replica's running batch")
     api_key: str | None = Field(None, description=f"Required bearer token on /v1 routes; default: ${API_KEY_ENV}")
     limits: Limits = Field(default_factory=Limits)
@@ -117,7 +122,7 @@ class AppSettings(BaseModel):
         cold = self.cache.cold_url or os.environ.get(COLD_CACHE_ENV) or None
         if warm is None and cold is None:
             return None
-        return CacheConfig(hot_bytes=self.cache.hot_bytes, warm_url=warm, warm_ttl_s=self.cache.warm_ttl_s,
+        return CacheConfig(warm_url=warm, warm_ttl_s=self.cache.warm_ttl_s,
                            cold_url=cold, cold_ttl_s=self.cache.cold_ttl_s)
 
     def resolved_api_key(self) -> str | None:

@@ -18,8 +18,8 @@ from moe_serve.replicas.sampling import SamplingParams
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
-def cached_engine(model_dir: Path, redis: RedisServer, hot_bytes: int = 0) -> LLMEngine:
-    config = EngineConfig(block_size=16, cache=CacheConfig(warm_url=redis.url(), hot_bytes=hot_bytes))
+def cached_engine(model_dir: Path, redis: RedisServer) -> LLMEngine:
+    config = EngineConfig(block_size=16, cache=CacheConfig(warm_url=redis.url()))
     return LLMEngine.from_pretrained(model_dir, config)
 
 
@@ -28,8 +28,8 @@ def test_warm_hit_equals_no_cache(mixtral_dir: Path, redis_db: RedisServer) -> N
     expected = [o.token_ids for o in LLMEngine.from_pretrained(mixtral_dir).generate(prompts, GREEDY)]
     writer = cached_engine(mixtral_dir, redis_db)
     assert [o.token_ids for o in writer.generate(prompts, GREEDY)] == expected
-    assert writer.prefix_cache is not None and writer.prefix_cache.cache.flush()
-    reader = cached_engine(mixtral_dir, redis_db)  # a fresh engine: nothing hot, everything from Redis
+    assert writer.prefix_cache is not None and writer.prefix_cache.flush()
+    reader = cached_engine(mixtral_dir, redis_db)  # a fresh engine: an empty pool, everything from Redis
     outputs = reader.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == expected
     assert [o.cached_tokens for o in outputs] == [64, 32]  # full blocks, the last prompt token recomputed
@@ -37,7 +37,7 @@ def test_warm_hit_equals_no_cache(mixtral_dir: Path, redis_db: RedisServer) -> N
 
 
 def test_hot_hit_in_the_same_engine(mixtral_dir: Path, redis_db: RedisServer) -> None:
-    engine = cached_engine(mixtral_dir, redis_db, hot_bytes=16 << 20)
+    engine = cached_engine(mixtral_dir, redis_db)
     prompt = random_prompts([40], 256, seed=32)
     first = engine.generate(prompt, GREEDY)[0]
     second = engine.generate(prompt, GREEDY)[0]
@@ -77,6 +77,6 @@ def test_redis_killed_mid_run_fails_no_request_and_caching_returns(mixtral_dir: 
     later = random_prompts([48], 256, seed=34)
     engine.generate(later, GREEDY)
     engine.generate(random_prompts([30], 256, seed=35), GREEDY)
-    assert engine.prefix_cache is not None and engine.prefix_cache.cache.flush()
+    assert engine.prefix_cache is not None and engine.prefix_cache.flush()
     reader = cached_engine(mixtral_dir, redis)
     assert reader.generate(later, GREEDY)[0].cached_tokens == 32  # written after Redis came back

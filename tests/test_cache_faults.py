@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from moe_serve.cache import CacheConfig, TieredKVCache
 from moe_serve.cache.keys import WARM_PREFIX
 from test_cache_redis import LAYOUT, MODEL, make_blocks, make_prompt, same, stored
@@ -22,7 +20,7 @@ NO_WAIT_S = 0.25  # below TIMEOUT_S: a lookup that did not wait on Redis
 
 
 def warm_only(server: Any, **overrides: Any) -> TieredKVCache:
-    config = dict(hot_bytes=0, warm_url=server.url(), lookup_timeout_s=TIMEOUT_S, write_timeout_s=TIMEOUT_S,
+    config = dict(warm_url=server.url(), lookup_timeout_s=TIMEOUT_S, write_timeout_s=TIMEOUT_S,
                   breaker_failures=3, breaker_cooldown_s=COOLDOWN_S)
     return TieredKVCache(CacheConfig(**{**config, **overrides}), MODEL, LAYOUT)
 
@@ -128,13 +126,15 @@ def test_a_full_redis_rejects_writes_without_breaking_lookups(make_redis: Any) -
         assert found.num_blocks == 4 and same(found.blocks, early_blocks)
 
 
-def test_no_redis_at_all_serves_misses_and_keeps_hot(make_redis: Any) -> None:
+def test_no_redis_at_all_serves_misses_and_drops_writes(make_redis: Any) -> None:
     server = make_redis()
     server.kill()  # a URL where nothing listens
-    config = CacheConfig(hot_bytes=2**20, warm_url=server.url(), lookup_timeout_s=TIMEOUT_S)
+    config = CacheConfig(warm_url=server.url(), lookup_timeout_s=TIMEOUT_S)
     with TieredKVCache(config, MODEL, LAYOUT) as cache:
         keys = cache.block_keys(make_prompt(3))
         assert cache.lookup(keys).num_blocks == 0
         cache.store(keys, make_blocks(3))
-        assert cache.lookup(keys).tiers == ["hot"] * 3
-        assert torch.equal(cache.lookup(keys).blocks[0], make_blocks(3)[0])
+        assert cache.flush(5.0)
+        assert cache.lookup(keys).num_blocks == 0
+        stats = cache.stats_dict()["tiers"]["warm"]
+        assert stats["writes"] == 0 and stats["writes_dropped"] + stats["skipped_by_circuit"] > 0

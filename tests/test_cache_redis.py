@@ -1,5 +1,6 @@
-"""The tiered KV cache against a real redis-server: TTLs, existence checks, one-round-trip lookups, demotion and
-promotion over hot -> warm -> cold, other processes, corrupt and foreign values, the cost model, metrics."""
+"""The remote KV tiers against a real redis-server: TTLs, existence checks, one-round-trip lookups, demotion and
+promotion over warm -> cold, other processes, corrupt and foreign values, the cost model, metrics. (The hot tier
+is the engine's pool: test_replicas_prefix.py.)"""
 
 from __future__ import annotations
 
@@ -52,12 +53,10 @@ def calls(server: Any, command: str) -> int:
 def test_a_fresh_cache_reads_what_another_wrote(redis_db: Any) -> None:
     with make_cache(redis_db) as writer:
         keys, blocks = stored(writer, 6)
-        assert writer.lookup(keys).tiers == ["hot"] * 6
     with make_cache(redis_db) as reader:
         found = reader.lookup(keys + reader.block_keys(make_prompt(2, seed=9)))  # a longer, partly unknown list
         assert found.tiers == ["warm"] * 6 and same(found.blocks, blocks)
         assert found.cached_tokens == 6 * 16 and found.tokens_by_tier == {"hot": 0, "warm": 96, "cold": 0}
-        assert reader.lookup(keys).tiers == ["hot"] * 6  # promoted on the first hit
 
 
 def test_every_key_written_has_a_ttl(redis_db: Any) -> None:
@@ -94,26 +93,25 @@ def test_a_prefix_lookup_is_one_round_trip(redis_db: Any) -> None:
     assert calls(redis_db, "mget") == 1 and calls(redis_db, "get") == 0
 
 
-def test_demotion_and_promotion_across_hot_warm_and_cold(redis_db: Any) -> None:
+def test_demotion_and_promotion_across_warm_and_cold(redis_db: Any) -> None:
     warm, cold = redis_db.client(0), redis_db.client(1)
-    with make_cache(redis_db, hot_bytes=2 * LAYOUT.block_bytes) as cache:
+    with make_cache(redis_db) as cache:
         keys, blocks = stored(cache, 4)
-        assert cache.lookup(keys[2:]).tiers == ["hot", "hot"]  # the budget keeps the last two
         # warm blocks are kept cold, compressed
         assert warm.dbsize() == 4 and cold.dbsize() == 4
         assert Header.unpack(cold.get(COLD_PREFIX + keys[0])).flags & FLAG_ZSTD
-        # demotion hot -> warm: warm lost everything (a restart), then hot evicts keys 2 and 3
+        # demotion (the engine's pool evicts keys 2 and 3) after warm lost everything (a restart)
         warm.flushdb()
-        stored(cache, 2, seed=1)
-        assert {WARM_PREFIX + k for k in keys[2:]} <= {k.decode() for k in warm.scan_iter()}
+        cache.demote(keys[2:], blocks[2:])
+        assert cache.flush()
+        assert {WARM_PREFIX + k for k in keys[2:]} == {k.decode() for k in warm.scan_iter()}
         assert cache.stats_dict()["tiers"]["warm"]["demotions"] == 2
     warm.flushdb()  # as if every warm key expired: cold still has them
     with make_cache(redis_db) as fresh:
         found = fresh.lookup(keys)
         assert found.tiers == ["cold"] * 4 and same(found.blocks, blocks)
         assert fresh.flush()
-        assert fresh.stats_dict()["tiers"]["warm"]["promotions"] == 4  # cold hit -> warm (and hot)
-        assert fresh.lookup(keys).tiers == ["hot"] * 4
+        assert fresh.stats_dict()["tiers"]["warm"]["promotions"] == 4  # cold hit -> warm
     with make_cache(redis_db) as other:
         assert other.lookup(keys).tiers == ["warm"] * 4
     warm.close()
@@ -142,7 +140,6 @@ def test_int8_cold_tier_in_a_directory_is_lossy_and_never_promoted_to_warm(redis
         assert found.tiers == ["cold"] * 4 and found.lossy_blocks == 4
         assert all(torch.allclose(a, b, atol=0.05) for a, b in zip(found.blocks, blocks))
         assert fresh.flush()
-        assert fresh.lookup(keys).tiers == ["hot"] * 4
     with redis_db.client() as client:
         assert client.dbsize() == 0  # approximate blocks never pose as exact ones in warm
 
@@ -219,7 +216,6 @@ def test_fetch_is_skipped_when_recompute_is_cheaper(redis_db: Any) -> None:
 def test_metrics_as_dict_and_prometheus_text(redis_db: Any) -> None:
     with make_cache(redis_db) as cache:
         keys, _ = stored(cache, 2)
-        cache.clear_hot()
         cache.lookup(keys)
         stats = cache.stats_dict()
         text = cache.prometheus_text().decode()
@@ -238,21 +234,20 @@ def test_lookup_async_resolves_without_blocking_and_close_is_final(redis_db: Any
     future = cache.lookup_async(keys)
     found = future.result(5)
     assert found.tiers == ["warm"] * 4 and same(found.blocks, blocks)
-    assert cache.lookup_async(keys).result(5).tiers == ["hot"] * 4
     cache.close()
     cache.close()
-    assert cache.lookup(keys).tiers == ["hot"] * 4  # after close: hot only, no error
+    assert cache.lookup_async(keys).result(5).blocks == []  # after close: a miss at once, no error
     cache.store(cache.block_keys(make_prompt(1, seed=5)), make_blocks(1, seed=5))
 
 
-def test_drain_writes_hot_blocks_lost_from_warm_back_for_other_replicas(redis_db: Any) -> None:
-    """A replica going away hands its hot blocks down: warm keys evicted meanwhile come back, present ones stay."""
+def test_drain_writes_blocks_lost_from_warm_back_for_other_replicas(redis_db: Any) -> None:
+    """A replica going away hands its pool's blocks down: warm keys evicted meanwhile come back, present ones stay."""
     with make_cache(redis_db, cold_url=None, max_pending_blocks=12) as leaving:  # drains in chunks of 6
         keys, blocks = stored(leaving, 10)
         with redis_db.client(0) as client:
             client.delete(*list(client.scan_iter())[:7])  # as allkeys-lru eviction or an expired TTL would
             assert client.dbsize() == 3
-        assert leaving.drain() == 10
+        assert leaving.drain(list(zip(keys, blocks))) == 10
         with redis_db.client(0) as client:
             assert client.dbsize() == 10
     with make_cache(redis_db, cold_url=None) as survivor:

@@ -1,4 +1,4 @@
-"""Tier building blocks without Redis: hot LRU budget, circuit breaker, cost models, the directory store."""
+"""Tier building blocks without Redis: circuit breaker, cost models, the directory store."""
 
 from __future__ import annotations
 
@@ -12,23 +12,11 @@ import torch
 from moe_serve.cache import CachedBlock
 from moe_serve.cache.breaker import CircuitBreaker, CircuitState
 from moe_serve.cache.cost import RecomputeModel, TransferModel
-from moe_serve.cache.tiers import DirectoryStore, HotTier
+from moe_serve.cache.tiers import DirectoryStore
 
 
 def block(nbytes: int = 1024) -> CachedBlock:
     return CachedBlock(torch.zeros(nbytes // 4))
-
-
-def test_hot_tier_is_an_lru_within_its_byte_budget() -> None:
-    hot = HotTier(3 * 1024)
-    for key in "abc":
-        assert hot.put(key, block()) == []
-    assert hot.get("a") is not None  # a is now the most recent
-    evicted = hot.put("d", block())
-    assert [k for k, _ in evicted] == ["b"] and hot.nbytes == 3 * 1024
-    assert [k for k, _ in hot.put("e", block(2048))] == ["c", "a"]
-    assert hot.put("huge", block(8192)) == [] and "huge" not in hot
-    assert HotTier(0).put("x", block()) == []
 
 
 def test_breaker_opens_after_consecutive_failures_and_probes_after_cooldown() -> None:
