@@ -1,5 +1,6 @@
 """Async streaming front of the engine: `generate()` yields each token as it is produced (`generate_chunks()` in
-chunks, for consumers that pay per message), `abort()` stops one.
+chunks, for consumers that pay per message), `abort()` stops one. Text and stop strings are made on the
+consumer's side (output_processor.py), not on the step thread.
 
 This is the client side of the engine core: callers (the replica, tests) go through its methods, never through
 `.engine`. A single background thread owns the `LLMEngine` and runs its steps (torch releases the GIL inside kernels, so
@@ -19,6 +20,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from moe_serve.replicas.engine import LLMEngine, StepOutput
+from moe_serve.replicas.output_processor import OutputProcessor
 from moe_serve.replicas.sampling import SamplingParams
 
 IDLE_WAIT_S = 0.002  # inbox wait while every waiting request's cache lookup is still out
@@ -61,6 +63,16 @@ async def _more(outputs: asyncio.Queue[StepOutput | BaseException], interval_s: 
     return more
 
 
+def _processed(text: OutputProcessor, items: list[StepOutput]) -> list[StepOutput]:
+    """The items with their text, up to the one that finishes the request (a stop string may end it early)."""
+    chunk = []
+    for item in items:
+        chunk.append(text.process(item))
+        if text.finished:
+            break
+    return chunk
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -96,17 +108,18 @@ class AsyncLLMEngine:
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._inbox.put(_Add(request_id, list(prompt_ids), params))
-        finished, first = False, True
+        text = OutputProcessor(self.engine.tokenizer, params)  # text is made here, off the step thread
+        first = True
         try:
-            while not finished:
-                chunk = [_output(await outputs.get())]
-                if not first and not chunk[-1].finished:
-                    chunk += await _more(outputs, interval_s)
-                first, finished = False, chunk[-1].finished
-                yield chunk
+            while not text.finished:
+                items = [_output(await outputs.get())]
+                if not first and not items[-1].finished:
+                    items += await _more(outputs, interval_s)
+                first = False
+                yield _processed(text, items)
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
+            if not text.finished or text.stopped_early:  # the client left, or a stop string ended it here
                 self._inbox.put(_Abort(request_id))
 
     def stats(self) -> dict[str, float]:

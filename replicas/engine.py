@@ -1,8 +1,8 @@
-"""The in-process engine: requests in, tokens out, one continuous-batching step at a time.
+"""The in-process engine core: token ids in, token ids out, one continuous-batching step at a time.
 
-The engine is token ids in, token ids out; a tokenizer, when given, is used only for stop strings and output
-text. Streamed requests (the default) get text deltas every step; `generate()` adds its requests with
-`stream=False`, whose text is decoded once when the result is popped (per step only when stop strings need it).
+The step thread schedules, runs the forward pass and samples; a request finishes on ids alone (EOS, stop token
+ids, max_tokens, the context length). Text (detokenizing, stop strings) is the output processor's
+(output_processor.py), run by the caller: `generate()` here, the async front's consumers when serving.
 It owns the scheduler, the paged KV pool (whose shared prompt blocks are the prefix cache's hot tier, with Redis
 and cold tiers around it: prefix_cache.py) and sampling; the model's dense part runs here and its experts
 run behind an `MoEBackend` (in this process, or on shard actors through the router).
@@ -18,7 +18,7 @@ import os
 import time
 from array import array
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -29,9 +29,11 @@ from moe_serve.model.attention import AttentionBatch, PrefillChunk
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.dtype import DeviceName, DTypeName, check_device, check_dtype_name, resolve_dtype
 from moe_serve.model.loader import load_dense_model, load_local_model
-from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from moe_serve.model.tokenizer import Tokenizer
 from moe_serve.model.transformer import DenseModel, MoEBackend
 from moe_serve.replicas.kv_cache import DecodeWorkspace, KVCacheSpec, PagedKVCache, split_budget
+from moe_serve.replicas.output_processor import OutputProcessor
+from moe_serve.replicas.outputs import RequestOutput, StepOutput, TokenLogprob
 from moe_serve.replicas.prefix_cache import PrefixCache
 from moe_serve.replicas.sampling import SamplingParams, make_generator, sample
 from moe_serve.replicas.scheduler import ScheduledChunk, Scheduler, Sequence, SequenceStatus, StepPlan
@@ -80,44 +82,6 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_step_ms must be positive or None, got {self.max_step_ms}")
 
 
-@dataclass(frozen=True)
-class StepOutput:
-    """What one step produced for one request (the unit streamed to clients)."""
-
-    request_id: str
-    token_id: int
-    text_delta: str
-    finished: bool
-    finish_reason: str | None  # "stop" or "length" when finished, "abort" when aborted
-    cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
-    logprob: TokenLogprob | None = None  # when the request asked for logprobs
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first token, when asked
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A sampled token's log-probability under the model (before temperature and filters), and the top ones."""
-
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str | None
-    ttft_s: float | None
-    latency_s: float
-    logits: list[torch.Tensor] | None = None  # per generated token, when SamplingParams.return_logits
-    cached_tokens: int = 0  # prompt tokens whose KV came from the tiered cache
-    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
-    logprobs: list[TokenLogprob] | None = None  # per generated token, when SamplingParams.logprobs is set
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first), when asked
-
-
 class LLMEngine:
     def __init__(
         self,
@@ -152,7 +116,6 @@ class LLMEngine:
         self._block_offsets = torch.arange(engine_config.block_size)
         self._positions = torch.arange(self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
 
     @classmethod
@@ -194,10 +157,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
 
-    def add_request(
-        self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None, *, stream: bool = True
-    ) -> str:
-        """Queue a request; `stream=False` leaves every step's text_delta empty (the final text is still made)."""
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request (validated first); returns its id. Its text, stop strings included, is the caller's
+        (an OutputProcessor per request)."""
         self.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -211,8 +173,6 @@ class LLMEngine:
             seq.prompt_logprobs = [None]  # the first prompt token has no context to be predicted from
         if self.prefix_cache is not None:
             self.prefix_cache.arrive(seq)
-        if self.tokenizer is not None and (stream or params.stop):
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
         return request_id
 
@@ -228,16 +188,13 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def pop_result(self, request_id: str) -> RequestOutput:
-        """The final output of a finished request; forgets the request."""
+        """The final output of a finished request (token ids, no text); forgets the request."""
         seq = self._seqs.pop(request_id)
-        text = seq.text
-        if self._detokenizers.pop(request_id, None) is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids)  # equals the streamed deltas joined
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_ids,
             token_ids=seq.output_ids,
-            text=text if self.tokenizer is not None else None,
+            text=None,
             finish_reason=seq.finish_reason,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=time.perf_counter() - seq.arrival_time,
@@ -249,13 +206,24 @@ class LLMEngine:
         )
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[RequestOutput]:
-        """Run prompts to completion together; outputs in prompt order."""
+        """Run prompts to completion together; outputs in prompt order, with text when there is a tokenizer."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids = [self.add_request(p, sp, stream=False) for p, sp in zip(prompts, per_prompt, strict=True)]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
+        texts = {i: OutputProcessor(self.tokenizer, sp, stream=False) for i, sp in zip(ids, per_prompt)}
         while self.has_unfinished():
-            if not self.step() and not self.scheduler.running:
+            outputs = self.step()
+            for out in outputs:
+                text = texts[out.request_id]
+                text.process(out)
+                if text.stopped_early:  # a stop string: the core stops here
+                    self.abort_request(out.request_id)
+            if not outputs and not self.scheduler.running:
                 time.sleep(IDLE_WAIT_S)  # every waiting request's cache lookup is still out
-        return [self.pop_result(i) for i in ids]
+        return [self._with_text(self.pop_result(i), texts[i]) for i in ids]
+
+    def _with_text(self, result: RequestOutput, text: OutputProcessor) -> RequestOutput:
+        return replace(result, text=text.text if self.tokenizer is not None else None,
+                       finish_reason=text.finish_reason or result.finish_reason)
 
     # --- one step ------------------------------------------------------------------------------------------
 
@@ -370,9 +338,15 @@ class LLMEngine:
             lengths = [c.seq.num_computed + 1 for c in plan.decodes]
             same_length = min(lengths) == max(lengths)  # no padded keys: decode attention needs no mask
             decode_pos = self._key_positions(lengths)
-            decode_kv = self.workspace.prepare([c.seq for c in plan.decodes], lengths, positions_t[: len(lengths)])
+            # the workspace would hold a private copy of every shared prefix: sharing batches read the pages
+            shared = any(self.kv.pool.refcount(c.seq.block_table[0]) > 1 for c in plan.decodes)
+            if shared:
+                self.workspace.invalidate()
+            else:
+                decode_kv = self.workspace.prepare([c.seq for c in plan.decodes], lengths,
+                                                   positions_t[: len(lengths)])
             if decode_kv is None or decode_kv.rebuild:  # keys come from the pages this step
-                decode_slots, _ = self._key_slots(plan.decodes)
+                decode_slots = self._key_slots(plan.decodes)[0].contiguous()  # the paged kernel reads it in place
         else:
             self.workspace.invalidate()
         batch = AttentionBatch(positions_t, _long_tensor(slots), len(plan.decodes), decode_slots, decode_pos, prefills,
@@ -414,56 +388,20 @@ class LLMEngine:
         prompt_logprobs = None
         if seq.params.prompt_logprobs is not None and len(seq.output_ids) == 1:
             prompt_logprobs = tuple(seq.prompt_logprobs)
-        delta = ""
-        detok = self._detokenizers.get(seq.request_id)
-        if detok is not None:
-            delta = detok.add(token)
-            seq.text += delta
-        reason = self._finish_reason(seq, token, len(delta))
-        if reason is not None and detok is not None:
-            tail = detok.finish()  # flush text held back for an incomplete character
-            seq.text += tail
-            delta += tail
-        if reason == "stop" and seq.params.stop:
-            delta = self._truncate_at_stop(seq, delta)
+        reason = self._finish_reason(seq, token)
         if reason is not None:
             self._finish(seq, reason)
-        return StepOutput(seq.request_id, token, delta, reason is not None, reason, seq.cached_tokens, logprob,
+        return StepOutput(seq.request_id, token, reason is not None, reason, seq.cached_tokens, logprob,
                           prompt_logprobs)
 
-    def _finish_reason(self, seq: Sequence, token: int, delta_len: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         eos = () if params.ignore_eos else self.eos_token_ids
         if token in params.stop_token_ids or token in eos:
             return "stop"
-        if params.stop and len(seq.output_ids) >= params.min_tokens and self._stop_string_in_text(seq, delta_len):
-            return "stop"
         if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
-
-    @staticmethod
-    def _stop_string_in_text(seq: Sequence, delta_len: int) -> bool:
-        """Whether a stop string is in the output text; only the part this step's delta could complete is scanned
-        (linear, not quadratic, in the output length), except at the step reaching min_tokens, where a stop string
-        completed earlier, while stops were not allowed yet, must still end the request."""
-        text, stop = seq.text, seq.params.stop
-        if len(seq.output_ids) > seq.params.min_tokens:
-            if not delta_len:
-                return False
-            text = text[max(0, len(text) - delta_len - max(map(len, stop)) + 1) :]
-        return any(s in text for s in stop)
-
-    @staticmethod
-    def _truncate_at_stop(seq: Sequence, delta: str) -> str:
-        """Cut the output text before the first stop string; returns what is left of this step's delta."""
-        found = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
-        if not found:  # stopped by a token id, not a string
-            return delta
-        cut = min(found)
-        delta_start = len(seq.text) - len(delta)
-        seq.text = seq.text[:cut]
-        return delta[: max(0, cut - delta_start)]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq)

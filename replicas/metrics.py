@@ -27,6 +27,13 @@ class ServingMetrics:
         self.waiting = Gauge("moe_queue_depth", "Requests waiting in the sampled replica", registry=r)
         self.kv_used = Gauge("moe_kv_cache_used_fraction", "KV blocks in use in the sampled replica", registry=r)
         self.replicas = Gauge("moe_engine_replicas", "Engine replicas running", registry=r)
+        self.kv_blocks = Gauge("moe_kv_pool_blocks", "KV pool blocks of the sampled replica: in use, shared by several "
+                               "requests, evictable (cached, unreferenced: the hot tier)", ["state"], registry=r)
+        self.step_seconds = Gauge("moe_engine_step_seconds", "The sampled replica's last step", registry=r)
+        self.step_budget = Gauge("moe_engine_step_budget_seconds", "Inter-token budget steps are sized for (0: off)",
+                                 registry=r)
+        self.steps_over_budget = Gauge("moe_engine_steps_over_budget", "Steps with decodes that ran past the budget",
+                                       registry=r)
 
     def finish(self, seconds: float, tokens: int, completed: bool) -> None:
         self.requests.labels(outcome="completed" if completed else "aborted").inc()
@@ -39,6 +46,11 @@ class ServingMetrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_used.set(stats["kv_used_fraction"])
+        for state in ("in_use", "shared", "evictable"):
+            self.kv_blocks.labels(state=state).set(stats[f"kv_blocks_{state}"])
+        self.step_seconds.set(stats["step_seconds"])
+        self.step_budget.set(stats["step_budget_seconds"])
+        self.steps_over_budget.set(stats["steps_over_budget"])
         self.replicas.set(replicas)
 
     def render(self) -> bytes:

@@ -45,7 +45,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     first_token_time: float | None = None
-    text: str = ""
     logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)  # engine.TokenLogprob per generated token, when asked
     prompt_logprobs: list[Any] = field(default_factory=list)  # per prompt position, None at 0, when asked

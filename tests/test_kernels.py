@@ -95,6 +95,27 @@ def test_decode_attention(ops, heads: int, kv_heads: int, head_dim: int, window:
     torch.testing.assert_close(out, reference_attention(q, workspace.float(), positions, window), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(2, 1, 32), (8, 2, 64)])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_reads_the_pages_as_the_workspace(ops, heads: int, kv_heads: int, head_dim: int,
+                                                                 window: int, dtype: torch.dtype) -> None:
+    """The same keys scattered over pages [S, 2, KVH, Hd] (two sequences sharing their first slots, as a shared
+    prefix) give what the contiguous workspace gives, to the bit."""
+    g = torch.Generator().manual_seed(2)
+    b, length, num_slots = 4, 40, 200
+    pages = torch.randn(num_slots, 2, kv_heads, head_dim, generator=g).to(dtype)
+    slots = torch.randperm(num_slots, generator=g)[: b * length].view(b, length)
+    slots[1, :16] = slots[0, :16]  # a shared prefix
+    positions = torch.tensor([length - 1, 20, 0, 7])
+    workspace = pages[slots].permute(0, 2, 3, 1, 4).contiguous()  # [B, 2, KVH, L, Hd]
+    q = torch.randn(b, heads, head_dim, generator=g)
+    out = ops.paged_decode_attention(q, pages, slots, positions, window, head_dim**-0.5)
+    assert torch.equal(out, ops.decode_attention(q, workspace, positions, window, head_dim**-0.5))
+    with pytest.raises(RuntimeError, match="outside the pages"):
+        ops.paged_decode_attention(q, pages, slots + num_slots, positions, window, 0.25)
+
+
 def test_decode_attention_rejects_bad_input(ops) -> None:
     workspace = torch.zeros(2, 2, 1, 8, 16)
     q = torch.zeros(2, 2, 16)

@@ -117,7 +117,8 @@ def test_paused_redis_delays_no_step_and_a_timed_out_lookup_recomputes(mixtral_d
     redis = make_redis()
     prompts = random_prompts([300, 200, 250], 256, seed=45)
     expected = [o.token_ids for o in engine_for(mixtral_dir, enable_prefix_caching=False).generate(prompts, greedy(6))]
-    cache = CacheConfig(warm_url=redis.url(), lookup_timeout_s=3.0)  # far longer than 5 steps
+    # far longer than 5 steps; no cost check, which would skip fetches this tiny model recomputes faster
+    cache = CacheConfig(warm_url=redis.url(), lookup_timeout_s=3.0, cost_check=False)
     engine = engine_for(mixtral_dir, cache=cache)
     running = engine.add_request(random_prompts([40], 256, seed=46)[0], greedy(10_000))
     while not engine.step():

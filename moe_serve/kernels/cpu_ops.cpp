@@ -56,9 +56,26 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a floa
 }
 #endif
 
-// dots[j] = <q, keys[j]> for j in [0, n), keys [n, hd] row-major; 8 keys at a time share one horizontal sum.
+// Rows of attention keys or values, hd elements each: consecutive in the decode workspace, or scattered over the
+// KV pages by the sequence's slots (`rows(j)` is row j's first element).
 template <typename KV>
-inline void dot_rows(const float* q, const KV* keys, int64_t n, int64_t hd, float* dots) {
+struct DenseRows {
+  const KV* base;
+  int64_t stride;
+  const KV* operator()(int64_t j) const { return base + j * stride; }
+};
+
+template <typename KV>
+struct SlotRows {
+  const KV* base;  // the pages, offset to this kv head's K or V
+  const int64_t* slots;  // slot of row j
+  int64_t stride;  // elements per slot
+  const KV* operator()(int64_t j) const { return base + slots[j] * stride; }
+};
+
+// dots[j] = <q, keys(j)> for j in [0, n); 8 keys at a time share one horizontal sum.
+template <typename KV, typename Rows>
+inline void dot_rows(const float* q, const Rows& keys, int64_t n, int64_t hd, float* dots) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (hd % 8 == 0) {
@@ -67,7 +84,7 @@ inline void dot_rows(const float* q, const KV* keys, int64_t n, int64_t hd, floa
       for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
       for (int64_t i = 0; i < hd; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, load8(keys + (j + u) * hd + i), acc[u]);
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, load8(keys(j + u) + i), acc[u]);
       }
       const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
       const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
@@ -78,7 +95,7 @@ inline void dot_rows(const float* q, const KV* keys, int64_t n, int64_t hd, floa
   }
 #endif
   for (; j < n; ++j) {
-    const KV* k = keys + j * hd;
+    const KV* k = keys(j);
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t i = 0; i < hd; ++i) dot += q[i] * static_cast<float>(k[i]);
@@ -86,10 +103,10 @@ inline void dot_rows(const float* q, const KV* keys, int64_t n, int64_t hd, floa
   }
 }
 
-// y[t][0..N) = sum_k x[t][k] * wt[k][0..N) for NT rows, wt [K, N] row-major (attention's values): register-blocked,
-// each weight row read once per tile.
-template <int NT, typename KV>
-inline void gemm_tile(const float* const* x, const KV* __restrict wt, int64_t k_dim, int64_t n_dim, float* const* y) {
+// y[t][0..N) = sum_k x[t][k] * wt(k)[0..N) for NT rows (attention's values, wt(k) row k): register-blocked, each
+// row read once per tile.
+template <int NT, typename KV, typename Rows>
+inline void gemm_tile(const float* const* x, const Rows& wt, int64_t k_dim, int64_t n_dim, float* const* y) {
   int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   for (; c + 32 <= n_dim; c += 32) {
@@ -97,7 +114,7 @@ inline void gemm_tile(const float* const* x, const KV* __restrict wt, int64_t k_
     for (int t = 0; t < NT; ++t)
       for (int u = 0; u < 4; ++u) acc[t][u] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_dim; ++k) {
-      const KV* w = wt + k * n_dim + c;
+      const KV* w = wt(k) + c;
       const __m256 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16), w3 = load8(w + 24);
       for (int t = 0; t < NT; ++t) {
         const __m256 xv = _mm256_set1_ps(x[t][k]);
@@ -114,7 +131,7 @@ inline void gemm_tile(const float* const* x, const KV* __restrict wt, int64_t k_
     __m256 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_dim; ++k) {
-      const __m256 w0 = load8(wt + k * n_dim + c);
+      const __m256 w0 = load8(wt(k) + c);
       for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(x[t][k]), w0, acc[t]);
     }
     for (int t = 0; t < NT; ++t) _mm256_storeu_ps(y[t] + c, acc[t]);
@@ -123,20 +140,20 @@ inline void gemm_tile(const float* const* x, const KV* __restrict wt, int64_t k_
   for (; c < n_dim; ++c) {
     for (int t = 0; t < NT; ++t) {
       float s = 0.0f;
-      for (int64_t k = 0; k < k_dim; ++k) s += x[t][k] * static_cast<float>(wt[k * n_dim + c]);
+      for (int64_t k = 0; k < k_dim; ++k) s += x[t][k] * static_cast<float>(wt(k)[c]);
       y[t][c] = s;
     }
   }
 }
 
-template <typename KV>
-void gemm_rows(const float* const* x, int64_t n, const KV* wt, int64_t k_dim, int64_t n_dim, float* const* y) {
+template <typename KV, typename Rows>
+void gemm_rows(const float* const* x, int64_t n, const Rows& wt, int64_t k_dim, int64_t n_dim, float* const* y) {
   int64_t t = 0;
-  for (; t + 4 <= n; t += 4) gemm_tile<4>(x + t, wt, k_dim, n_dim, y + t);
+  for (; t + 4 <= n; t += 4) gemm_tile<4, KV>(x + t, wt, k_dim, n_dim, y + t);
   switch (n - t) {
-    case 3: gemm_tile<3>(x + t, wt, k_dim, n_dim, y + t); break;
-    case 2: gemm_tile<2>(x + t, wt, k_dim, n_dim, y + t); break;
-    case 1: gemm_tile<1>(x + t, wt, k_dim, n_dim, y + t); break;
+    case 3: gemm_tile<3, KV>(x + t, wt, k_dim, n_dim, y + t); break;
+    case 2: gemm_tile<2, KV>(x + t, wt, k_dim, n_dim, y + t); break;
+    case 1: gemm_tile<1, KV>(x + t, wt, k_dim, n_dim, y + t); break;
     default: break;
   }
 }
@@ -843,10 +860,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 
 namespace {
 
-// decode_attention over a workspace of KV (float32 or bf16) elements; out [B, H, Hd] float32.
-template <typename KV>
-void decode_attention_over(const float* qp, int64_t q_row, const KV* wsp, const int64_t* pos, int64_t b, int64_t h,
-                           int64_t kvh, int64_t cap, int64_t hd, int64_t window, float sc, float* op) {
+// Decode attention over KV (float32 or bf16) elements; out [B, H, Hd] float32. rows(s, kv_head, kv, first) gives
+// the keys (kv 0) or values (kv 1) of sequence s from key `first` on; cap bounds a sequence's keys.
+template <typename KV, typename RowsOf>
+void decode_attention_over(const float* qp, int64_t q_row, const RowsOf& rows, const int64_t* pos, int64_t b,
+                           int64_t h, int64_t kvh, int64_t cap, int64_t hd, int64_t window, float sc, float* op) {
   const int64_t groups = h / kvh;
   at::parallel_for(0, b * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * cap);
@@ -857,12 +875,12 @@ void decode_attention_over(const float* qp, int64_t q_row, const KV* wsp, const 
       const int64_t last = pos[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t n = last - first + 1;
-      const KV* keys = wsp + ((s * 2 + 0) * kvh + kv_head) * cap * hd + first * hd;
-      const KV* values = wsp + ((s * 2 + 1) * kvh + kv_head) * cap * hd + first * hd;
+      const auto keys = rows(s, kv_head, 0, first);
+      const auto values = rows(s, kv_head, 1, first);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t head = kv_head * groups + g;
         float* sc_row = scores.data() + g * cap;
-        dot_rows(qp + s * q_row + head * hd, keys, n, hd, sc_row);
+        dot_rows<KV>(qp + s * q_row + head * hd, keys, n, hd, sc_row);
         float max_score = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : max_score)
         for (int64_t j = 0; j < n; ++j) max_score = sc_row[j] > max_score ? sc_row[j] : max_score;
@@ -878,9 +896,30 @@ void decode_attention_over(const float* qp, int64_t q_row, const KV* wsp, const 
         probs[g] = sc_row;
         outs[g] = op + (s * h + head) * hd;
       }
-      gemm_rows(probs.data(), groups, values, n, hd, outs.data());  // out[g] = sum_j p[g][j] v[j]
+      gemm_rows<KV>(probs.data(), groups, values, n, hd, outs.data());  // out[g] = sum_j p[g][j] v[j]
     }
   });
+}
+
+// The decode workspace [B, 2, KVH, Lc, Hd]: a sequence's keys (values) of one head are consecutive.
+template <typename KV>
+void workspace_attention(const float* qp, int64_t q_row, const KV* wsp, const int64_t* pos, int64_t b, int64_t h,
+                         int64_t kvh, int64_t cap, int64_t hd, int64_t window, float sc, float* op) {
+  const auto rows = [=](int64_t s, int64_t kv_head, int64_t kv, int64_t first) {
+    return DenseRows<KV>{wsp + ((s * 2 + kv) * kvh + kv_head) * cap * hd + first * hd, hd};
+  };
+  decode_attention_over<KV>(qp, q_row, rows, pos, b, h, kvh, cap, hd, window, sc, op);
+}
+
+// The paged pool [S, 2, KVH, Hd] and each sequence's key slots [B, L]: no copy, rows read where they are.
+template <typename KV>
+void paged_attention(const float* qp, int64_t q_row, const KV* pages, const int64_t* slots, const int64_t* pos,
+                     int64_t b, int64_t h, int64_t kvh, int64_t len, int64_t hd, int64_t window, float sc,
+                     float* op) {
+  const auto rows = [=](int64_t s, int64_t kv_head, int64_t kv, int64_t first) {
+    return SlotRows<KV>{pages + (kv * kvh + kv_head) * hd, slots + s * len + first, 2 * kvh * hd};
+  };
+  decode_attention_over<KV>(qp, q_row, rows, pos, b, h, kvh, len, hd, window, sc, op);
 }
 
 }  // namespace
@@ -911,10 +950,51 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& work
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   if (workspace.scalar_type() == torch::kFloat32) {
-    decode_attention_over(qp, q.stride(0), workspace.data_ptr<float>(), pos, b, h, kvh, cap, hd, window, sc, op);
+    workspace_attention(qp, q.stride(0), workspace.data_ptr<float>(), pos, b, h, kvh, cap, hd, window, sc, op);
   } else {
-    decode_attention_over(qp, q.stride(0), static_cast<const c10::BFloat16*>(workspace.data_ptr()), pos, b, h, kvh,
-                          cap, hd, window, sc, op);
+    workspace_attention(qp, q.stride(0), static_cast<const c10::BFloat16*>(workspace.data_ptr()), pos, b, h, kvh,
+                        cap, hd, window, sc, op);
+  }
+  return out;
+}
+
+// decode_attention over the paged pool itself: pages [S, 2, KVH, Hd] (one layer; float32 or bf16), slots [B, L]
+// int64 (slot of each sequence's key j; entries past a sequence's position are not read), positions [B] as above.
+// Reads shared prefix blocks where they are, so no sequence needs a private copy of its keys.
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& pages, const torch::Tensor& slots,
+                                     const torch::Tensor& positions, int64_t window, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, Hd]");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous within a token");
+  TORCH_CHECK(pages.device().is_cpu() && pages.dim() == 4 && pages.is_contiguous() && pages.size(1) == 2 &&
+                  (pages.scalar_type() == torch::kFloat32 || pages.scalar_type() == torch::kBFloat16),
+              "pages must be a contiguous float32 or bfloat16 [S, 2, KVH, Hd] CPU tensor, got ", pages.scalar_type(),
+              " ", pages.sizes());
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 2 && slots.is_contiguous(),
+              "slots must be a contiguous int64 [B, L] tensor");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 1 && positions.is_contiguous(),
+              "positions must be a contiguous int64 vector");
+  const int64_t b = q.size(0), h = q.size(1), hd = q.size(2);
+  const int64_t kvh = pages.size(2), len = slots.size(1), num_slots = pages.size(0);
+  TORCH_CHECK(pages.size(3) == hd && h % kvh == 0, "pages ", pages.sizes(), " do not fit q ", q.sizes());
+  TORCH_CHECK(slots.size(0) == b && positions.size(0) == b, "slots ", slots.sizes(), " and positions ",
+              positions.sizes(), " need one row per sequence of q ", q.sizes());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t s = 0; s < b; ++s) {
+    TORCH_CHECK(pos[s] >= 0 && pos[s] < len, "position ", pos[s], " outside the slots of sequence ", s);
+    for (int64_t j = 0; j <= pos[s]; ++j)
+      TORCH_CHECK(sp[s * len + j] >= 0 && sp[s * len + j] < num_slots, "slot ", sp[s * len + j], " of sequence ", s,
+                  " outside the pages");
+  }
+  auto out = torch::empty({b, h, hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  if (pages.scalar_type() == torch::kFloat32) {
+    paged_attention(qp, q.stride(0), pages.data_ptr<float>(), sp, pos, b, h, kvh, len, hd, window, sc, op);
+  } else {
+    paged_attention(qp, q.stride(0), static_cast<const c10::BFloat16*>(pages.data_ptr()), sp, pos, b, h, kvh, len,
+                    hd, window, sc, op);
   }
   return out;
 }
@@ -1208,6 +1288,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last axis (float32)");
   m.def("linear", &linear, "x W^T over row-major float32/bf16/fp16 weights, for decode-sized batches");
   m.def("decode_attention", &decode_attention, "decode attention over the decode workspace");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
   m.def("moe_experts", &moe_experts, "gate + routed experts + combine, over column panels");
   m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels");
   // true where bf16 weights meet activations rounded to bf16 (AVX512-BF16 dot products), not widened

@@ -186,12 +186,17 @@ def paged_attention(
 def _decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, window: int | None, workspace: torch.Tensor | None
 ) -> torch.Tensor:
-    """One query per decoding sequence, q [B, H, Hd] -> [B, H, Hd]: over the workspace when there is one (the
-    compiled kernel takes float32 and bf16 workspaces, computing in float32)."""
-    if (workspace is not None and _OPS is not None and workspace.dtype in (torch.float32, torch.bfloat16)
-            and q.dtype == workspace.dtype and not q.is_cuda):
-        scale = q.shape[2] ** -0.5
-        out = _OPS.decode_attention(q.float(), workspace, batch.positions[: q.shape[0]], window or 0, scale)
+    """One query per decoding sequence, q [B, H, Hd] -> [B, H, Hd]: over the workspace when there is one, else
+    over the pages where they are (the compiled kernels take float32 and bf16 K/V, computing in float32)."""
+    kv = workspace if workspace is not None else kv_cache
+    if _OPS is not None and kv.dtype in (torch.float32, torch.bfloat16) and q.dtype == kv.dtype and not q.is_cuda:
+        scale, positions = q.shape[2] ** -0.5, batch.positions[: q.shape[0]]
+        if workspace is not None:
+            out = _OPS.decode_attention(q.float(), workspace, positions, window or 0, scale)
+        else:
+            assert batch.decode_key_slots is not None
+            out = _OPS.paged_decode_attention(q.float(), kv_cache, batch.decode_key_slots, positions, window or 0,
+                                              scale)
         return out.to(q.dtype)
     mask = batch.decode_mask(window)  # [B, 1, 1, L] or None
     if workspace is None:
