@@ -138,6 +138,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $args "model_name" .Values.model.name -}}
 {{- end -}}
 {{- /* Passed only when set, so the app's defaults apply otherwise. */ -}}
+{{- if not (kindIs "invalid" $e.maxStepMs) -}}
+{{- $_ := set $args "max_step_ms" $e.maxStepMs -}}
+{{- end -}}
 {{- if not (kindIs "invalid" .Values.shards) -}}
 {{- $_ := set $args "shards" (int .Values.shards) -}}
 {{- end -}}
