@@ -31,7 +31,7 @@ from moe_serve.model.dtype import DeviceName, DTypeName, check_device, check_dty
 from moe_serve.model.loader import load_dense_model, load_local_model
 from moe_serve.model.tokenizer import Tokenizer
 from moe_serve.model.transformer import DenseModel, MoEBackend
-from moe_serve.replicas.kv_cache import DecodeWorkspace, KVCacheSpec, PagedKVCache, split_budget
+from moe_serve.replicas.kv_cache import KVCacheSpec, PagedKVCache
 from moe_serve.replicas.output_processor import OutputProcessor
 from moe_serve.replicas.outputs import RequestOutput, StepOutput, TokenLogprob
 from moe_serve.replicas.prefix_cache import PrefixCache
@@ -45,7 +45,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch
     max_num_batched_tokens: int = 512  # tokens per step; longer prompts are prefilled in chunks
     block_size: int = 16
-    # one budget for the KV pool and the decode workspace (at most a quarter of it: kv_cache.split_budget)
+    # the KV pool: every sequence's K/V, shared prompt blocks once, cached prefixes (the hot tier) included
     kv_cache_bytes: int = 256 * 2**20
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     quantize: Literal["none", "int8", "int4"] = "none"
@@ -60,10 +60,6 @@ class EngineConfig:
     # full prompt blocks shared between requests and kept after them (the hot tier), as vLLM's prefix caching
     enable_prefix_caching: bool = True
     cache: CacheConfig | None = None  # the Redis warm and the cold tier around the pool; None: none
-    # Contiguous copy of the decoding batch's K/V kept across steps (kv_cache.DecodeWorkspace), so a decode step
-    # writes one token per sequence instead of gathering every key from the pages; 0: off. Taken from
-    # kv_cache_bytes (at most a quarter of it).
-    decode_workspace_bytes: int = 64 * 2**20
     # inter-token budget: while requests decode, prefill chunks are sized so a step stays within it
     # (step_budget.py); None: chunks limited by max_num_batched_tokens only
     max_step_ms: float | None = 100.0
@@ -105,9 +101,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys((*config.eos_token_ids, *tokenizer_eos)))
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
-        pool_bytes, workspace_bytes = split_budget(engine_config.kv_cache_bytes, engine_config.decode_workspace_bytes)
-        self.kv = PagedKVCache(KVCacheSpec.from_budget(config, pool_bytes, engine_config.block_size, model.dtype))
-        self.workspace = DecodeWorkspace(self.kv.spec, workspace_bytes, self.max_model_len)
+        self.kv = PagedKVCache(KVCacheSpec.from_budget(config, engine_config.kv_cache_bytes, engine_config.block_size,
+                                                       model.dtype))
         self.prefix_cache = PrefixCache.open(self.kv, model_fp, engine_config.cache) \
             if engine_config.enable_prefix_caching or engine_config.cache is not None else None
         self.step_budget = StepBudget(engine_config.max_step_ms) if engine_config.max_step_ms else None
@@ -236,11 +231,7 @@ class LLMEngine:
         chunks = plan.decodes + plan.prefills
         sampling = [c.seq for c in chunks if c.samples]
         token_ids, batch, logits_rows, prompt_targets = self._build_batch(plan)
-        try:
-            logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
-        except BaseException:
-            self.workspace.invalidate()  # a half-updated workspace must not be trusted next step
-            raise
+        logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
         if prompt_targets:  # rows after the sampled ones score prompt tokens
             _record_prompt_logprobs(logits[len(sampling) :], prompt_targets)
             logits = logits[: len(sampling)]
@@ -271,13 +262,12 @@ class LLMEngine:
 
     def kv_stats(self) -> dict[str, int]:
         """KV memory now: pool blocks in use, shared by several requests, evictable (cached, unused) and free;
-        the peak in use since `reset_kv_peak`, and bytes (peak_kv_bytes = peak pool bytes + decode workspace)."""
+        the peak in use since `reset_kv_peak`, and its bytes (the pool holds every K/V there is: no other copy)."""
         pool = self.kv.pool.stats()
         block_bytes = self.kv.spec.block_bytes
         return {"blocks_total": pool.total, "blocks_in_use": pool.in_use, "blocks_shared": pool.shared,
                 "blocks_evictable": pool.evictable, "blocks_free": pool.free, "peak_blocks_in_use": pool.peak_in_use,
-                "block_bytes": block_bytes, "workspace_bytes": self.workspace.nbytes,
-                "peak_kv_bytes": pool.peak_in_use * block_bytes + self.workspace.nbytes}
+                "block_bytes": block_bytes, "peak_kv_bytes": pool.peak_in_use * block_bytes}
 
     def reset_kv_peak(self) -> None:
         self.kv.pool.reset_peak()
@@ -332,25 +322,15 @@ class LLMEngine:
                     prompt_targets.append((seq, pos + 1))
         logits_rows += prompt_rows
         positions_t = _long_tensor(positions)
-        decode_slots = decode_pos = decode_kv = None
+        decode_slots = decode_pos = None
         same_length = False
         if plan.decodes:
             lengths = [c.seq.num_computed + 1 for c in plan.decodes]
             same_length = min(lengths) == max(lengths)  # no padded keys: decode attention needs no mask
-            decode_pos = self._key_positions(lengths)
-            # the workspace would hold a private copy of every shared prefix: sharing batches read the pages
-            shared = any(self.kv.pool.refcount(c.seq.block_table[0]) > 1 for c in plan.decodes)
-            if shared:
-                self.workspace.invalidate()
-            else:
-                decode_kv = self.workspace.prepare([c.seq for c in plan.decodes], lengths,
-                                                   positions_t[: len(lengths)])
-            if decode_kv is None or decode_kv.rebuild:  # keys come from the pages this step
-                decode_slots = self._key_slots(plan.decodes)[0].contiguous()  # the paged kernel reads it in place
-        else:
-            self.workspace.invalidate()
+            decode_slots, decode_pos = self._key_slots(plan.decodes)
+            decode_slots = decode_slots.contiguous()  # the paged kernel reads it in place
         batch = AttentionBatch(positions_t, _long_tensor(slots), len(plan.decodes), decode_slots, decode_pos, prefills,
-                               decode_kv, same_length, self.model.dtype)
+                               same_length, self.model.dtype)
         in_order = len(logits_rows) == len(token_ids) and logits_rows == list(range(len(token_ids)))
         return _long_tensor(token_ids), batch, None if in_order else _long_tensor(logits_rows), prompt_targets
 

@@ -2,8 +2,8 @@
 
 The block (block_size consecutive token positions, all layers, K and V) is the unit the tiered cache stores
 and the unit requests share (block_pool.py: refcounted, content-addressed, evictable). Memory is allocated once
-from a byte budget that also covers the decode workspace (`split_budget`), so KV memory never grows with the
-number of requests served.
+from a byte budget, so KV memory never grows with the number of requests served; attention reads the pages in
+place, so there is no other copy of a sequence's K/V.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_serve.model.attention import DecodeKV
 from moe_serve.model.config import ModelConfig
 from moe_serve.replicas.block_pool import BlockPool
 
@@ -47,16 +46,6 @@ def bytes_per_block(
     block_size: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32
 ) -> int:
     return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
-
-WORKSPACE_SHARE = 4  # the decode workspace takes at most 1/4 of the KV budget
-
-
-def split_budget(kv_cache_bytes: int, workspace_cap_bytes: int) -> tuple[int, int]:
-    """(pool bytes, decode workspace bytes) of one KV byte budget: the workspace gets up to its cap, never more
-    than a quarter, and the pool the rest."""
-    workspace = min(workspace_cap_bytes, kv_cache_bytes // WORKSPACE_SHARE)
-    return kv_cache_bytes - workspace, workspace
 
 
 class PagedKVCache:
@@ -95,68 +84,3 @@ class PagedKVCache:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.spec.block_size)
-
-
-class DecodeWorkspace:
-    """The decoding batch's K/V laid out contiguously, [B, 2, KVH, Lc, Hd] per layer, kept from step to step.
-
-    Paged attention gathers every key of every decoding sequence from its blocks each step. While the decoding
-    batch stays the same (the same sequences in the same order, each one token longer than at the last step) this
-    copy only needs the new token written, and decode attention reads it in place. Any other batch rebuilds it from
-    the pages with one gather, the cost the paged path pays every step. The pages stay the source of truth.
-    Memory: at most `budget_bytes`; a batch that does not fit gets None (the paged path).
-    """
-
-    def __init__(self, spec: KVCacheSpec, budget_bytes: int, max_len: int) -> None:
-        self.spec = spec
-        self.budget_bytes = budget_bytes
-        self.max_len = max_len
-        self._buffers: list[torch.Tensor] = []  # per layer [Bc, 2, KVH, Lc, Hd]
-        self._seqs: list[object] = []  # the sequence of each row at the last step, [] when invalid
-        self._lengths: list[int] = []
-        self._bases: dict[int, torch.Tensor] = {}  # B -> [B, 2 * KVH] first row of each (sequence, K/V, head)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers)
-
-    def invalidate(self) -> None:
-        self._seqs, self._lengths = [], []
-
-    def prepare(self, seqs: list[object], lengths: list[int], positions: torch.Tensor) -> DecodeKV | None:
-        """The workspace for decoding `seqs` to `lengths` keys (positions [B] = lengths - 1); None: does not fit."""
-        b, length = len(seqs), max(lengths)
-        same = len(seqs) == len(self._seqs) and all(a is c for a, c in zip(seqs, self._seqs))
-        rebuild = not (same and lengths == [n + 1 for n in self._lengths])
-        if not self._buffers or b > self._buffers[0].shape[0] or length > self._buffers[0].shape[3]:
-            rebuild = True
-            if not self._allocate(b, length):
-                self.invalidate()
-                return None
-        self._seqs, self._lengths = list(seqs), list(lengths)
-        capacity = self._buffers[0].shape[3]
-        layers = [buf[:b] for buf in self._buffers]
-        rows = self._base(b, capacity).add(positions.unsqueeze(1)).flatten()
-        return DecodeKV(layers, rows, length, rebuild)
-
-    def _allocate(self, b: int, length: int) -> bool:
-        s = self.spec
-        token_bytes = bytes_per_block(1, s.num_layers, s.num_kv_heads, s.head_dim, s.dtype)
-        old_b = self._buffers[0].shape[0] if self._buffers else 0
-        rows = max(b, old_b)
-        capacity = min(self.max_len, max(64, 1 << (length - 1).bit_length()))  # doubling: few reallocations
-        if rows * capacity * token_bytes > self.budget_bytes:
-            capacity = length
-            if rows * capacity * token_bytes > self.budget_bytes:
-                return False
-        self._buffers = []  # free the old ones first
-        self._bases = {}
-        shape = (rows, 2, s.num_kv_heads, capacity, s.head_dim)
-        # zeros: columns past a row's length are read under a -inf mask, and NaN garbage would leak through it
-        self._buffers = [torch.zeros(shape, dtype=s.dtype) for _ in range(s.num_layers)]
-        return True
-
-    def _base(self, b: int, capacity: int) -> torch.Tensor:
-        if b not in self._bases:
-            self._bases[b] = (torch.arange(b * 2 * self.spec.num_kv_heads) * capacity).view(b, -1)
-        return self._bases[b]

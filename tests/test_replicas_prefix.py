@@ -93,7 +93,7 @@ def test_eviction_never_takes_a_block_a_running_request_uses(mixtral_dir: Path) 
     prompts = shared_prefix_prompts(seed=42, requests=4) + random_prompts([600, 500, 700], 256, seed=43)
     expected = [o.token_ids for o in engine_for(mixtral_dir, enable_prefix_caching=False).generate(prompts, greedy(24))]
     block_bytes = engine_for(mixtral_dir).kv.spec.block_bytes
-    small = engine_for(mixtral_dir, kv_cache_bytes=150 * block_bytes, decode_workspace_bytes=0)
+    small = engine_for(mixtral_dir, kv_cache_bytes=150 * block_bytes)
     small.generate(shared_prefix_prompts(seed=42, requests=1, own=40), greedy(1))  # the prefix, cached
     assert [o.token_ids for o in small.generate(prompts, greedy(24))] == expected
     assert small.scheduler.num_preemptions > 0 or small.kv.pool.stats().evictable < PREFIX // BLOCK

@@ -2,7 +2,7 @@
 
 On the small MoE models this project is tested and benchmarked on, a decode step is bound by eager PyTorch's
 per-op overhead (see moe_serve/model/moe.py), not by arithmetic. The kernels replace op chains there: RMSNorm,
-decode attention over the decode workspace, dense projections, and the MoE block (gate, top-k, experts in fp32,
+decode attention over the paged KV pool, dense projections, and the MoE block (gate, top-k, experts in fp32,
 bf16, fp16, int8 or int4, combine; or just the experts, for a shard), whose weights they hold in column panels
 (layout.py, moe_serve/model/kernel_moe.py). Each has a torch implementation in moe_serve/model that tests compare it
 against and that runs when the kernels are off or cannot be built.

@@ -11,7 +11,7 @@
 // libm's expf does not vectorize; it agrees with torch's exp to a few ulp.
 //
 // Shape legend: T tokens, D hidden, E experts, A experts per token, I expert width, B decoding sequences,
-// H query heads, KVH key/value heads, G = H / KVH, Lc workspace capacity, Hd head dim.
+// H query heads, KVH key/value heads, G = H / KVH, L keys of the longest sequence, S KV slots, Hd head dim.
 
 #include <torch/extension.h>
 
@@ -48,7 +48,7 @@ inline float exp_poly(float x) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Eight consecutive keys or values of the decode workspace (float32 or bf16), widened to float32.
+// Eight consecutive elements of a K/V row or a weight row (float32 or bf16), widened to float32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
   const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -56,15 +56,8 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a floa
 }
 #endif
 
-// Rows of attention keys or values, hd elements each: consecutive in the decode workspace, or scattered over the
-// KV pages by the sequence's slots (`rows(j)` is row j's first element).
-template <typename KV>
-struct DenseRows {
-  const KV* base;
-  int64_t stride;
-  const KV* operator()(int64_t j) const { return base + j * stride; }
-};
-
+// Rows of attention keys or values, hd elements each, scattered over the KV pages by a sequence's slots
+// (`rows(j)` is row j's first element).
 template <typename KV>
 struct SlotRows {
   const KV* base;  // the pages, offset to this kv head's K or V
@@ -901,16 +894,6 @@ void decode_attention_over(const float* qp, int64_t q_row, const RowsOf& rows, c
   });
 }
 
-// The decode workspace [B, 2, KVH, Lc, Hd]: a sequence's keys (values) of one head are consecutive.
-template <typename KV>
-void workspace_attention(const float* qp, int64_t q_row, const KV* wsp, const int64_t* pos, int64_t b, int64_t h,
-                         int64_t kvh, int64_t cap, int64_t hd, int64_t window, float sc, float* op) {
-  const auto rows = [=](int64_t s, int64_t kv_head, int64_t kv, int64_t first) {
-    return DenseRows<KV>{wsp + ((s * 2 + kv) * kvh + kv_head) * cap * hd + first * hd, hd};
-  };
-  decode_attention_over<KV>(qp, q_row, rows, pos, b, h, kvh, cap, hd, window, sc, op);
-}
-
 // The paged pool [S, 2, KVH, Hd] and each sequence's key slots [B, L]: no copy, rows read where they are.
 template <typename KV>
 void paged_attention(const float* qp, int64_t q_row, const KV* pages, const int64_t* slots, const int64_t* pos,
@@ -924,43 +907,12 @@ void paged_attention(const float* qp, int64_t q_row, const KV* pages, const int6
 
 }  // namespace
 
-// One query per decoding sequence over the decode workspace: q [B, H, Hd] float32 (any token stride), workspace
-// [B, 2, KVH, Lc, Hd] (K then V; float32 or bf16, widened as it loads), positions [B] (the query's position; keys
+// One query per decoding sequence over the paged pool: q [B, H, Hd] float32 (any token stride), pages
+// [S, 2, KVH, Hd] (one layer, K then V; float32 or bf16, widened as it loads), slots [B, L] int64 (slot of each
+// sequence's key j; entries past its position are not read), positions [B] (the query's position; keys
 // 0..position are its sequence's, key j at position j); window > 0 keeps keys with j > position - window
-// (transformers' sliding-window rule). -> [B, H, Hd] float32; scores, softmax and sums in float32.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& workspace, const torch::Tensor& positions,
-                               int64_t window, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, Hd]");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous within a token");
-  TORCH_CHECK(workspace.device().is_cpu() && workspace.dim() == 5 && workspace.is_contiguous() &&
-                  (workspace.scalar_type() == torch::kFloat32 || workspace.scalar_type() == torch::kBFloat16),
-              "workspace must be a contiguous 5-dim float32 or bfloat16 CPU tensor, got ", workspace.scalar_type(),
-              " ", workspace.sizes());
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 1 && positions.is_contiguous(),
-              "positions must be a contiguous int64 vector");
-  const int64_t b = q.size(0), h = q.size(1), hd = q.size(2);
-  const int64_t kvh = workspace.size(2), cap = workspace.size(3);
-  TORCH_CHECK(workspace.size(0) >= b && workspace.size(1) == 2 && workspace.size(4) == hd && h % kvh == 0,
-              "workspace shape ", workspace.sizes(), " does not fit q ", q.sizes());
-  TORCH_CHECK(positions.size(0) == b, "positions has ", positions.size(0), " entries for ", b, " sequences");
-  auto out = torch::empty({b, h, hd}, q.options());
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t s = 0; s < b; ++s) TORCH_CHECK(pos[s] >= 0 && pos[s] < cap, "position ", pos[s], " outside workspace");
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  if (workspace.scalar_type() == torch::kFloat32) {
-    workspace_attention(qp, q.stride(0), workspace.data_ptr<float>(), pos, b, h, kvh, cap, hd, window, sc, op);
-  } else {
-    workspace_attention(qp, q.stride(0), static_cast<const c10::BFloat16*>(workspace.data_ptr()), pos, b, h, kvh,
-                        cap, hd, window, sc, op);
-  }
-  return out;
-}
-
-// decode_attention over the paged pool itself: pages [S, 2, KVH, Hd] (one layer; float32 or bf16), slots [B, L]
-// int64 (slot of each sequence's key j; entries past a sequence's position are not read), positions [B] as above.
-// Reads shared prefix blocks where they are, so no sequence needs a private copy of its keys.
+// (transformers' sliding-window rule). -> [B, H, Hd] float32; scores, softmax and sums in float32. Shared prefix
+// blocks are read where they are, so no sequence needs a private copy of its keys.
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& pages, const torch::Tensor& slots,
                                      const torch::Tensor& positions, int64_t window, double scale) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, Hd]");
@@ -1287,7 +1239,6 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last axis (float32)");
   m.def("linear", &linear, "x W^T over row-major float32/bf16/fp16 weights, for decode-sized batches");
-  m.def("decode_attention", &decode_attention, "decode attention over the decode workspace");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
   m.def("moe_experts", &moe_experts, "gate + routed experts + combine, over column panels");
   m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels");

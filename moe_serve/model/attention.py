@@ -32,32 +32,6 @@ class PrefillChunk:
     key_positions: torch.Tensor  # [L]
 
 
-@dataclass(frozen=True)
-class DecodeKV:
-    """This step's view of the decode workspace, handed to attention through the batch.
-
-    Shape legend: B = decoding sequences, L = keys attended (the longest sequence), Lc = workspace capacity.
-    """
-
-    layers: list[torch.Tensor]  # per layer [B, 2, KVH, Lc, Hd]
-    write_rows: torch.Tensor  # [B * 2 * KVH] rows of a layer's [B * 2 * KVH * Lc, Hd] view the new K/V go to
-    length: int  # L
-    rebuild: bool  # gather the batch's keys from the pages (AttentionBatch.decode_key_slots) before attending
-
-    def update(self, layer: int, kv_cache: torch.Tensor, new_kv: torch.Tensor,
-               key_slots: torch.Tensor | None) -> torch.Tensor:
-        """Bring layer `layer` up to date with this step's keys (new_kv [B, 2, KVH, Hd]) -> [B, 2, KVH, Lc, Hd]."""
-        ws = self.layers[layer]
-        if self.rebuild:
-            assert key_slots is not None
-            b, length = key_slots.shape
-            gathered = kv_cache.index_select(0, key_slots.flatten()).view(b, length, *kv_cache.shape[1:])
-            ws[:, :, :, :length].copy_(gathered.permute(0, 2, 3, 1, 4))
-        else:
-            ws.view(-1, ws.shape[-1]).index_copy_(0, self.write_rows, new_kv.reshape(-1, ws.shape[-1]))
-        return ws
-
-
 @dataclass
 class AttentionBatch:
     positions: torch.Tensor  # [T] position of every new token
@@ -66,7 +40,6 @@ class AttentionBatch:
     decode_key_slots: torch.Tensor | None  # [B, L] padded with slot 0
     decode_key_positions: torch.Tensor | None  # [B, L] padded with -1
     prefills: list[PrefillChunk]
-    decode_kv: DecodeKV | None = None  # the decode workspace; None: decode keys are gathered from the pages
     decode_same_length: bool = False  # every decoding sequence attends to the same L keys (no padding)
     dtype: torch.dtype = torch.float32  # of queries and keys, and so of the additive masks
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
@@ -167,15 +140,14 @@ def paged_attention(
     kv_cache: torch.Tensor,  # [S, 2, KVH, Hd], already holding this step's keys and values
     batch: AttentionBatch,
     window: int | None,
-    decode_kv: torch.Tensor | None = None,  # [B, 2, KVH, Lc, Hd] the decode workspace of this layer, up to date
 ) -> torch.Tensor:
     """Attention of every new token over its sequence's cached keys -> [T, H, Hd]."""
     b = batch.num_decode
     if b and not batch.prefills:  # pure decode step: no output buffer to fill piecewise
-        return _decode_attention(q, kv_cache, batch, window, decode_kv)
+        return _decode_attention(q, kv_cache, batch, window)
     out = torch.empty_like(q)
     if b:
-        out[:b] = _decode_attention(q[:b], kv_cache, batch, window, decode_kv)
+        out[:b] = _decode_attention(q[:b], kv_cache, batch, window)
     for index, chunk in enumerate(batch.prefills):
         chunk_q = q[chunk.start : chunk.end].unsqueeze(0)  # [1, C, H, Hd]
         mask = batch.prefill_mask(index, window)
@@ -183,31 +155,19 @@ def paged_attention(
     return out
 
 
-def _decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, window: int | None, workspace: torch.Tensor | None
-) -> torch.Tensor:
-    """One query per decoding sequence, q [B, H, Hd] -> [B, H, Hd]: over the workspace when there is one, else
-    over the pages where they are (the compiled kernels take float32 and bf16 K/V, computing in float32)."""
-    kv = workspace if workspace is not None else kv_cache
-    if _OPS is not None and kv.dtype in (torch.float32, torch.bfloat16) and q.dtype == kv.dtype and not q.is_cuda:
-        scale, positions = q.shape[2] ** -0.5, batch.positions[: q.shape[0]]
-        if workspace is not None:
-            out = _OPS.decode_attention(q.float(), workspace, positions, window or 0, scale)
-        else:
-            assert batch.decode_key_slots is not None
-            out = _OPS.paged_decode_attention(q.float(), kv_cache, batch.decode_key_slots, positions, window or 0,
-                                              scale)
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, window: int | None
+                      ) -> torch.Tensor:
+    """One query per decoding sequence, q [B, H, Hd] -> [B, H, Hd], over its keys where they are in the pages: the
+    compiled kernel reads float32 and bf16 pages in place (computing in float32), so a shared prefix is read, never
+    copied; torch's path gathers the keys first."""
+    assert batch.decode_key_slots is not None
+    if _OPS is not None and kv_cache.dtype in (torch.float32, torch.bfloat16) and q.dtype == kv_cache.dtype \
+            and not q.is_cuda:
+        out = _OPS.paged_decode_attention(q.float(), kv_cache, batch.decode_key_slots, batch.positions[: q.shape[0]],
+                                          window or 0, q.shape[2] ** -0.5)
         return out.to(q.dtype)
     mask = batch.decode_mask(window)  # [B, 1, 1, L] or None
-    if workspace is None:
-        assert batch.decode_key_slots is not None
-        return _grouped_attention(q.unsqueeze(1), kv_cache, batch.decode_key_slots, mask)[:, 0]
-    assert batch.decode_key_positions is not None
-    b, h, hd = q.shape
-    kvh, length = workspace.shape[2], batch.decode_key_positions.shape[1]
-    k, v = workspace[:, 0, :, :length], workspace[:, 1, :, :length]  # [B, KVH, L, Hd]
-    out = F.scaled_dot_product_attention(q.view(b, kvh, h // kvh, hd), k, v, attn_mask=mask)  # [B, KVH, G, Hd]
-    return out.reshape(b, h, hd)
+    return _grouped_attention(q.unsqueeze(1), kv_cache, batch.decode_key_slots, mask)[:, 0]
 
 
 def _grouped_attention(

@@ -152,10 +152,7 @@ class DenseModel:
         """residual + attention(x)."""
         q, kv = self._qkv(layer, x, batch)
         kv_cache.index_copy_(0, batch.slot_mapping, kv)
-        workspace = None
-        if batch.decode_kv is not None:
-            workspace = batch.decode_kv.update(i, kv_cache, kv[: batch.num_decode], batch.decode_key_slots)
-        out = paged_attention(q, kv_cache, batch, self.config.sliding_windows[i], workspace)
+        out = paged_attention(q, kv_cache, batch, self.config.sliding_windows[i])
         return residual + layer.o_proj(out.reshape(x.shape[0], -1))
 
     def _qkv(self, layer: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
