@@ -1,11 +1,16 @@
-"""Time vLLM (CPU build) on one batch of token-id prompts; run by bench/engine.py inside bench/.venv-vllm.
+"""Time vLLM (CPU build) on batches of token-id prompts; run by bench/engine.py and bench/prefix.py inside
+bench/.venv-vllm.
 
 Contract: reads a JSON job file (model_dir, prompts, max_tokens, dtype, warmup_tokens, repeats, max_model_len),
 builds one `vllm.LLM`, warms it up with a short run, times `repeats` greedy `generate` calls over all prompts
 (min_tokens = max_tokens, EOS ignored) and prints the median one as a line `BENCH_RESULT <json>` on stdout (wall
-time, per-request TTFT from vLLM's request metrics, generated ids); vLLM's own logs go to stderr. It owns no
-prompt generation and no reporting: engine.py makes the prompts, so every system sees the same ids, and turns the
-numbers into the table.
+time, per-request TTFT from vLLM's request metrics, generated ids, and the generated ids of every timed run in
+`token_ids_all`); vLLM's own logs go to stderr. It owns no prompt generation and no reporting: the bench script
+makes the prompts, so every system sees the same ids, and turns the numbers into the table.
+Optional job fields (absent: the behaviour above): `warmup_prompts` (the warm-up's own batch), `timed_prompts` (one
+batch per timed run, in place of `prompts` and `repeats`), `enable_prefix_caching` (passed to `vllm.LLM`; absent:
+vLLM's default). With prefix caching on, the result also has `prefix_cache` (vLLM's hit and query token counters
+over the timed runs).
 It imports nothing from moe_serve: this venv has vLLM's torch and transformers pins, not ours.
 """
 
@@ -36,20 +41,22 @@ def check_head_dim(model_dir: str) -> None:
         raise ValueError(f"vLLM CPU attention does not support head_dim={head_dim} (supported: {supported})")
 
 
-def build_llm(job: dict[str, Any]) -> Any:
+def build_llm(job: dict[str, Any], max_num_seqs: int) -> Any:
     from vllm import LLM
 
     check_head_dim(job["model_dir"])
+    options = {k: job[k] for k in ("enable_prefix_caching",) if k in job}
     return LLM(
         model=job["model_dir"],
         tokenizer=None,
         skip_tokenizer_init=True,  # token ids in, token ids out
         dtype=job["dtype"],
         max_model_len=job["max_model_len"],
-        max_num_seqs=len(job["prompts"]),
+        max_num_seqs=max_num_seqs,
         enforce_eager=job.get("enforce_eager", False),
         disable_log_stats=False,  # keeps RequestOutput.metrics (per-request first-token timing)
         seed=0,
+        **options,
     )
 
 
@@ -82,19 +89,29 @@ def request_timings(outputs: list[Any]) -> dict[str, Any] | None:
     return {"ttft_s": ttft, "decode_span_s": decode_span}
 
 
+def prefix_cache_counters(llm: Any) -> dict[str, int]:
+    """vLLM's prefix-cache counters so far, in tokens: looked up (`queried_tokens`) and found (`hit_tokens`)."""
+    names = {"vllm:prefix_cache_queries": "queried_tokens", "vllm:prefix_cache_hits": "hit_tokens"}
+    return {names[m.name]: m.value for m in llm.get_metrics() if m.name in names}
+
+
 def main(job_path: str) -> None:
     with open(job_path) as f:
         job = json.load(f)
-    prompts: list[list[int]] = job["prompts"]
+    timed: list[list[list[int]]] = job.get("timed_prompts") or [job["prompts"]] * job.get("repeats", 1)
+    warmup: list[list[int]] = job.get("warmup_prompts") or timed[0]
     max_tokens: int = job["max_tokens"]
 
     t0 = time.perf_counter()
-    llm = build_llm(job)
+    llm = build_llm(job, max(len(batch) for batch in (warmup, *timed)))
     load_s = time.perf_counter() - t0
-    run_batch(llm, prompts, job["warmup_tokens"])  # warm-up: compile, allocate, first-touch the KV cache
+    run_batch(llm, warmup, job["warmup_tokens"])  # warm-up: compile, allocate, first-touch the KV cache
 
-    runs = [timed_run(llm, prompts, max_tokens) for _ in range(job.get("repeats", 1))]
-    outputs, wall_s, timings = sorted(runs, key=lambda run: run[1])[len(runs) // 2]  # the median run
+    counters = prefix_cache_counters(llm) if job.get("enable_prefix_caching") else None
+    runs = [timed_run(llm, prompts, max_tokens) for prompts in timed]
+    median = sorted(range(len(runs)), key=lambda i: runs[i][1])[len(runs) // 2]
+    outputs, wall_s, timings = runs[median]
+    prompts = timed[median]
     ttft_source = "request_metrics"
     if timings is None:  # no metrics kept: TTFT is a max_tokens=1 batch
         _, one_s = run_batch(llm, prompts, 1)
@@ -116,8 +133,12 @@ def main(job_path: str) -> None:
         "decode_span_s": timings["decode_span_s"],
         "ttft_source": ttft_source,
         "token_ids": [list(out.outputs[0].token_ids) for out in outputs],
+        "token_ids_all": [[list(out.outputs[0].token_ids) for out in run[0]] for run in runs],
         "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")},
     }
+    if counters is not None:  # the TTFT fallback batch, when there is one, counts too
+        after = prefix_cache_counters(llm)
+        result["prefix_cache"] = {k: after[k] - counters[k] for k in after}
     sys.stdout.flush()
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
