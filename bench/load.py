@@ -4,7 +4,7 @@ Contract: a bounded load generator (every phase stops by itself, in request coun
 loopback. `--url http://127.0.0.1:PORT` measures a running app; `--start` starts a local Ray + Serve app on the
 tiny model (made once into bench/.models/) with autoscaling min 1 / max 3 (configurable) and stops it at the end.
 
-Phases, in this order:
+Phases, in this order (`--skip-autoscaling`, `--skip-intertoken`; `--intertoken-only` runs the inter-token one alone):
 - autoscaling: wait until the engine replicas are at min, then a steady closed-loop load (`--scale-concurrency`
   clients) for `--scale-load-s`, then silence until the count is back at min (bounded by `--silence-s`). The count
   is sampled every 0.5 s (`serve.status()` RUNNING replicas when this process started the app, else the
@@ -15,12 +15,27 @@ Phases, in this order:
   policy first asked for more than min, when the controller upscaled, and per new replica when it was added, its
   Ray worker process was up, the replica actor was built (the deployment class unpickled: imports of torch and
   moe_serve), EngineReplica.__init__ was done (model load, engine thread) and the controller saw it RUNNING.
+- inter-token (bench/intertoken.py), from min replicas: one streaming completion of `--intertoken-stream-tokens`
+  (greedy, EOS ignored) is watched; from its first token on, `--intertoken-prompts` fresh prompts of
+  `--intertoken-prompt-tokens` (600) random token ids (never repeated: no prefix-cache hits) arrive
+  `--intertoken-interval-s` apart, each generating a few tokens (unless given, the stream's length and the interval
+  come from a warm-up stream's rate: about 4 s of stream, prompts over its first half; a tiny model decodes
+  thousands of tokens a second, a mid-size one tens). Reported from the arrival time of each of the
+  stream's SSE events: events, median / p99 / largest gap, and the target largest gap <= 3 x median + 100 ms
+  (ok / MISS), with how many prompts overlapped the watch. Twice: "redis healthy" and "redis paused" (the app's
+  warm-tier redis-server under SIGSTOP for the watch, SIGCONT after). With `--start` this process starts that
+  redis-server (a free loopback port, no persistence) and gives the app its URL as the warm cache; with `--url`
+  the paused case is recorded as skipped.
 - throughput: per concurrency level (default 1, 4, 16), `--requests` streaming completions of exactly
   `--max-tokens` tokens (EOS ignored, greedy). Reported: requests/s and tokens/s over the level's wall time, TTFT
   (request sent -> first token event) and latency (request sent -> [DONE]) p50/p99, errors, most replicas seen.
 
-Prints a table with the targets (scale-up < 15 s, scale-down < 45 s, no flapping), writes bench/results/load.json
-and PNG plots (latency/throughput per concurrency; replica count over time with load start/stop marked).
+Prints tables with the targets (scale-up < 15 s, scale-down < 45 s, no flapping; the inter-token gap), writes
+bench/results/load.json (the inter-token phase under "intertoken"; alone, bench/results/intertoken_<model>.json
+instead, <model> the model directory's name) and PNG plots (latency/throughput per concurrency; replica count over
+time with load start/stop marked). `--model` also takes a name of bench/mid_models.py (`mixtral-mid`: made once
+into bench/.models/mixtral-mid-bfloat16; no tokenizer, so only the inter-token phase, which sends token ids);
+`--dtype` sets the app's serving dtype.
 It owns the load and the reporting, not the app.
 """
 
@@ -38,7 +53,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +61,8 @@ from typing import Any
 import httpx
 import numpy as np
 from tqdm.auto import tqdm
+
+from intertoken import TARGET_TEXT, OwnRedis, intertoken_phase, own_redis, print_intertoken
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -442,6 +459,11 @@ def free_port() -> int:
 
 def ensure_model(model_dir: Path | None) -> Path:
     if model_dir is not None:
+        if not model_dir.exists() and len(model_dir.parts) == 1:
+            from mid_models import MID_SHAPES, ensure_mid_model
+
+            if str(model_dir) in MID_SHAPES:  # a bench/mid_models.py shape: made once, in bf16
+                return ensure_mid_model(str(model_dir))
         return model_dir
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         from moe_serve.model.tiny import make_tiny_model
@@ -459,9 +481,9 @@ def autoscaling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextmanager
-def local_app(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any], Path]]:
+def local_app(args: argparse.Namespace, redis_url: str | None = None) -> Iterator[tuple[str, dict[str, Any], Path]]:
     """A local Ray (GCS on a free port, never 6379) + Serve app on 127.0.0.1, with its logs directory; stopped on
-    the way out."""
+    the way out. `redis_url`: the warm cache tier (else the environment's, as the app's default)."""
     import ray
     from ray import serve
 
@@ -469,8 +491,11 @@ def local_app(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any], P
     from moe_serve.replicas.app import APP_NAME, build_app
     from moe_serve.replicas.settings import AppSettings
 
+    extra: dict[str, Any] = {"cache": {"redis_url": redis_url}} if redis_url else {}
+    if args.dtype is not None:
+        extra["dtype"] = args.dtype
     settings = AppSettings(model_dir=str(ensure_model(args.model)), model_name=MODEL_NAME,
-                           autoscaling=autoscaling_overrides(args))
+                           autoscaling=autoscaling_overrides(args), **extra)
     connect_ray()
     try:
         port = free_port()
@@ -613,7 +638,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--url", help="base URL of a running app on loopback, e.g. http://127.0.0.1:8000")
     target.add_argument("--start", action="store_true", help="start a local Ray + Serve app on the tiny model")
     p.add_argument("--model", type=Path, default=None,
-                   help=f"model directory for --start (default {DEFAULT_MODEL_DIR})")
+                   help=f"model directory for --start (default {DEFAULT_MODEL_DIR}), or a bench/mid_models.py\n"
+                        "name (mixtral-mid, qwen3-mid: made once in bf16, no tokenizer: use --intertoken-only)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
+                   help="--start only: the app's serving dtype (default: the app's, auto)")
     p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (EOS ignored)")
@@ -635,18 +663,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="lower the load generator's CPU priority by this much (os.nice) after the app is up, so\n"
                         "that on a small machine the clients do not take CPU from the replicas they measure")
     p.add_argument("--skip-autoscaling", action="store_true")
+    p.add_argument("--skip-intertoken", action="store_true")
+    p.add_argument("--intertoken-only", action="store_true",
+                   help="run the inter-token phase alone; writes intertoken_<model>.json instead of load.json")
+    p.add_argument("--intertoken-stream-tokens", type=int, default=None,
+                   help="tokens of the watched stream (default: enough for ~4 s at the rate a warm-up stream\n"
+                        "measures, at least 300, at most 4096 or the model's length)")
+    p.add_argument("--intertoken-prompts", type=int, default=6, help="fresh prompts sent during the watch")
+    p.add_argument("--intertoken-prompt-tokens", type=int, default=600, help="random token ids per fresh prompt")
+    p.add_argument("--intertoken-interval-s", type=float, default=None,
+                   help="between fresh prompts (default: they arrive over the first half of the stream's\n"
+                        "expected duration)")
+    p.add_argument("--intertoken-request-timeout-s", type=float, default=60.0,
+                   help="per HTTP call (connect 10 s; read: longest wait for the next bytes)")
+    p.add_argument("--intertoken-timeout-s", type=float, default=300.0, help="longest a case may take in all")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     if args.target_ongoing is None:
         args.target_ongoing = defaults.target_ongoing_requests
     if args.url and httpx.URL(args.url).host not in ("127.0.0.1", "localhost", "::1"):
         p.error("--url must point at loopback (127.0.0.1)")
+    if args.intertoken_only and args.skip_intertoken:
+        p.error("--intertoken-only and --skip-intertoken exclude each other")
+    if args.intertoken_only:
+        args.skip_autoscaling = True
+    if min(args.intertoken_stream_tokens or 1, args.intertoken_prompts, args.intertoken_prompt_tokens) < 1:
+        p.error("--intertoken-stream-tokens, --intertoken-prompts and --intertoken-prompt-tokens must be >= 1")
     return args
 
 
 def run(args: argparse.Namespace, base_url: str, count: Callable[[], Count], app: dict[str, Any] | None,
-        logs_dir: Path | None = None) -> dict[str, Any]:
-    httpx.post(f"{base_url}/v1/completions", json={"model": MODEL_NAME, "prompt": "warm up", "max_tokens": 2},
+        logs_dir: Path | None = None, redis: OwnRedis | None = None) -> dict[str, Any]:
+    prompt: str | list[int] = [1, 5, 6, 7] if args.intertoken_only else "warm up"  # ids: a model without tokenizer
+    httpx.post(f"{base_url}/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2},
                timeout=120).raise_for_status()
     if args.client_nice:
         os.nice(args.client_nice)  # this thread and the ones it starts from here: the Ray processes keep theirs
@@ -656,12 +705,23 @@ def run(args: argparse.Namespace, base_url: str, count: Callable[[], Count], app
         if scale is not None and logs_dir is not None:
             load_stop_wall = scale.load_start_wall + scale.load_stop_s - scale.load_start_s
             scale.timeline = startup_timeline(logs_dir, scale.load_start_wall, load_stop_wall)
-        levels = throughput_phase(args, base_url, sampler)
+        intertoken = None
+        if not args.skip_intertoken:
+            if sampler.latest() != args.min_replicas:
+                wait_until(sampler, lambda: sampler.latest() == args.min_replicas, args.settle_s, "settle at min")
+            model_dir = app["model_dir"] if app else args.model
+            intertoken = intertoken_phase(
+                args, base_url, MODEL_NAME, model_dir, redis,
+                lambda since: [c.running for _, c in sampler.since(since)], sampler.now)
+        levels = [] if args.intertoken_only else throughput_phase(args, base_url, sampler)
     finally:
         sampler.stop()
-    print_report(levels, scale)
+    if not args.intertoken_only:
+        print_report(levels, scale)
+    if intertoken is not None:
+        print_intertoken(intertoken)
     args.out.mkdir(parents=True, exist_ok=True)
-    plots = plot(levels, scale, args.out)
+    plots = [] if args.intertoken_only else plot(levels, scale, args.out)
     return {
         "meta": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "url": base_url,
                  "mode": "start" if args.start else "url", "host": platform.node(), "cpus": os.cpu_count(),
@@ -669,9 +729,10 @@ def run(args: argparse.Namespace, base_url: str, count: Callable[[], Count], app
                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "plots": [str(p.relative_to(BENCH_DIR.parent)) if p.is_relative_to(BENCH_DIR.parent) else str(p)
                            for p in plots]},
-        "targets": TARGETS | {"flapping": False},
+        "targets": TARGETS | {"flapping": False, "intertoken": TARGET_TEXT},
         "throughput": [asdict(lv) for lv in levels],
         "autoscaling": asdict(scale) if scale else None,
+        "intertoken": intertoken,
     }
 
 
@@ -680,15 +741,24 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args.count_source = "serve.status" if args.start else "metrics"
     if args.start:
-        with local_app(args) as (base_url, app, logs_dir):
-            report = run(args, base_url, serve_status_count, app, logs_dir)
+        with ExitStack() as stack:  # the app stops before its redis-server
+            redis = None if args.skip_intertoken else stack.enter_context(own_redis())
+            base_url, app, logs_dir = stack.enter_context(local_app(args, redis.url if redis else None))
+            report = run(args, base_url, serve_status_count, app, logs_dir, redis)
     else:
         base_url = args.url.rstrip("/")
         report = run(args, base_url, metrics_gauge_count(base_url), None)
     report["meta"]["total_s"] = round(time.monotonic() - started, 1)
-    out = args.out / "load.json"
+    if args.intertoken_only:
+        model_dir = report["meta"]["app_settings"]["model_dir"] if args.start else args.model
+        name = Path(model_dir).name if model_dir else httpx.URL(base_url).netloc.decode().replace(":", "-")
+        dtype = f"_{args.dtype}" if args.dtype and args.dtype not in Path(str(model_dir)).name else ""
+        out = args.out / f"intertoken_{name}{dtype}.json"
+    else:
+        out = args.out / "load.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out} and plots in {args.out} ({report['meta']['total_s']:.0f} s in all)")
+    print(f"\nwrote {out}{'' if args.intertoken_only else f' and plots in {args.out}'} "
+          f"({report['meta']['total_s']:.0f} s in all)")
 
 
 if __name__ == "__main__":
