@@ -1237,11 +1237,14 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last axis (float32)");
-  m.def("linear", &linear, "x W^T over row-major float32/bf16/fp16 weights, for decode-sized batches");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
-  m.def("moe_experts", &moe_experts, "gate + routed experts + combine, over column panels");
-  m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels");
+  // The kernels touch no Python object: they let go of the GIL, so the serving process's other threads (its event
+  // loop streaming tokens, detokenizing) run while a step computes, instead of waiting for it.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last axis (float32)", no_gil);
+  m.def("linear", &linear, "x W^T over row-major float32/bf16/fp16 weights, for decode-sized batches", no_gil);
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool", no_gil);
+  m.def("moe_experts", &moe_experts, "gate + routed experts + combine, over column panels", no_gil);
+  m.def("grouped_experts", &grouped_experts, "expert FFNs for rows grouped by expert, over column panels", no_gil);
   // true where bf16 weights meet activations rounded to bf16 (AVX512-BF16 dot products), not widened
   m.attr("bf16_dot") = kBf16Dot;
   // true where int8 experts meet activations quantized to int8 per row (AVX512-VNNI dot products)
