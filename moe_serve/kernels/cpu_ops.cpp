@@ -96,6 +96,72 @@ inline void dot_rows(const float* q, const Rows& keys, int64_t n, int64_t hd, fl
   }
 }
 
+// Software prefetch of the K/V row kAhead rows on: a sequence's rows are a KV slot apart (2 KVH Hd elements), so
+// every few rows cross a 4 KiB page, where hardware stride prefetchers stop.
+constexpr int64_t kAhead = 8;
+template <typename KV>
+inline void prefetch_row(const KV* row, int64_t hd) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(KV)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+#endif
+}
+
+// dots[g][j] = <q[g], keys(j)> for the G query heads that share one kv head, KT = 8 / G keys per tile: each key
+// is widened once for all G heads, and the tile's 8 (key, head) sums share one horizontal-sum tree, summed as
+// dot_rows sums (so a head's scores do not depend on how many heads share its keys).
+template <int G, typename KV, typename Rows>
+inline void dot_rows_heads(const float* const* q, const Rows& keys, int64_t n, int64_t hd, float* const* dots) {
+  static_assert(8 % G == 0, "G must divide 8");
+  constexpr int KT = 8 / G;
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (hd % 8 == 0) {
+    for (; j + KT <= n; j += KT) {
+      if (j + kAhead < n) prefetch_row(keys(j + kAhead), hd);  // rows sit a slot apart: past the hardware's reach
+      __m256 acc[8];
+      for (int m = 0; m < 8; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < hd; i += 8) {
+        __m256 qv[G];
+        for (int g = 0; g < G; ++g) qv[g] = _mm256_loadu_ps(q[g] + i);
+        for (int u = 0; u < KT; ++u) {
+          const __m256 kv = load8(keys(j + u) + i);
+          for (int g = 0; g < G; ++g) acc[u * G + g] = _mm256_fmadd_ps(qv[g], kv, acc[u * G + g]);
+        }
+      }
+      const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)));
+      for (int u = 0; u < KT; ++u)
+        for (int g = 0; g < G; ++g) dots[g][j + u] = sums[u * G + g];
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const KV* k = keys(j);
+    for (int g = 0; g < G; ++g) {
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < hd; ++i) dot += q[g][i] * static_cast<float>(k[i]);
+      dots[g][j] = dot;
+    }
+  }
+}
+
+// Scores of `groups` query heads over the same keys: together where the group size divides 8, else head by head.
+template <typename KV, typename Rows>
+inline void score_rows(const float* const* q, int64_t groups, const Rows& keys, int64_t n, int64_t hd,
+                       float* const* dots) {
+  switch (groups) {
+    case 2: dot_rows_heads<2, KV>(q, keys, n, hd, dots); return;
+    case 4: dot_rows_heads<4, KV>(q, keys, n, hd, dots); return;
+    case 8: dot_rows_heads<8, KV>(q, keys, n, hd, dots); return;
+    default:
+      for (int64_t g = 0; g < groups; ++g) dot_rows<KV>(q[g], keys, n, hd, dots[g]);
+  }
+}
+
 // y[t][0..N) = sum_k x[t][k] * wt(k)[0..N) for NT rows (attention's values, wt(k) row k): register-blocked, each
 // row read once per tile.
 template <int NT, typename KV, typename Rows>
@@ -107,6 +173,7 @@ inline void gemm_tile(const float* const* x, const Rows& wt, int64_t k_dim, int6
     for (int t = 0; t < NT; ++t)
       for (int u = 0; u < 4; ++u) acc[t][u] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_dim; ++k) {
+      if (c == 0 && k + kAhead < k_dim) prefetch_row(wt(k + kAhead), n_dim);
       const KV* w = wt(k) + c;
       const __m256 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16), w3 = load8(w + 24);
       for (int t = 0; t < NT; ++t) {
@@ -861,8 +928,9 @@ void decode_attention_over(const float* qp, int64_t q_row, const RowsOf& rows, c
   const int64_t groups = h / kvh;
   at::parallel_for(0, b * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * cap);
-    std::vector<const float*> probs(groups);
-    std::vector<float*> outs(groups);
+    std::vector<const float*> probs(groups), qs(groups);
+    std::vector<float*> outs(groups), score_ptrs(groups);
+    for (int64_t g = 0; g < groups; ++g) score_ptrs[g] = scores.data() + g * cap;
     for (int64_t bk = begin; bk < end; ++bk) {  // the G query heads of one kv head share its keys and values
       const int64_t s = bk / kvh, kv_head = bk % kvh;
       const int64_t last = pos[s];
@@ -870,10 +938,11 @@ void decode_attention_over(const float* qp, int64_t q_row, const RowsOf& rows, c
       const int64_t n = last - first + 1;
       const auto keys = rows(s, kv_head, 0, first);
       const auto values = rows(s, kv_head, 1, first);
+      for (int64_t g = 0; g < groups; ++g) qs[g] = qp + s * q_row + (kv_head * groups + g) * hd;
+      score_rows<KV>(qs.data(), groups, keys, n, hd, score_ptrs.data());
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t head = kv_head * groups + g;
-        float* sc_row = scores.data() + g * cap;
-        dot_rows<KV>(qp + s * q_row + head * hd, keys, n, hd, sc_row);
+        float* sc_row = score_ptrs[g];
         float max_score = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : max_score)
         for (int64_t j = 0; j < n; ++j) max_score = sc_row[j] > max_score ? sc_row[j] : max_score;
