@@ -5,6 +5,7 @@ Edges validate (pydantic with descriptions); the hot path gets plain values from
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Literal
@@ -31,6 +32,14 @@ class CacheSettings(BaseModel):
                                                           "pool, sized by kv_cache_bytes")
     warm_ttl_s: float = Field(3600.0, gt=0)
     cold_ttl_s: float = Field(7 * 86400.0, gt=0)
+
+    @field_validator("hot_bytes")
+    @classmethod
+    def _deprecated(cls, value: int | None) -> int | None:
+        if value is not None:
+            logging.getLogger(__name__).warning("cache.hot_bytes is deprecated and ignored: the hot tier is the "
+                                                "engine's KV pool, sized by kv_cache_bytes")
+        return value
 
 
 class AutoscalingSettings(BaseModel):
