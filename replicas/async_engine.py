@@ -128,7 +128,7 @@ class AsyncLLMEngine:
         kv = engine.kv_stats()
         budget = engine.step_budget
         return {
-            "waiting": len(engine.scheduler.waiting) + self._inbox.qsize(),
+            "waiting": self.num_waiting(),
             "running": len(engine.scheduler.running),
             "kv_used_fraction": kv["blocks_in_use"] / kv["blocks_total"],
             "kv_blocks_in_use": kv["blocks_in_use"],
@@ -140,6 +140,10 @@ class AsyncLLMEngine:
             "preemptions": engine.scheduler.num_preemptions,
             "healthy": self._error is None and self._thread.is_alive(),
         }
+
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued in the engine or still in the inbox."""
+        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
 
     @property
     def max_model_len(self) -> int:

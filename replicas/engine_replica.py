@@ -52,9 +52,9 @@ class EngineReplica:
     async def generate(self, prompt_ids: list[int], sampling: dict[str, Any],
                        interval_s: float | None = 0.0) -> AsyncIterator[dict[str, Any]]:
         """Chunks of generated tokens (see AsyncLLMEngine.generate_chunks for `interval_s`)."""
-        stats = self.engine.stats()
-        if stats["waiting"] >= self.settings.limits.max_queued_requests:
-            yield {"error": {"status": 429, "message": f"replica queue is full ({stats['waiting']} waiting)"}}
+        waiting = self.engine.num_waiting()  # per request: not the whole stats(), which walks the pool
+        if waiting >= self.settings.limits.max_queued_requests:
+            yield {"error": {"status": 429, "message": f"replica queue is full ({waiting} waiting)"}}
             return
         try:
             params = SamplingParams(**sampling)
