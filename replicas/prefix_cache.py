@@ -104,17 +104,15 @@ class PrefixCache:
         """The longest cached prefix admission can reuse now (takes nothing yet)."""
         reusable = self._reusable(seq) if not seq.num_computed else []
         pool_blocks = self.pool.cached_prefix(reusable)
-        remote = self._resolved(seq)
-        if remote is not None:
-            pending, found = remote
-            # remote blocks continue the pool's prefix only if the pool still covers keys[:first]
-            skip = len(pool_blocks) - pending.first
-            if skip < 0 or skip >= found.num_blocks:
-                remote = None
-            else:
-                remote = (pending, CacheLookup(found.blocks[skip:], found.tiers[skip:], found.block_size,
-                                               found.lossy_blocks))
-        return PrefixHit(pool_blocks, remote[1] if remote else None)
+        found = self._resolved(seq)
+        if found is None:
+            return PrefixHit(pool_blocks, None)
+        # remote blocks (keys[first:]) continue the pool's prefix only if the pool still covers keys[:first]
+        skip = len(pool_blocks) - seq.cache_hit.first
+        if not 0 <= skip < found.num_blocks:
+            return PrefixHit(pool_blocks, None)
+        return PrefixHit(pool_blocks, CacheLookup(found.blocks[skip:], found.tiers[skip:], found.block_size,
+                                                  found.lossy_blocks))
 
     def admission_cost(self, hit: PrefixHit) -> int:
         """Free blocks taking `hit` uses up: its evictable pool blocks (they leave the queue)."""
@@ -193,7 +191,8 @@ class PrefixCache:
             return []
         return seq.cache_keys[: (len(seq.prompt_ids) - 1) // self.block_size]
 
-    def _resolved(self, seq: Sequence) -> tuple[PendingLookup, CacheLookup] | None:
+    def _resolved(self, seq: Sequence) -> CacheLookup | None:
+        """What the sequence's remote lookup found, if it has answered with at least one block."""
         pending = seq.cache_hit
         if not isinstance(pending, PendingLookup) or not pending.future.done() or pending.future.cancelled():
             return None
@@ -201,7 +200,7 @@ class PrefixCache:
             found = pending.future.result()
         except Exception:  # noqa: BLE001 - a failed lookup is a miss; the cache counted the error
             return None
-        return (pending, found) if found.num_blocks else None
+        return found if found.num_blocks else None
 
     def _evicted(self, key: str, block: int) -> None:
         """The pool reuses a cached block's page: write it behind first unless the remote tiers have it."""
