@@ -920,17 +920,22 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 
 namespace {
 
-// Decode attention over KV (float32 or bf16) elements; out [B, H, Hd] float32. rows(s, kv_head, kv, first) gives
-// the keys (kv 0) or values (kv 1) of sequence s from key `first` on; cap bounds a sequence's keys.
-template <typename KV, typename RowsOf>
-void decode_attention_over(const float* qp, int64_t q_row, const RowsOf& rows, const int64_t* pos, int64_t b,
-                           int64_t h, int64_t kvh, int64_t cap, int64_t hd, int64_t window, float sc, float* op) {
+// Decode attention over the paged pool [S, 2, KVH, Hd] of KV (float32 or bf16) elements and each sequence's key
+// slots [B, len]: no copy, rows read where they are; out [B, H, Hd] float32.
+template <typename KV>
+void paged_attention(const float* qp, int64_t q_row, const KV* pages, const int64_t* slots, const int64_t* pos,
+                     int64_t b, int64_t h, int64_t kvh, int64_t len, int64_t hd, int64_t window, float sc,
+                     float* op) {
   const int64_t groups = h / kvh;
+  // keys (kv 0) or values (kv 1) of sequence s and one kv head, from key `first` on
+  const auto rows = [=](int64_t s, int64_t kv_head, int64_t kv, int64_t first) {
+    return SlotRows<KV>{pages + (kv * kvh + kv_head) * hd, slots + s * len + first, 2 * kvh * hd};
+  };
   at::parallel_for(0, b * kvh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(groups * cap);
+    std::vector<float> scores(groups * len);
     std::vector<const float*> probs(groups), qs(groups);
     std::vector<float*> outs(groups), score_ptrs(groups);
-    for (int64_t g = 0; g < groups; ++g) score_ptrs[g] = scores.data() + g * cap;
+    for (int64_t g = 0; g < groups; ++g) score_ptrs[g] = scores.data() + g * len;
     for (int64_t bk = begin; bk < end; ++bk) {  // the G query heads of one kv head share its keys and values
       const int64_t s = bk / kvh, kv_head = bk % kvh;
       const int64_t last = pos[s];
@@ -961,17 +966,6 @@ void decode_attention_over(const float* qp, int64_t q_row, const RowsOf& rows, c
       gemm_rows<KV>(probs.data(), groups, values, n, hd, outs.data());  // out[g] = sum_j p[g][j] v[j]
     }
   });
-}
-
-// The paged pool [S, 2, KVH, Hd] and each sequence's key slots [B, L]: no copy, rows read where they are.
-template <typename KV>
-void paged_attention(const float* qp, int64_t q_row, const KV* pages, const int64_t* slots, const int64_t* pos,
-                     int64_t b, int64_t h, int64_t kvh, int64_t len, int64_t hd, int64_t window, float sc,
-                     float* op) {
-  const auto rows = [=](int64_t s, int64_t kv_head, int64_t kv, int64_t first) {
-    return SlotRows<KV>{pages + (kv * kvh + kv_head) * hd, slots + s * len + first, 2 * kvh * hd};
-  };
-  decode_attention_over<KV>(qp, q_row, rows, pos, b, h, kvh, len, hd, window, sc, op);
 }
 
 }  // namespace
