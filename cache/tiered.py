@@ -77,11 +77,19 @@ class CacheLookup:
     blocks: list[torch.Tensor]
     tiers: list[str]  # where each block came from
     block_size: int
-    lossy_blocks: int = 0  # blocks that came from int8 (cold_int8)
+    lossy: list[bool]  # per block: came from int8 (cold_int8)
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def lossy_blocks(self) -> int:
+        return sum(self.lossy)
+
+    def after(self, skip: int) -> CacheLookup:
+        """The blocks from `skip` on."""
+        return CacheLookup(self.blocks[skip:], self.tiers[skip:], self.block_size, self.lossy[skip:])
 
     @property
     def cached_tokens(self) -> int:
@@ -183,7 +191,7 @@ class TieredKVCache:
 
     def _result(self, found: list[tuple[str, CachedBlock]]) -> CacheLookup:
         return CacheLookup([b.data for _, b in found], [t for t, _ in found], self.layout.block_size,
-                           sum(b.lossy for _, b in found))
+                           [b.lossy for _, b in found])
 
     @property
     def _remote_open(self) -> bool:

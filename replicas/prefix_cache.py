@@ -54,6 +54,7 @@ class PrefixCache:
         self.stats = remote.stats if remote is not None else CacheStats()
         self.block_size = kv.spec.block_size
         self._written: set[int] = set()  # pool blocks whose key was handed to the remote tiers
+        self._lossy: set[int] = set()  # pool blocks filled from int8 values: never written up as exact ones
         if remote is not None:
             self.pool.on_evict = self._evicted
 
@@ -111,8 +112,7 @@ class PrefixCache:
         skip = len(pool_blocks) - seq.cache_hit.first
         if not 0 <= skip < found.num_blocks:
             return PrefixHit(pool_blocks, None)
-        return PrefixHit(pool_blocks, CacheLookup(found.blocks[skip:], found.tiers[skip:], found.block_size,
-                                                  found.lossy_blocks))
+        return PrefixHit(pool_blocks, found.after(skip))
 
     def admission_cost(self, hit: PrefixHit) -> int:
         """Free blocks taking `hit` uses up: its evictable pool blocks (they leave the queue)."""
@@ -133,10 +133,12 @@ class PrefixCache:
         if hit.remote is not None:
             landed = self.kv.allocate(hit.remote.num_blocks)
             keys = seq.cache_keys[len(hit.pool_blocks) : hit.num_blocks]
-            for key, block, data in zip(keys, landed, hit.remote.blocks):
+            for key, block, data, approximate in zip(keys, landed, hit.remote.blocks, hit.remote.lossy, strict=True):
                 self.kv.write_block(block, data)
                 if self.pool.register(key, block):
                     self._written.add(block)  # it came from there
+                    if approximate:
+                        self._lossy.add(block)
             seq.block_table += landed
             for tier, tokens in hit.remote.tokens_by_tier.items():
                 by_tier[tier] = by_tier.get(tier, 0) + tokens
@@ -172,7 +174,8 @@ class PrefixCache:
         """Hand every block the pool holds to the remote tiers before this replica goes; returns how many."""
         if self.remote is None:
             return 0
-        return self.remote.drain([(key, self.kv.read_block(block)) for key, block in self.pool.cached_blocks()])
+        return self.remote.drain([(key, self.kv.read_block(block)) for key, block in self.pool.cached_blocks()
+                                  if block not in self._lossy])
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait for the writes behind (tests, benchmarks, shutdown); False on timeout."""
@@ -204,6 +207,7 @@ class PrefixCache:
 
     def _evicted(self, key: str, block: int) -> None:
         """The pool reuses a cached block's page: write it behind first unless the remote tiers have it."""
+        self._lossy.discard(block)
         if block in self._written:
             self._written.discard(block)
             return

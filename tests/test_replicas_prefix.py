@@ -139,3 +139,23 @@ def test_paused_redis_delays_no_step_and_a_timed_out_lookup_recomputes(mixtral_d
     assert engine.prefix_cache.stats.as_dict()["tiers"]["warm"]["timeouts"] >= 1
     engine.abort_request(running)
     engine.prefix_cache.close()
+
+
+def test_int8_blocks_from_the_cold_tier_are_never_drained_to_warm(mixtral_dir: Path, redis_db: Any,
+                                                                  tmp_path: Path) -> None:
+    """Blocks filled from lossy int8 values serve hits, but a replica going away never writes them up as exact."""
+    cache = CacheConfig(warm_url=redis_db.url(), cold_url=str(tmp_path), cold_int8=True, cost_check=False)
+    prompt = random_prompts([40], 256, seed=47)
+    writer = engine_for(mixtral_dir, cache=cache)
+    writer.generate(prompt, greedy(2))
+    assert writer.prefix_cache is not None and writer.prefix_cache.flush()
+    writer.prefix_cache.close()
+    with redis_db.client() as client:
+        client.flushdb()  # only the cold tier, in int8, has the prompt's blocks now
+    reader = engine_for(mixtral_dir, cache=cache)
+    [out] = reader.generate(prompt, greedy(2))
+    assert out.cached_tokens_by_tier["cold"] == 32
+    assert reader.prefix_cache is not None and reader.prefix_cache.drain() == 0
+    with redis_db.client() as client:
+        assert client.dbsize() == 0
+    reader.prefix_cache.close()
