@@ -9,7 +9,9 @@ tokens (EOS ignored, greedy), `--num-prompts` requests at `--concurrency` 16, af
 Systems: `ours` = `moe-serve up` (one engine replica, local Ray, its default Redis warm tier; `--threads` torch
 threads, default 1 below hidden 1024 else every core); `vllm-cpu` = vLLM's OpenAI api_server (the module `vllm
 serve` runs) with OpenMP threads bound one per core, none reserved (its best setting on this machine kind).
-Both serve the same directory in the same `--dtype` (default: the checkpoint's own) under the same name.
+Both serve the same directory in the same `--dtype` (default: the checkpoint's own) under the same name. `engine` =
+the same workload on our engine alone (bench/_engine_serve_bench.py: `AsyncLLMEngine` in one process, same threads,
+no HTTP, no Serve): beside `ours` it splits our cost into the engine's and the serving path's.
 Models: the tiny bench Mixtral by default (bench/engine.py's: head_dim 32, the smallest vLLM's CPU attention takes),
 `--model DIR`, or `--suite mid` (bench/mid_models.py's mixtral-mid, bf16). A checkpoint without tokenizer.json is
 served from a sibling directory linking its files plus a byte-level BPE tokenizer of its vocab size: the client
@@ -49,7 +51,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_FILE = BENCH_DIR / "results" / "serve_vs_vllm.json"
 MID_RESULTS_FILE = BENCH_DIR / "results" / "serve_vs_vllm_mid.json"
 BENCH_WORKER = BENCH_DIR / "_vllm_serve_bench.py"
-SYSTEMS = ("ours", "vllm-cpu")
+ENGINE_WORKER = BENCH_DIR / "_engine_serve_bench.py"
+SYSTEMS = ("ours", "engine", "vllm-cpu")
 DTYPES = ("float32", "bfloat16")
 # (benchmark metric, label, bound on ours / vllm-cpu, True when higher is better)
 TARGETS = (("output_throughput", "output tok/s", 1.2, True), ("mean_ttft_ms", "TTFT mean ms", 1.0, False),
@@ -117,11 +120,14 @@ def with_tokenizer(checkpoint: Path) -> Path:
 def ours_server(model: Model, port: int, args: argparse.Namespace, work_dir: Path) -> Server:
     """`moe-serve up` with one fixed engine replica; its state file and Redis directory in `work_dir`, so a
     `moe-serve up` someone else runs keeps its own."""
-    threads = args.threads or (1 if model.config["hidden_size"] < 1024 else len(os.sched_getaffinity(0)))
     command = [sys.executable, "-m", "moe_serve.cli", "up", str(model.dir), "--host", "127.0.0.1", "--port",
-               str(port), "--model-name", model.name, "--dtype", model.dtype, "--threads", str(threads),
+               str(port), "--model-name", model.name, "--dtype", model.dtype, "--threads", str(our_threads(model, args)),
                "--min-replicas", "1", "--max-replicas", "1"]
     return Server(command, os.environ | {"MOE_SERVE_CACHE": str(work_dir)}, signal.SIGINT)
+
+
+def our_threads(model: Model, args: argparse.Namespace) -> int:
+    return args.threads or (1 if model.config["hidden_size"] < 1024 else len(os.sched_getaffinity(0)))
 
 
 def vllm_server(model: Model, port: int, args: argparse.Namespace, work_dir: Path) -> Server:
@@ -204,6 +210,8 @@ def bench_argv(base_url: str, model: Model, args: argparse.Namespace) -> list[st
 
 
 def run_system(system: str, model: Model, args: argparse.Namespace) -> dict[str, Any]:
+    if system == "engine":
+        return run_engine(model, args)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = args.out.with_name(f"{args.out.stem}_{system}_server.log.tmp")
@@ -216,6 +224,15 @@ def run_system(system: str, model: Model, args: argparse.Namespace) -> dict[str,
                                 args.bench_timeout, f"serve_vs_vllm_{system}")
     return bench_result(raw, args.num_prompts) | {"startup_s": startup_s, "server_command": server.command,
                                                   "server_log": str(log_path)}
+
+
+def run_engine(model: Model, args: argparse.Namespace) -> dict[str, Any]:
+    """The same workload on our engine in one process (no server): bench/_engine_serve_bench.py in our venv."""
+    job = {"model_dir": str(model.checkpoint), "dtype": model.dtype, "threads": our_threads(model, args),
+           "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
+           "concurrency": args.concurrency, "warmups": args.warmups}
+    raw, _ = run_worker(Path(sys.prefix), ENGINE_WORKER, job, {}, args.bench_timeout, "serve_vs_vllm_engine")
+    return bench_result(raw, args.num_prompts)
 
 
 def bench_result(raw: dict[str, Any], num_prompts: int) -> dict[str, Any]:
