@@ -140,7 +140,8 @@ def status(address: str | None = None, timeout_s: float = 10.0) -> dict[str, Any
             return {"application": APP_NAME, "status": "not running"}
         deployments = {name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
                        for name, d in app.deployments.items()}
-        engine = serve.get_deployment_handle("EngineReplica", APP_NAME)
+        # the engines' deployment: their own, or the ingress holding them (colocated)
+        engine = serve.get_deployment_handle("EngineReplica" if "EngineReplica" in deployments else "Ingress", APP_NAME)
         result = {"application": APP_NAME, "status": str(app.status), "deployments": deployments,
                   "engine_replica_sample": engine.stats.remote().result(timeout_s=timeout_s),
                   "cache_sample": engine.cache_stats.remote().result(timeout_s=timeout_s)}

@@ -1,4 +1,5 @@
-"""The ingress: an OpenAI-compatible FastAPI app served by Ray Serve in front of the engine replicas.
+"""The ingress: an OpenAI-compatible FastAPI app served by Ray Serve in front of the engine replicas, or holding
+the engine itself when colocated (engine_client.py).
 
 It authenticates, validates, tokenizes (chat templates included), enforces limits, and turns the replicas'
 token streams into OpenAI responses or server-sent events. Every client mistake is a 4xx in OpenAI's error
@@ -22,6 +23,8 @@ from ray.serve.handle import DeploymentHandle
 
 from moe_serve.cache import PromptCache, PromptCacheConfig
 from moe_serve.model.tokenizer import Tokenizer
+from moe_serve.replicas.engine_client import EngineClient, LocalEngine, RemoteEngine
+from moe_serve.replicas.engine_replica import EngineReplica
 from moe_serve.replicas.logprobs import chat_logprobs, completion_logprobs, token_text
 from moe_serve.replicas.metrics import ServingMetrics
 from moe_serve.replicas.protocol import (
@@ -108,14 +111,15 @@ def _sse(events: AsyncIterator[str], streams: list[TokenStream]) -> StreamingRes
                              headers={REPLICA_HEADER: streams[0].replica})
 
 
-def _replica_count() -> int:
+def _replica_count(deployment_name: str) -> int:
+    """Running replicas holding an engine: `deployment_name`'s."""
     try:
         status = serve.status()
         return sum(
             deployment.replica_states.get("RUNNING", 0)
             for application in status.applications.values()
             for name, deployment in application.deployments.items()
-            if name == "EngineReplica"
+            if name == deployment_name
         )
     except Exception:  # status is best-effort for metrics; the controller may be busy
         return 0
@@ -136,10 +140,19 @@ async def _limit_body_size(request: Request, call_next: Any) -> Any:
 # Defined last: serve.ingress snapshots the module when it wraps the class, so helpers must exist before it.
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, settings: AppSettings, experts: DeploymentHandle | None = None
-                 ) -> None:
+    async def __init__(  # type: ignore[misc]
+        self, engine: DeploymentHandle | None, settings: AppSettings, experts: DeploymentHandle | None = None
+    ) -> None:
+        """`engine`: the `EngineReplica` deployment; None: colocated, this replica builds and holds the engine.
+
+        Async (Serve awaits it) so a colocated engine can await the experts' router, as EngineReplica does."""
         app.state.max_body_bytes = settings.limits.max_body_bytes
-        self.engine = engine
+        self.local_engine: EngineReplica | None = None
+        if engine is None:
+            self.local_engine = EngineReplica.__new__(EngineReplica)
+            await self.local_engine.__init__(settings, experts)  # type: ignore[misc]
+        self.engine: EngineClient = RemoteEngine(engine) if engine is not None else LocalEngine(self.local_engine)
+        self.engine_deployment = "Ingress" if engine is None else "EngineReplica"
         self.experts = experts  # the ExpertShards deployment when experts run on shard actors
         self.settings = settings
         self.api_key = settings.resolved_api_key()
@@ -152,18 +165,46 @@ class Ingress:
         self.metrics = ServingMetrics()
         self._max_model_len: int | None = None
 
+    # --- Serve hooks and handle calls; with a colocated engine, its replica's ----------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """The colocated engine's load (`moe-serve status`); only when colocated."""
+        if self.local_engine is None:
+            raise RuntimeError("the engine runs in the EngineReplica deployment: ask it")
+        return self.local_engine.stats()
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        """The colocated engine's prefix-cache counters (`moe-serve status`); only when colocated."""
+        if self.local_engine is None:
+            raise RuntimeError("the engine runs in the EngineReplica deployment: ask it")
+        return self.local_engine.cache_stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The colocated engine's load for the autoscaler (Serve asks only deployments that autoscale)."""
+        return self.local_engine.record_autoscaling_stats() if self.local_engine is not None else {}
+
+    def check_health(self) -> None:
+        if self.local_engine is not None:
+            self.local_engine.check_health()
+
+    def __del__(self) -> None:
+        """Serve calls this on scale-down: a colocated engine drains as an EngineReplica does."""
+        local = getattr(self, "local_engine", None)
+        if local is not None:
+            local.__del__()
+
     # --- routes --------------------------------------------------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        stats = await self.engine.stats.remote()
+        stats = await self.engine.stats()
         return JSONResponse({"status": "ok" if stats["healthy"] else "unhealthy", "model": self.settings.served_name},
                             status_code=200 if stats["healthy"] else 503)
 
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
-        self.metrics.observe_replica(await self.engine.stats.remote(), _replica_count())
-        cache = await self.engine.cache_metrics.remote()  # one replica's tiered-cache counters
+        self.metrics.observe_replica(await self.engine.stats(), _replica_count(self.engine_deployment))
+        cache = await self.engine.cache_metrics()  # one replica's tiered-cache counters
         experts = await self.experts.metrics_text.remote() if self.experts is not None else b""  # per-expert load
         prompts = self.prompt_cache.stats.prometheus_text(prefix="moe_prompt_cache") if self.prompt_cache else b""
         return PlainTextResponse(self.metrics.render() + cache + experts + prompts,
@@ -279,7 +320,7 @@ class Ingress:
 
     async def _model_len(self) -> int:
         if self._max_model_len is None:
-            self._max_model_len = await self.engine.max_model_len.remote()
+            self._max_model_len = await self.engine.max_model_len()
         return self._max_model_len
 
     # --- streaming -----------------------------------------------------------------------------------------
@@ -298,8 +339,7 @@ class Ingress:
         streams = []
         for index in range(body.n):
             seed = None if body.seed is None else body.seed + index
-            generator = self.engine.options(stream=True).generate.remote(prompt_ids, {**sampling, "seed": seed},
-                                                                         interval_s)
+            generator = self.engine.generate(prompt_ids, {**sampling, "seed": seed}, interval_s)
             streams.append(TokenStream(generator, self.metrics))
         firsts = await asyncio.gather(*(s.first() for s in streams), return_exceptions=True)
         failed = next((f for f in firsts if isinstance(f, BaseException)), None)

@@ -97,6 +97,7 @@ class EngineReplica:
         engine = getattr(self, "engine", None)
         if engine is None:
             return
+        self.engine = None  # once: a colocating ingress calls this, then garbage collection may again
         engine.shutdown()
         logger.info("drained %d cached KV blocks to the lower cache tiers", engine.drain_cache())
 
@@ -105,12 +106,13 @@ class EngineReplica:
             raise RuntimeError("engine thread is not running")
 
 
-def engine_deployment(settings: AppSettings) -> serve.Deployment:
+def engine_deployment_options(settings: AppSettings, name: str) -> dict[str, Any]:
+    """`serve.deployment` options of the deployment `name` whose replicas hold the engines. Prefix-affinity routing
+    needs the prompt's token ids in the call, so it applies to the EngineReplica deployment only."""
     routing = {"request_router_config": RequestRouterConfig(request_router_class=ROUTER_PATH)} \
-        if settings.prefix_affinity else {}
-    return serve.deployment(
-        EngineReplica,
-        name="EngineReplica",
+        if settings.prefix_affinity and name == "EngineReplica" else {}
+    return dict(
+        name=name,
         ray_actor_options={"num_cpus": settings.replica_num_cpus},
         autoscaling_config=settings.autoscaling.serve_config(),
         max_ongoing_requests=settings.max_num_seqs + settings.limits.max_queued_requests,

@@ -102,7 +102,10 @@ class AppSettings(BaseModel):
     stream_interval_ms: float = Field(
         20.0, ge=0, description="After the first token, a streamed response sends what was generated in this "
                                 "interval as one chunk (fewer messages per token under load); 0: every engine step")
-    prefix_affinity: bool = Field(True, description="Route requests sharing a prompt prefix to the same replica")
+    prefix_affinity: bool = Field(True, description="Route requests sharing a prompt prefix to the same replica "
+                                                    "(engine replicas of their own only)")
+    colocated: bool = Field(False, description="Each ingress replica holds its engine: no Ray hop per streamed chunk, "
+                                               "faster on a node of few cores; no prefix-affinity routing")
     cache: CacheSettings = Field(default_factory=CacheSettings)
     shards: int = Field(0, ge=0, description="Expert shard actors (one GPU each where the cluster has GPUs) that all "
                                              "engine replicas share through one router; 0: experts in every replica")

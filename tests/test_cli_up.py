@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import free_port
 
 CLI = [sys.executable, "-m", "moe_serve.cli"]
@@ -37,12 +38,13 @@ def port_open(url: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
-def test_up_with_shards_status_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("colocate", [False, True], ids=["separate", "colocated"])
+def test_up_with_shards_status_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path, colocate: bool) -> None:
     env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path)}
     env.pop("MOE_SERVE_REDIS_URL", None)
     port = free_port()
     up = subprocess.Popen([*CLI, "up", str(tiny_model_dir), "--port", str(port), "--shards", "2",
-                           "--max-replicas", "1", "--model-name", "tiny"],
+                           "--max-replicas", "1", "--model-name", "tiny", *(["--colocate"] if colocate else [])],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         lines = wait_for_line(up, "Ctrl-C stops it", timeout_s=300)
@@ -58,7 +60,9 @@ def test_up_with_shards_status_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) 
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
         assert report["status"] == "ApplicationStatus.RUNNING" or report["status"].endswith("RUNNING")
-        assert set(report["deployments"]) == {"Ingress", "EngineReplica", "ExpertShards"}
+        engines = set() if colocate else {"EngineReplica"}  # colocated: the ingress replicas hold the engines
+        assert set(report["deployments"]) == {"Ingress", "ExpertShards", *engines}
+        assert report["engine_replica_sample"]["healthy"]
         assert len(report["experts"]["shards"]) == 2
         assert sum(map(sum, report["experts"]["load"]["expert_tokens"])) > 0
         assert report["cache_sample"] is not None

@@ -196,6 +196,27 @@ def test_serve_yaml_is_a_valid_serve_deploy_config() -> None:
     assert autoscaling.policy.policy_function == "moe_serve.replicas.autoscaling:llm_load_policy"
 
 
+def test_colocated_app_is_one_autoscaled_ingress_holding_the_engine() -> None:
+    config = load_yaml(SERVE_YAML)
+    args = config["applications"][0]["args"]
+    args.update(colocated=True, shards=0)
+    from ray._common.utils import import_attr
+    from ray.serve._private.build_app import build_app
+
+    from moe_serve.replicas.settings import AppSettings
+
+    built = build_app(import_attr(config["applications"][0]["import_path"])(args), name="moe-serve")
+    [ingress] = built.deployments
+    assert ingress.name == "Ingress" and built.ingress_deployment_name == "Ingress"
+    settings = AppSettings.model_validate(args)
+    deployment_config = ingress._deployment_config
+    assert deployment_config.autoscaling_config.max_replicas == settings.autoscaling.max_replicas
+    assert deployment_config.max_ongoing_requests == settings.max_num_seqs + settings.limits.max_queued_requests
+    assert ingress.ray_actor_options["num_cpus"] == settings.replica_num_cpus
+    # prefix affinity reads token ids from the engine call: HTTP requests routed to the ingress carry none
+    assert "PrefixAffinity" not in str(deployment_config.request_router_config.request_router_class)
+
+
 def test_serve_deploy_schema_rejects_a_broken_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 

@@ -32,6 +32,7 @@ MODEL = "tiny"
 class Server:
     base: str
     model_dir: Path
+    engine_deployment: str  # the deployment whose replicas hold the engines
 
     def client(self, api_key: str = API_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=60)
@@ -41,14 +42,15 @@ class Server:
         return httpx.post(f"{self.base}{path}", content=content, headers=headers, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, redis_server: Any) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=[False, True], ids=["separate", "colocated"])
+def server(request: pytest.FixtureRequest, tiny_model_dir: Path, redis_server: Any) -> Iterator[Server]:
+    """The app with engine replicas of their own, then with each ingress replica holding its engine."""
     settings = AppSettings(model_dir=str(tiny_model_dir), model_name=MODEL, api_key=API_KEY,
                            limits={"max_prompt_tokens": 600, "max_tokens": 4000},
-                           cache={"redis_url": redis_server.url(5)},
-                           autoscaling={"min_replicas": 1, "max_replicas": 1})
+                           cache={"redis_url": redis_server.url(5 + request.param)},  # each its own warm tier
+                           autoscaling={"min_replicas": 1, "max_replicas": 1}, colocated=request.param)
     with serve_app(settings) as url:
-        yield Server(url, tiny_model_dir)
+        yield Server(url, tiny_model_dir, "Ingress" if request.param else "EngineReplica")
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +264,7 @@ def aborted_requests(server: Server) -> float:
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_client_disconnect_frees_its_slot(server: Server, n: int) -> None:
-    handle = serve.get_deployment_handle("EngineReplica", APP_NAME)
+    handle = serve.get_deployment_handle(server.engine_deployment, APP_NAME)
     aborted_before = aborted_requests(server)
     body = (f'{{"model": "{MODEL}", "prompt": "Long story", "max_tokens": 4000, "ignore_eos": true, "stream": true, '
             f'"n": {n}}}')  # with n > 1, every choice's generation stops
@@ -290,3 +292,9 @@ def test_repeated_long_prompt_reports_cached_tokens(server: Server) -> None:
     assert second.choices[0].text == first.choices[0].text
     metrics = httpx.get(f"{server.base}/metrics").text
     assert 'moe_cache_hits_total{tier="hot"}' in metrics
+
+
+def test_engine_holders_report_load_to_the_autoscaler(server: Server) -> None:
+    """What the autoscaling policy reads, from whichever deployment holds the engines (colocated: the ingress)."""
+    stats = serve.get_deployment_handle(server.engine_deployment, APP_NAME).record_autoscaling_stats.remote().result()
+    assert set(stats) == {"running", "waiting", "kv_used_fraction"} and stats["running"] >= 0
