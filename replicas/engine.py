@@ -62,7 +62,7 @@ class EngineConfig:
     cache: CacheConfig | None = None  # the Redis warm and the cold tier around the pool; None: none
     # inter-token budget: while requests decode, prefill chunks are sized so a step stays within it
     # (step_budget.py); None: chunks limited by max_num_batched_tokens only
-    max_step_ms: float | None = 100.0
+    max_step_ms: float | None = 50.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):

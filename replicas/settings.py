@@ -92,7 +92,7 @@ class AppSettings(BaseModel):
         None, gt=0, description="Torch and kernel threads per engine replica; default: replica_num_cpus rounded up")
     kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV memory per engine replica: the paged pool, whose "
                                                              "cached prefix blocks are the hot tier")
-    max_step_ms: float | None = Field(100.0, gt=0, description="Inter-token budget: while requests decode, prefill "
+    max_step_ms: float | None = Field(50.0, gt=0, description="Inter-token budget: while requests decode, prefill "
                                                                "chunks are sized to keep a step within it; None: off")
     max_num_seqs: int = Field(64, gt=0, description="Sequences in one replica's running batch")
     api_key: str | None = Field(None, description=f"Required bearer token on /v1 routes; default: ${API_KEY_ENV}")
