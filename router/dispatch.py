@@ -17,7 +17,7 @@ import torch
 
 from moe_serve.cluster.placement import ExpertPlacement
 from moe_serve.cluster.shard import ShardMessage
-from moe_serve.model.moe import DispatchPlan, Routing, combine
+from moe_serve.model.moe import DispatchPlan, Gate, Routing, combine
 
 
 @dataclass
@@ -115,16 +115,17 @@ def split_by_shard(plan: DispatchPlan, placement: ExpertPlacement, layer: int) -
 
 
 def apply_capacity(
-    routing: Routing, gate_probs: torch.Tensor, capacity_factor: float, norm_topk_prob: bool
+    routing: Routing, logits: torch.Tensor, capacity_factor: float, gate: Gate
 ) -> tuple[Routing, int]:
     """Cap rows per expert at ceil(factor * N / E); overflowing picks move to the token's next-best expert with room.
+    `routing` is gate.route(logits); the moved picks are weighted by the gate's own rule (Gate.combine_weights).
 
     Returns the new routing and how many token-expert picks were moved (a token keeps A distinct experts).
     """
     num_tokens, top_k = routing.expert_ids.shape
-    num_experts = gate_probs.shape[1]
+    num_experts = logits.shape[1]
     capacity = max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
-    ranked = torch.argsort(gate_probs, dim=-1, descending=True).tolist()  # [T, E]
+    ranked = torch.argsort(logits, dim=-1, descending=True).tolist()  # [T, E]
     load = [0] * num_experts
     chosen_ids: list[list[int]] = []
     moved = 0
@@ -139,7 +140,4 @@ def apply_capacity(
                     break
         chosen_ids.append(picks)
     expert_ids = torch.tensor(chosen_ids, dtype=torch.long)
-    weights = gate_probs.gather(1, expert_ids)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(weights.to(routing.weights.dtype), expert_ids), moved
+    return Routing(gate.combine_weights(logits, expert_ids).to(routing.weights.dtype), expert_ids), moved

@@ -105,11 +105,11 @@ class Router:
     def _dispatch(self, layer: int, x: np.ndarray) -> LayerStep:
         hidden = torch.from_numpy(np.ascontiguousarray(x))
         gate = self.gates[layer]
-        probs = gate.probs(hidden)
-        routing = gate.route(probs, hidden.dtype)
+        logits = gate.logits(hidden)
+        routing = gate.route(logits, hidden.dtype)
         with self._lock:  # placement and stats are shared with `rebalance` when a compiled graph runs
             if self.config.capacity_factor is not None:
-                routing, moved = apply_capacity(routing, probs, self.config.capacity_factor, gate.norm_topk_prob)
+                routing, moved = apply_capacity(routing, logits, self.config.capacity_factor, gate)
                 self.stats.capacity_fallbacks += moved
             plan = dispatch(routing, self.model.num_experts)
             self.stats.count_tokens(layer, plan.counts)

@@ -78,41 +78,36 @@ class Routing:
 
 @dataclass(frozen=True)
 class Gate:
-    """Gate logits, top-k and renormalisation. Mixtral and Qwen `norm_topk_prob` renormalise the top-k weights."""
+    """The one routing rule every MoE path follows (the compiled kernel's `moe_experts` and capacity mode too): the
+    top-k experts by gate logit, weighted by the softmax over all experts taken at them, renormalised to sum to 1
+    where the family does (Mixtral, Qwen `norm_topk_prob`), which is the softmax of the chosen logits."""
 
     weight: torch.Tensor  # [E, D]
     top_k: int
     norm_topk_prob: bool
 
     def __call__(self, x: torch.Tensor) -> Routing:
-        return self.route(self.probs(x), x.dtype)
+        return self.route(self.logits(x), x.dtype)
 
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        # logits in the gate's dtype (float32) whatever x's
-        return torch.softmax(F.linear(x.to(self.weight.dtype), self.weight), dim=-1, dtype=torch.float32)  # [T, E]
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, D] -> [T, E], in the gate's dtype (float32) whatever x's."""
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+    def route(self, logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> Routing:
+        """Routing from gate logits [T, E]; weights in `dtype`."""
+        expert_ids = torch.topk(logits, self.top_k, dim=-1).indices  # [T, A]
+        return Routing(self.combine_weights(logits, expert_ids).to(dtype), expert_ids)
+
+    def combine_weights(self, logits: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 weights [T, A] of the experts `expert_ids` [T, A] picked for each token (by route() or otherwise)."""
+        if self.norm_topk_prob:
+            return torch.softmax(logits.gather(1, expert_ids), dim=-1, dtype=torch.float32)
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, expert_ids)
 
     def dense_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        """Combine weights [T, E] from gate logits [T, E] (float32): the routed experts' weights, 0 elsewhere."""
-        if self.norm_topk_prob:  # the renormalised top-k of a softmax is the softmax of the top-k logits
-            values, expert_ids = torch.topk(logits, self.top_k, dim=-1)
-            weights = torch.softmax(values, dim=-1)
-        else:
-            weights, expert_ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-        return torch.zeros_like(logits).scatter_(1, expert_ids, weights)
-
-    def route_logits(self, logits: torch.Tensor) -> Routing:
-        """Routing from gate logits [T, E], weights in float32 (as `route(probs(x))`)."""
-        if self.norm_topk_prob:
-            values, expert_ids = torch.topk(logits, self.top_k, dim=-1)
-            return Routing(torch.softmax(values, dim=-1), expert_ids)
-        weights, expert_ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-        return Routing(weights, expert_ids)
-
-    def route(self, probs: torch.Tensor, dtype: torch.dtype) -> Routing:
-        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return Routing(weights.to(dtype), expert_ids)
+        """Combine weights [T, E] from gate logits [T, E]: the routed experts' weights, 0 elsewhere."""
+        routing = self.route(logits)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, routing.expert_ids, routing.weights)
 
 
 @dataclass(frozen=True)
@@ -286,7 +281,7 @@ class StackedExperts:
                 down_t: torch.Tensor) -> torch.Tensor:
         t, d = x.shape
         e, i, k = self.num_experts, self.intermediate_size, self.gate.top_k
-        routing = self.gate.route_logits(logits)
+        routing = self.gate.route(logits)
         block = RoutedBlock.plan(routing.expert_ids, e)
         xs = x[block.source_token].view(e, block.capacity, d)  # [E, C, D]
         w13 = gate_up_router[: 2 * e * i].view(e, 2 * i, d).transpose(1, 2)  # [E, D, 2I], a view
