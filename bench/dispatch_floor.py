@@ -2,8 +2,9 @@
 topology as ours (driver -> router -> N shards -> router -> driver) moving the same payload, with no compute.
 
 Per layer call the router receives the hidden states [T, D] float32, sends each shard its share of the T * top_k
-expert rows, and joins the shards' rows back into [T, D]: the copies a real layer makes, none of the gating or expert
-math. What any transport costs above this on the same machine is our own overhead.
+expert rows in the message type ours sends (`ShardMessage`), and joins the shards' rows back into [T, D]: the copies
+a real layer makes, none of the gating or expert math. What any transport costs above this on the same machine is our
+own overhead.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import time
 import numpy as np
 import ray
 
+from moe_serve.cluster.shard import ShardMessage
+
 
 @ray.remote(num_cpus=0)
 class FloorRouter:
     def __init__(self, num_shards: int, top_k: int) -> None:
         self.num_shards, self.top_k = num_shards, top_k
 
-    def split(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    def split(self, x: np.ndarray) -> tuple[ShardMessage, ...] | ShardMessage:
         """[T, D] -> one message per shard: its share of the T * top_k rows, as dispatch sends them."""
-        parts = tuple(np.array_split(np.repeat(x, self.top_k, axis=0), self.num_shards))
+        no_ids = np.zeros(0, dtype=np.int64)
+        parts = tuple(ShardMessage(0, rows, no_ids, no_ids)
+                      for rows in np.array_split(np.repeat(x, self.top_k, axis=0), self.num_shards))
         return parts if self.num_shards > 1 else parts[0]  # one return value is the object itself
 
     def join(self, *rows: np.ndarray) -> np.ndarray:
@@ -31,8 +36,8 @@ class FloorRouter:
 
 @ray.remote(num_cpus=0)
 class FloorShard:
-    def echo(self, rows: np.ndarray) -> np.ndarray:
-        return rows
+    def echo(self, message: ShardMessage) -> np.ndarray:
+        return message.rows
 
 
 def floor_call_ms(num_shards: int, top_k: int, hidden: int, batches: tuple[int, ...], calls: int,
@@ -42,6 +47,7 @@ def floor_call_ms(num_shards: int, top_k: int, hidden: int, batches: tuple[int, 
 
     router = FloorRouter.remote(num_shards, top_k)
     shards = [FloorShard.remote() for _ in range(num_shards)]
+    ray.get([actor.__ray_ready__.remote() for actor in (router, *shards)])  # compiling before they run hangs
     with InputNode() as inp:
         messages = router.split.options(num_returns=num_shards).bind(inp)
         dag = router.join.bind(*(shard.echo.bind(messages[i]) for i, shard in enumerate(shards)))
@@ -55,7 +61,7 @@ def floor_call_ms(num_shards: int, top_k: int, hidden: int, batches: tuple[int, 
             samples = []
             for _ in range(calls):
                 start = time.perf_counter()
-                out = ray.get(graph.execute(x))
+                out = np.array(ray.get(graph.execute(x)))  # own the memory, as CompiledTransport does
                 samples.append((time.perf_counter() - start) * 1e3)
             if out.shape != x.shape:
                 raise RuntimeError(f"floor graph returned {out.shape} for {x.shape}")
