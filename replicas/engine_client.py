@@ -2,9 +2,9 @@
 (`AppSettings.colocated`). Both give the ingress the same calls; a token stream is an async iterator of the replica's
 chunk dicts with `cancel()`, which aborts the generation and frees its KV blocks.
 
-In process, a streamed chunk costs no Ray message and no second process: on a 2-core machine that is 4-40% more
-output tokens/s (bench/serve_vs_vllm.py). Over the handle, requests are routed by prompt prefix
-(routing.py) and the ingress scales apart from the engines.
+In process, a streamed chunk costs no Ray message and no second process (bench/serve_vs_vllm.py's `ours-colocated`
+measures it). Over the handle, requests are routed by prompt prefix (routing.py) and the ingress scales apart from
+the engines.
 """
 
 from __future__ import annotations
