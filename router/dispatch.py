@@ -17,7 +17,7 @@ import torch
 
 from moe_serve.cluster.placement import ExpertPlacement
 from moe_serve.cluster.shard import ShardMessage
-from moe_serve.model.moe import DispatchPlan, Gate, Routing, combine
+from moe_serve.router.gate import DispatchPlan, Gate, Routing, combine
 
 
 @dataclass

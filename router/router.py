@@ -28,7 +28,7 @@ from moe_serve.cluster.placement import ExpertPlacement
 from moe_serve.cluster.shard import ShardMessage
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
-from moe_serve.model.moe import Gate, dispatch
+from moe_serve.router.gate import Gate, dispatch
 from moe_serve.router.dispatch import LayerStep, apply_capacity, empty_message, split_by_shard
 from moe_serve.router.stats import LoadStats
 

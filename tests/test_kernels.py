@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moe_serve.kernels import build_dir, build_variant, cpu_ops, runnable, variant_names, variant_ops
 from moe_serve.kernels.layout import int4_panels, pad_columns, padded, panels
 from moe_serve.model.linear import KERNEL_MAX_TOKENS, Projection
-from moe_serve.model.moe import Gate
+from moe_serve.router.gate import Gate
 from moe_serve.model.quant import pack_weight
 
 

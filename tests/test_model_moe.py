@@ -15,7 +15,8 @@ import torch
 from moe_serve.kernels import cpu_ops
 from moe_serve.model import moe as moe_module
 from moe_serve.model.kernel_moe import KernelExperts
-from moe_serve.model.moe import ROUTED_MAX_TOKENS, ROUTED_MIN_TOKENS, ExpertStack, Gate, LocalMoE, combine, dispatch
+from moe_serve.model.moe import ROUTED_MAX_TOKENS, ROUTED_MIN_TOKENS, ExpertStack, LocalMoE
+from moe_serve.router.gate import Gate, combine, dispatch
 
 E, D, I, TOP_K = 8, 64, 128, 2
 TOL = {"none": 1e-5, "int8": 1e-2, "int4": 1e-2}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_serve.cluster.placement import ExpertPlacement
-from moe_serve.model.moe import Gate, dispatch
+from moe_serve.router.gate import Gate, dispatch
 from moe_serve.router.dispatch import apply_capacity, split_by_shard
 
 E, D, T, TOP_K = 8, 16, 64, 2

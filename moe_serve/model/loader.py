@@ -12,7 +12,8 @@ from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.kernel_moe import KernelExperts
 from moe_serve.model.config import ModelConfig
-from moe_serve.model.moe import ExpertStack, Gate, LocalMoE
+from moe_serve.model.moe import ExpertStack, LocalMoE
+from moe_serve.router.gate import Gate
 from moe_serve.model.quant import QuantMode
 from moe_serve.model.transformer import DenseModel
 
