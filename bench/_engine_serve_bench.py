@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 RESULT_PREFIX = "BENCH_RESULT "
 
 
@@ -50,11 +52,6 @@ async def closed_loop(engine, prompts: list[list[int]], concurrency: int, params
     return time.perf_counter() - start, results
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def main(job_path: str) -> None:
     from moe_serve.replicas.async_engine import AsyncLLMEngine
     from moe_serve.replicas.engine import EngineConfig, LLMEngine
@@ -79,8 +76,8 @@ def main(job_path: str) -> None:
     tokens = sum(r[1] for r in results)
     doc = {"completed": len(results), "duration": seconds, "total_output_tokens": tokens,
            "output_throughput": tokens / seconds, "request_throughput": len(results) / seconds,
-           "mean_ttft_ms": statistics.fmean(ttfts), "p99_ttft_ms": percentile(ttfts, 99),
-           "mean_itl_ms": statistics.fmean(gaps), "p99_itl_ms": percentile(gaps, 99),
+           "mean_ttft_ms": statistics.fmean(ttfts), "p99_ttft_ms": float(np.percentile(ttfts, 99)),
+           "mean_itl_ms": statistics.fmean(gaps), "p99_itl_ms": float(np.percentile(gaps, 99)),
            "mean_tpot_ms": statistics.fmean(tpots)}
     print(RESULT_PREFIX + json.dumps(doc), flush=True)
 

@@ -273,7 +273,6 @@ def run_all(model_dir: Path, w: Workload, transports: Sequence[str], budget_s: f
         "num_moe_layers": num_moe_layers,
         "router_cpu_p50_ms": router_cpu,
         "runs": [r.summary() for r in runs],
-        "floor_call_p50_ms": {str(b): pct(samples, 50) for b, samples in floor.items() if samples},
         "comparisons": compare(runs, num_moe_layers, floor),
         "wall_s": round(time.monotonic() - started, 1),
     }

@@ -169,15 +169,16 @@ class Ingress:
 
     def stats(self) -> dict[str, float]:
         """The colocated engine's load (`moe-serve status`); only when colocated."""
-        if self.local_engine is None:
-            raise RuntimeError("the engine runs in the EngineReplica deployment: ask it")
-        return self.local_engine.stats()
+        return self._colocated_engine().stats()
 
     def cache_stats(self) -> dict[str, Any] | None:
         """The colocated engine's prefix-cache counters (`moe-serve status`); only when colocated."""
+        return self._colocated_engine().cache_stats()
+
+    def _colocated_engine(self) -> EngineReplica:
         if self.local_engine is None:
             raise RuntimeError("the engine runs in the EngineReplica deployment: ask it")
-        return self.local_engine.cache_stats()
+        return self.local_engine
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The colocated engine's load for the autoscaler (Serve asks only deployments that autoscale)."""
