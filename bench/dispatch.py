@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,8 +50,9 @@ from dispatch_floor import floor_call_ms
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_FILE = BENCH_DIR / "results" / "dispatch.json"
 DEFAULT_MODEL_DIR = BENCH_DIR / ".models" / "tiny-mixtral"
-# "compiled-sleep": the compiled graph with sleeping channel reads (CompiledGraphConfig(poll="sleep"))
-TRANSPORT_KINDS = ("plain", "compiled", "compiled-sleep")
+# "compiled-sleep": the compiled graph with sleeping channel reads (CompiledGraphConfig(poll="sleep"));
+# "serve": the routed transport as the Serve app's replicas use it, with a second replica decoding on the same router
+TRANSPORT_KINDS = ("plain", "compiled", "compiled-sleep", "routed", "serve", "serve-sleep")
 TARGET_OVERHEAD_P50_MS = 0.3
 TARGET_RATIO_AT_32 = 0.6
 TARGET_BEST_X_FLOOR_AT_32 = 1.2
@@ -184,9 +186,55 @@ def router_cpu_ms(model_dir: Path, batch: int, num_shards: int, repeats: int = 2
     for _ in range(repeats):
         start = time.perf_counter()
         step = router._dispatch(layer, x)
-        router._combine(step, {b.shard: m.rows for b, m in zip(step.batches, step.messages)})
+        router._finish(step, step.combine({b.shard: m.rows for b, m in zip(step.batches, step.messages)}))
         times.append((time.perf_counter() - start) * 1e3)
     return pct(times, 50)
+
+
+class PeerReplica:
+    """The second engine replica of the "serve" system: decodes `batch` requests at a time on the shared router,
+    over the Serve app's transport, until stopped."""
+
+    def __init__(self, model_dir: str, router: Any) -> None:
+        from moe_serve.replicas.engine import LLMEngine
+        from moe_serve.router.backend import RemoteMoE
+        from moe_serve.router.transport import make_transport
+
+        torch.set_num_threads(1)
+        backend = RemoteMoE(make_transport("routed", router, []), lambda: router)
+        self.engine = LLMEngine.from_pretrained(model_dir, moe=backend)
+        self.vocab = self.engine.model_config.vocab_size
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    def start(self, batch: int, prompt_len: int) -> None:
+        self._stop.clear()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, args=(batch, prompt_len), daemon=True)
+        self._thread.start()
+
+    def _run(self, batch: int, prompt_len: int) -> None:
+        from moe_serve.replicas.sampling import SamplingParams
+
+        params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        gen = torch.Generator().manual_seed(batch)
+        while not self._stop.is_set():
+            ids = [self.engine.add_request(torch.randint(3, self.vocab, (prompt_len,), generator=gen).tolist(),
+                                           params) for _ in range(batch)]
+            while self.engine.has_unfinished() and not self._stop.is_set():
+                self.engine.step()
+                self.steps += 1
+            for request_id in ids:
+                self.engine.abort_request(request_id)  # no-op once finished
+                self.engine.pop_result(request_id)
+
+    def stop(self) -> int:
+        """Stop decoding; the number of steps taken since `start`."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.steps
 
 
 def machine_info() -> dict[str, Any]:
@@ -235,6 +283,7 @@ def run_all(model_dir: Path, w: Workload, transports: Sequence[str], budget_s: f
             pooled[key] = run
 
     connect_ray()
+    peer_replica = ray.remote(num_cpus=0, max_concurrency=2)(PeerReplica)
     # Rounds interleave the systems, so a slow spell of the machine (other work on its 2 cores) hits all of them.
     for round_index in range(w.repeats):
         for batch in w.batches:
@@ -245,17 +294,26 @@ def run_all(model_dir: Path, w: Workload, transports: Sequence[str], budget_s: f
                     pooled.setdefault((kind, batch), RunResult(kind, batch, "skipped",
                                                                f"over the {budget_s:.0f} s budget"))
                 continue
-            graph_config = CompiledGraphConfig(poll="sleep" if kind == "compiled-sleep" else "spin")
-            parallel = start_expert_parallel(str(model_dir), w.num_shards, transport=kind.split("-")[0],
-                                             graph_config=graph_config)
+            base_kind = kind.removesuffix("-sleep")
+            graph_config = CompiledGraphConfig(poll="sleep" if kind.endswith("-sleep") else "spin")
+            transport = "routed" if base_kind == "serve" else base_kind
+            parallel = start_expert_parallel(str(model_dir), w.num_shards, transport=transport,
+                                             graph_config=graph_config, router_concurrency=2)
+            peer = peer_replica.remote(str(model_dir), parallel.router) if base_kind == "serve" else None
             try:
                 timed = TimedMoE(parallel)
                 engine = LLMEngine.from_pretrained(model_dir, engine_config, moe=timed)
                 for batch in w.batches:
+                    if peer is not None:
+                        ray.get(peer.start.remote(batch, w.prompt_len))
                     run = decode_run(engine, timed, kind, batch, w)
-                    run.transport = parallel.transport.stats()
+                    if peer is not None:
+                        run.transport["peer_steps"] = ray.get(peer.stop.remote())
+                    run.transport.update(parallel.describe()["transport"])
                     record(run)
             finally:
+                if peer is not None:
+                    ray.kill(peer)
                 parallel.shutdown()
         config = local.model_config
         for batch, samples in floor_call_ms(w.num_shards, config.top_k, config.hidden_size, w.batches,

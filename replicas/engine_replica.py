@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from moe_serve.replicas.async_engine import AsyncLLMEngine
 from moe_serve.replicas.engine import EngineConfig, LLMEngine, TokenLogprob
-from moe_serve.replicas.experts import RemoteExperts
+from moe_serve.replicas.experts import remote_moe
 from moe_serve.replicas.routing import ROUTER_PATH
 from moe_serve.replicas.sampling import SamplingParams
 from moe_serve.replicas.settings import AppSettings
@@ -42,12 +42,11 @@ class EngineReplica:
             num_threads=settings.replica_threads, kv_cache_bytes=settings.kv_cache_bytes,
             max_num_seqs=settings.max_num_seqs, max_step_ms=settings.max_step_ms, cache=settings.cache_config(),
         )
-        self.remote_experts = None
+        moe = None
         if experts is not None:
             [router] = await experts.router.remote()
-            self.remote_experts = RemoteExperts(experts, router)
-        self.engine = AsyncLLMEngine(
-            LLMEngine.from_pretrained(settings.model_dir, engine_config, moe=self.remote_experts))
+            moe = remote_moe(experts, router, settings)
+        self.engine = AsyncLLMEngine(LLMEngine.from_pretrained(settings.model_dir, engine_config, moe=moe))
 
     async def generate(self, prompt_ids: list[int], sampling: dict[str, Any],
                        interval_s: float | None = 0.0) -> AsyncIterator[dict[str, Any]]:

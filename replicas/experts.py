@@ -3,35 +3,25 @@ call the router.
 
 `ExpertShards` (a single replica) starts the shard actors in their placement group and the router actor; they are
 owned by it, so they go when the application goes, and when its node dies Serve starts it again elsewhere with
-fresh actors. Engine replicas ask it for the router's actor handle once and then call the router directly with
-plain actor calls: several replicas share one router, and a Ray compiled graph binds its actors to one caller.
-
-`RemoteExperts` is the engine's MoE backend in that setup. The router already retries a shard that Ray is
-restarting; when a layer call still fails (a shard's node is gone and its bundle is being placed again, or the
-router itself went with its owner), it waits, asks `ExpertShards` for the current router and calls again, for up
-to `recovery_window_s`. Requests running through a recovery stall instead of failing.
+fresh actors. Engine replicas ask it for the router's actor handle once and then call the router directly: several
+replicas share one router, and by default the router drives a compiled graph to its shards (the "routed"
+transport), since an actor runs one compiled graph at a time and so no replica can drive one through the shared
+shards. `remote_moe` is an engine replica's MoE backend: the same `RemoteMoE` as the CLI's, whose recovery asks
+`ExpertShards` for the current router.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import ray
-import torch
-from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from moe_serve.router.deploy import start_expert_parallel
-from moe_serve.router.router import RouterConfig, ShardCallFailed
-from moe_serve.router.transport import PlainTransport
 from moe_serve.replicas.settings import AppSettings
-
-log = logging.getLogger(__name__)
-
-# Errors after which the layer call is made again: the router or a shard died and is coming back.
-RECOVERABLE = (RayActorError, ShardCallFailed)
+from moe_serve.router.backend import RemoteMoE
+from moe_serve.router.deploy import start_expert_parallel
+from moe_serve.router.router import RouterConfig
+from moe_serve.router.transport import make_transport
 
 
 class ExpertShards:
@@ -41,7 +31,7 @@ class ExpertShards:
         self.parallel = start_expert_parallel(
             settings.model_dir, settings.shards, strategy=settings.placement, quantize=settings.quantize,
             router_config=RouterConfig(auto_rebalance_every=settings.auto_rebalance_every),
-            transport="plain", router_concurrency=max(1, settings.autoscaling.max_replicas),
+            transport=settings.shard_transport, router_concurrency=max(1, settings.autoscaling.max_replicas),
         )
 
     def router(self) -> list[Any]:
@@ -68,36 +58,14 @@ class ExpertShards:
             parallel.shutdown()
 
 
-class RemoteExperts:
-    """MoE backend of an engine replica: routed-expert outputs come from the `ExpertShards` router."""
+def remote_moe(experts: DeploymentHandle, router: Any, settings: AppSettings,
+               recovery_window_s: float = 120.0) -> RemoteMoE:
+    """An engine replica's MoE backend. `router`: the handle `experts.router` gave (fetched by the caller, which may
+    be on an event loop); recovery fetches the current one from the step thread, never from an event loop."""
 
-    def __init__(self, shards: DeploymentHandle, router: Any, recovery_window_s: float = 120.0,
-                 retry_pause_s: float = 0.5) -> None:
-        """`router`: the handle `shards.router` gave (fetched by the caller, which may be on an event loop)."""
-        self.shards = shards
-        self.recovery_window_s = recovery_window_s
-        self.retry_pause_s = retry_pause_s
-        self.recoveries = 0
-        self.transport = PlainTransport(router)
+    def current_router() -> Any:
+        [handle] = experts.router.remote().result(timeout_s=recovery_window_s)
+        return handle
 
-    def _current_router(self) -> Any:
-        """Called from the engine's step thread, never from an event loop."""
-        [router] = self.shards.router.remote().result(timeout_s=self.recovery_window_s)
-        return router
-
-    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        deadline = time.monotonic() + self.recovery_window_s
-        while True:
-            try:
-                # float32 on the wire (numpy has no bf16); the shards compute in float32
-                return torch.from_numpy(self.transport(layer, hidden.float().numpy())).to(hidden.dtype)
-            except RECOVERABLE as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                log.warning("MoE layer %d call failed (%s); retrying with the current router", layer, exc)
-                self.recoveries += 1
-                time.sleep(self.retry_pause_s)
-                try:
-                    self.transport.router = self._current_router()
-                except Exception as fetch_error:  # noqa: BLE001 - ExpertShards itself may be restarting
-                    log.warning("ExpertShards not reachable yet: %s", fetch_error)
+    return RemoteMoE(make_transport(settings.shard_transport, router, []), current_router,
+                     recovery_window_s=recovery_window_s)

@@ -1,13 +1,13 @@
-"""Start the expert-parallel half of a model (shards + router actor) and give replicas an `MoEBackend` for it.
+"""Start the expert-parallel half of a model (shards + router actor) and give the engine a `RemoteMoE` for it.
 
 `ExpertParallel.moe(layer, hidden)` is what the engine's dense part calls per MoE layer. It reaches the router and
-the shards through a transport (router/transport.py): a Ray compiled graph, or plain actor calls (the fallback
-the compiled graph uses while it is down).
+the shards through a transport (router/transport.py): "compiled" (a graph the caller drives; one caller only),
+"routed" (an actor call to a router that drives a graph to its shards; any number of callers) or "plain".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -17,12 +17,11 @@ from moe_serve.cluster.bringup import ShardGroup, start_shards
 from moe_serve.cluster.placement import ExpertPlacement
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.quant import QuantMode
+from moe_serve.router.backend import RemoteMoE
 from moe_serve.router.router import Router, RouterConfig
 from moe_serve.router.transport import TRANSPORTS, CompiledGraphConfig, Transport, TransportKind, make_transport
 
-# bench/dispatch.py on the 2-core CPU machine, router + 4 shards, tiny Mixtral (bench/results/dispatch.json): the
-# compiled graph costs 2-3.5x less per MoE layer than plain actor calls at batch 1-32 when the machine is otherwise
-# idle. Plain stays the fallback a compiled transport uses while its graph is down.
+# The lowest per-layer cost for a single caller in bench/dispatch.py (bench/results/dispatch.json).
 DEFAULT_TRANSPORT: TransportKind = "compiled"
 
 
@@ -31,10 +30,14 @@ class ExpertParallel:
     shards: ShardGroup
     router: Any  # Router actor handle
     transport: Transport
+    backend: RemoteMoE = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The router restarts in place (max_restarts=-1): its handle stays the current one.
+        self.backend = RemoteMoE(self.transport, lambda: self.router)
 
     def moe(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        # float32 on the wire (numpy has no bf16); the shards compute in float32
-        return torch.from_numpy(self.transport(layer, hidden.float().numpy())).to(hidden.dtype)
+        return self.backend(layer, hidden)
 
     __call__ = moe
 
@@ -44,11 +47,18 @@ class ExpertParallel:
         plan = ray.get(self.router.placement_plan.remote())
         for entry, info in zip(plan["shards"], infos):
             entry.update(node=info.node_id, gpu_ids=info.gpu_ids, device=info.device)
-        return {**plan, "nodes": sorted(set(nodes)), "uses_gpus": self.shards.uses_gpus,
-                "transport": self.transport.stats()}
+        transport = self.backend.stats()
+        shard_graph = ray.get(self.router.graph_stats.remote())
+        if shard_graph is not None:
+            transport["shard_graph"] = shard_graph
+        return {**plan, "nodes": sorted(set(nodes)), "uses_gpus": self.shards.uses_gpus, "transport": transport}
 
     def shutdown(self) -> None:
         self.transport.close()  # a compiled graph goes before its actors
+        try:
+            ray.get(self.router.close.remote(), timeout=10)  # and so does the router's own
+        except Exception:  # noqa: BLE001 - a dead or restarting router has no graph to tear down
+            pass
         ray.kill(self.router)
         self.shards.shutdown()
 
@@ -64,11 +74,11 @@ def start_expert_parallel(
     graph_config: CompiledGraphConfig = CompiledGraphConfig(),
     router_concurrency: int = 1,
 ) -> ExpertParallel:
-    """Shards + router; `transport` "compiled" (a Ray compiled graph per layer call) or "plain" (actor calls).
-
-    `router_concurrency`: plain calls the router serves at once (one per engine replica that shares it)."""
+    """Shards + router, reached through `transport` (one of TRANSPORTS; "routed" turns the router's shard graph on,
+    with `graph_config`). `router_concurrency`: calls the router serves at once (one per engine replica sharing it)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+    router_config = replace(router_config, shard_graph=transport == "routed", graph=graph_config)
     config = ModelConfig.from_dir(model_dir)
     placement = ExpertPlacement.balanced(config.num_experts, num_shards)
     shards = start_shards(model_dir, placement, strategy, use_gpus=use_gpus, quantize=quantize)

@@ -1,14 +1,16 @@
 """The router actor: gate, top-k, dispatch to expert shards, gather, combine; load statistics and rebalancing.
 
 It owns the gate weights of every MoE layer and the expert placement, nothing else of the model. Two ways in:
-- `moe` (plain actor call): sends one batched message to each shard that has rows, all concurrently, and retries a
-  shard whose actor died (Ray restarts it and it reloads its experts), so a request running during a shard
-  failure still completes with the same tokens;
-- `dispatch_all` -> every shard's `forward_packed` -> `combine_all`: the same layer call as three tasks of a Ray
-  compiled graph (router/transport.py), one message per shard, empty ones included.
-Both count the same load statistics. Plain calls may come from several engine replicas at once (the actor then
-runs them on a few threads); a compiled graph runs its tasks on a thread of its own; a lock keeps `rebalance`
-between two dispatches and the counters consistent either way.
+- `moe` (an actor call, from any number of callers): one batched message to each shard that has rows. With
+  `RouterConfig.shard_graph` the router drives a Ray compiled graph of its own to the shards (every shard gets a
+  message, empty ones included), else it makes plain actor calls, all concurrently; the plain calls are also the
+  fallback while that graph is down, and they retry a shard whose actor died (Ray restarts it and it reloads its
+  experts), so a request running during a shard failure still completes with the same tokens;
+- `dispatch_all` -> every shard's `forward_packed` -> `combine_all`: the same layer call as three tasks of a
+  compiled graph that the (single) caller drives (router/transport.py).
+Both count the same load statistics. Calls from several engine replicas run on a few threads of the actor; a
+compiled graph runs its tasks on a thread of its own; a lock keeps `rebalance` between two dispatches and the
+counters consistent either way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moe_serve.model.config import ModelConfig
 from moe_serve.router.gate import Gate, dispatch
 from moe_serve.router.dispatch import LayerStep, apply_capacity, empty_message, split_by_shard
 from moe_serve.router.stats import LoadStats
+from moe_serve.router.transport import CompiledGraphConfig, GraphDown, ManagedGraph, compile_shard_fanout
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class RouterConfig:
     retry_backoff_s: float = 0.2
     auto_rebalance_every: int | None = None  # check balance every N calls of the first MoE layer; None: off
     imbalance_threshold: float = 1.5  # rebalance when the busiest shard has this many times the mean load
+    shard_graph: bool = False  # `moe` reaches the shards through a compiled graph the router drives
+    graph: CompiledGraphConfig = CompiledGraphConfig()  # that graph's settings
 
     def __post_init__(self) -> None:
         if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -75,30 +80,48 @@ class Router:
         self._calls_since_check = 0
         self._lock = threading.RLock()
         self._empty_messages: dict[tuple[int, int, str], ShardMessage] = {}
+        self.shard_graph: ManagedGraph | None = None
+        if config.shard_graph:
+            self.shard_graph = ManagedGraph(lambda: compile_shard_fanout(self.shards, config.graph),
+                                            lambda: self.shards, config.graph)
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                # The shards still run the dead router's graph (an actor runs one at a time and nobody tore it
+                # down): restart them; plain calls retry meanwhile and the graph compiles once they are back.
+                for shard in shards:
+                    ray.kill(shard, no_restart=False)
 
     def moe(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """Routed-expert output [T, D] for hidden states [T, D] of one MoE layer (the plain transport)."""
+        """Routed-expert output [T, D] for hidden states [T, D] of one MoE layer."""
         step = self._dispatch(layer, x)
+        if self.shard_graph is not None:
+            try:
+                out = self.shard_graph.execute(*self._all_messages(step, x),
+                                               take=lambda outputs: step.combine(dict(enumerate(outputs))))
+                return self._finish(step, out)
+            except GraphDown:
+                pass  # plain calls below
         messages = {batch.shard: message for batch, message in zip(step.batches, step.messages)}
-        return self._combine(step, self._call_shards(messages))
+        return self._finish(step, step.combine(self._call_shards(messages)))
 
-    # --- the compiled-graph transport: dispatch_all -> shard.forward_packed -> combine_all ------------------
+    def close(self) -> None:
+        """Tear the shard graph down (before the shards or this actor go)."""
+        if self.shard_graph is not None:
+            self.shard_graph.close()
+
+    def graph_stats(self) -> dict[str, Any] | None:
+        """Counters of the router-driven shard graph (calls, fallbacks, compiles, failures); None when off."""
+        return None if self.shard_graph is None else {"live": self.shard_graph.live, **self.shard_graph.counts}
+
+    # --- the caller-driven compiled graph: dispatch_all -> shard.forward_packed -> combine_all --------------
 
     def dispatch_all(self, layer: int, x: np.ndarray) -> tuple[ShardMessage | LayerStep, ...]:
         """One message per shard (empty when it has no rows), then the step that `combine_all` needs."""
         step = self._dispatch(layer, x)
-        key = (layer, x.shape[1], x.dtype.str)
-        empty = self._empty_messages.get(key)
-        if empty is None:
-            empty = self._empty_messages[key] = empty_message(layer, x.shape[1], x.dtype)
-        messages = [empty] * self.placement.num_shards
-        for batch, message in zip(step.batches, step.messages):
-            messages[batch.shard] = message
-        return (*messages, step)
+        return (*self._all_messages(step, x), step)
 
     def combine_all(self, step: LayerStep, *outputs: np.ndarray) -> np.ndarray:
         """Every shard's output (by shard id, empty ones included) -> routed-expert output [T, D]."""
-        return self._combine(step, {batch.shard: outputs[batch.shard] for batch in step.batches})
+        return self._finish(step, step.combine(dict(enumerate(outputs))))
 
     # --- one layer call --------------------------------------------------------------------------------------
 
@@ -119,8 +142,20 @@ class Router:
         return LayerStep(layer, routing, plan, batches, messages, hidden.shape[0], tuple(x_sorted.shape),
                          hidden.dtype)
 
-    def _combine(self, step: LayerStep, results: dict[int, np.ndarray]) -> np.ndarray:
-        out = step.combine(results).numpy()
+    def _all_messages(self, step: LayerStep, x: np.ndarray) -> list[ShardMessage]:
+        """One message per shard, in shard order: its rows, or a shared empty message."""
+        key = (step.layer, x.shape[1], x.dtype.str)
+        empty = self._empty_messages.get(key)
+        if empty is None:
+            empty = self._empty_messages[key] = empty_message(step.layer, x.shape[1], x.dtype)
+        messages = [empty] * self.placement.num_shards
+        for batch, message in zip(step.batches, step.messages):
+            messages[batch.shard] = message
+        return messages
+
+    def _finish(self, step: LayerStep, combined: torch.Tensor) -> np.ndarray:
+        """Count the shards' rows, maybe rebalance, and return the combined output."""
+        out = combined.numpy()
         with self._lock:
             for batch in step.batches:
                 self.stats.count_shard_rows(batch.shard, batch.num_rows)

@@ -1,10 +1,14 @@
 """Transports: how a replica's MoE layer call reaches the router and its shards, and comes back.
 
-- `PlainTransport`: one actor call to `Router.moe`, which makes one actor call per shard (two nested hops).
-- `CompiledTransport`: a Ray compiled graph, caller -> `Router.dispatch_all` -> every shard's `forward_packed`
-  -> `Router.combine_all` -> caller, over preallocated shared-memory channels. When the graph fails (a shard died,
-  a channel broke) it is torn down and the call is made again on the plain transport, whose router retries until
-  Ray has restarted the shard; the graph is compiled again `recompile_after_s` later.
+- "plain": one actor call to `Router.moe`, which makes one actor call per shard (two nested hops).
+- "routed": one actor call to `Router.moe`, and the router drives a compiled graph of its own to the shards
+  (`compile_shard_fanout`). Any number of callers (engine replicas) can share it: the Serve app's transport.
+- "compiled": a Ray compiled graph driven by the caller, caller -> `Router.dispatch_all` -> every shard's
+  `forward_packed` -> `Router.combine_all` -> caller. No actor call at all, but one caller only: an actor runs one
+  compiled graph at a time. The CLI's transport.
+Graphs live in a `ManagedGraph`: when one fails (a shard died, a channel broke) it is torn down, the call is made
+again on plain actor calls, whose router retries until Ray has restarted the shard, and the graph is compiled again
+`recompile_after_s` later.
 Compiled-graph channel readers busy-poll: Ray 2.60's `PlasmaObjectHeader::ReadAcquire` loops on `sched_yield`
 until the next value is written, so every actor of a live graph spins while it waits (20-40 % of a core each on
 the 2-core machine this was measured on, even with no call in flight). Two remedies, both optional:
@@ -19,7 +23,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -27,9 +32,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError
 
 logger = logging.getLogger(__name__)
 
-TransportKind = Literal["plain", "compiled"]
+TransportKind = Literal["plain", "compiled", "routed"]
 PollMode = Literal["spin", "sleep"]
-TRANSPORTS: tuple[TransportKind, ...] = ("plain", "compiled")
+TRANSPORTS: tuple[TransportKind, ...] = ("plain", "compiled", "routed")
+T = TypeVar("T")
 # Errors after which a compiled graph is no longer trusted: dead actors, closed or timed-out channels.
 GRAPH_ERRORS = (RayActorError, RaySystemError, GetTimeoutError)
 
@@ -37,6 +43,10 @@ GRAPH_ERRORS = (RayActorError, RaySystemError, GetTimeoutError)
 class Transport(Protocol):
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """Routed-expert output [T, D] of MoE layer `layer` for hidden states [T, D]."""
+        ...
+
+    def reconnect(self, router: Any) -> None:
+        """Use this router actor handle from now on (the router was replaced)."""
         ...
 
     def stats(self) -> dict[str, Any]: ...
@@ -70,16 +80,22 @@ class CompiledGraphConfig:
 
 
 class PlainTransport:
-    def __init__(self, router: Any) -> None:
+    """One actor call to `Router.moe` per layer; `kind` "routed" when the router drives a graph to its shards."""
+
+    def __init__(self, router: Any, kind: TransportKind = "plain") -> None:
         self.router = router
+        self.kind = kind
         self.calls = 0
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         self.calls += 1
         return np.array(ray.get(self.router.moe.remote(layer, x)))  # the object-store copy is read-only
 
+    def reconnect(self, router: Any) -> None:
+        self.router = router
+
     def stats(self) -> dict[str, Any]:
-        return {"kind": "plain", "calls": self.calls}
+        return {"kind": self.kind, "calls": self.calls}
 
     def close(self) -> None:
         pass
@@ -124,10 +140,6 @@ def compile_exchange(router: Any, shards: list[Any], config: CompiledGraphConfig
     """The per-layer graph: (layer, x) -> router.dispatch_all -> shard_i.forward_packed -> router.combine_all."""
     from ray.dag import InputNode
 
-    if config.poll == "sleep":  # in every process that reads a channel of this graph (actors restart bare)
-        install_sleeping_reads(*config.poll_sleep_s)
-        ray.get([a.__ray_call__.remote(_install_sleeping_reads_on_actor, *config.poll_sleep_s)
-                 for a in (router, *shards)])
     with InputNode() as inp:
         # num_shards messages, then the LayerStep, which stays in the router's process (intra-process channel)
         outs = router.dispatch_all.options(num_returns=len(shards) + 1).bind(inp[0], inp[1])
@@ -140,81 +152,90 @@ def compile_exchange(router: Any, shards: list[Any], config: CompiledGraphConfig
     )
 
 
-class CompiledTransport:
-    """The compiled graph when it is up, the plain transport while it is down. Calls are serialised by a lock."""
+class GraphDown(Exception):
+    """The managed graph is not live (not compiled yet, torn down, or it just failed): use the fallback path."""
 
-    def __init__(self, router: Any, shards: list[Any], config: CompiledGraphConfig = CompiledGraphConfig()) -> None:
-        self.router = router
-        self.shards = shards
+
+class ManagedGraph:
+    """A compiled graph that compiles on first use once its actors answer, is torn down when it fails or idles, and
+    compiles again `recompile_after_s` after a failure. `execute` raises `GraphDown` whenever the caller must take
+    its fallback path instead. Executions are serialised by a lock (the graph takes one at a time)."""
+
+    def __init__(self, build: Callable[[], Any], actors: Callable[[], list[Any]], config: CompiledGraphConfig,
+                 ) -> None:
+        """`build` compiles the graph (its actors are up); `actors` lists the actors it runs on."""
+        self.build = build
+        self.actors = actors
         self.config = config
-        self.plain = PlainTransport(router)
         self._graph: Any = None
         self._retry_at = 0.0  # monotonic time from which a compile may be tried
         self._last_call = time.monotonic()
         self._lock = threading.Lock()
         self._closed = False
-        self._counts = {"graph_calls": 0, "fallback_calls": 0, "compiles": 0, "compile_failures": 0,
-                        "graph_failures": 0, "idle_teardowns": 0}
+        self.counts = {"graph_calls": 0, "fallback_calls": 0, "compiles": 0, "compile_failures": 0,
+                       "graph_failures": 0, "idle_teardowns": 0}
         self._idle_watch: threading.Thread | None = None
-
-    def __reduce__(self) -> tuple:
-        # The graph belongs to the process that compiled it: a copy elsewhere compiles its own.
-        return CompiledTransport, (self.router, self.shards, self.config)
 
     @property
     def live(self) -> bool:
         return self._graph is not None
 
-    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+    def execute(self, *args: Any, take: Callable[[Any], T]) -> T:
+        """`take(result)` of one execution, called with the lock held: the result's arrays live in channel buffers
+        that the next execution overwrites, so `take` copies what it keeps. Raises GraphDown when not live."""
         with self._lock:
             try:
-                return self._call(layer, x)
+                if self._graph is None and not self._closed and time.monotonic() >= self._retry_at:
+                    self._compile()
+                if self._graph is not None:
+                    try:
+                        out = take(ray.get(self._graph.execute(*args), timeout=self.config.get_timeout_s))
+                        self.counts["graph_calls"] += 1
+                        return out
+                    except GRAPH_ERRORS as exc:
+                        logger.warning("compiled graph failed (%s: %s); fallback calls until it is rebuilt",
+                                       type(exc).__name__, exc)
+                        self.counts["graph_failures"] += 1
+                        self._teardown()
+                        self._retry_at = time.monotonic() + self.config.recompile_after_s
+                self.counts["fallback_calls"] += 1
+                raise GraphDown
             finally:
                 self._last_call = time.monotonic()  # idle time counts from the end of the last call
 
-    def _call(self, layer: int, x: np.ndarray) -> np.ndarray:
-        if self._graph is None and not self._closed and time.monotonic() >= self._retry_at:
-            self._compile()
-        if self._graph is not None:
-            try:
-                out = ray.get(self._graph.execute(layer, x), timeout=self.config.get_timeout_s)
-                self._counts["graph_calls"] += 1
-                return np.array(out)  # own the memory: the channel buffer is reused by the next call
-            except GRAPH_ERRORS as exc:
-                logger.warning("compiled graph failed (%s: %s); plain calls until it is rebuilt",
-                               type(exc).__name__, exc)
-                self._counts["graph_failures"] += 1
-                self._teardown()
-                self._retry_at = time.monotonic() + self.config.recompile_after_s
-        self._counts["fallback_calls"] += 1
-        return self.plain(layer, x)
-
-    def stats(self) -> dict[str, Any]:
-        return {"kind": "compiled", "live": self.live, **self._counts}
+    def reset(self) -> None:
+        """Tear the graph down now (its actors changed); the next call compiles again."""
+        with self._lock:
+            self._teardown()
+            self._retry_at = 0.0
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._teardown()
 
-    # --- graph lifecycle (called with the lock held) ------------------------------------------------------
+    # --- lifecycle (called with the lock held) -------------------------------------------------------------
 
     def _compile(self) -> None:
-        if self._counts["compile_failures"] >= self.config.max_compile_failures:
+        if self.counts["compile_failures"] >= self.config.max_compile_failures:
             return
-        actors = [self.router, *self.shards]
+        actors = self.actors()
         ready, _ = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors),
                             timeout=self.config.ready_timeout_s)
-        if len(ready) < len(actors):  # a shard is still restarting: stay plain a while longer
+        if len(ready) < len(actors):  # an actor is still (re)starting: compiling now would hang
             self._retry_at = time.monotonic() + self.config.recompile_after_s
             return
         try:
-            self._graph = compile_exchange(self.router, self.shards, self.config)
-            self._counts["compiles"] += 1
-        except Exception as exc:  # noqa: BLE001 - any compile failure leaves the plain transport working
-            logger.warning("compiling the expert graph failed (%s: %s); using plain calls",
+            if self.config.poll == "sleep":  # in every process that reads a channel (actors restart bare)
+                install_sleeping_reads(*self.config.poll_sleep_s)
+                ray.get([a.__ray_call__.remote(_install_sleeping_reads_on_actor, *self.config.poll_sleep_s)
+                         for a in actors])
+            self._graph = self.build()
+            self.counts["compiles"] += 1
+        except Exception as exc:  # noqa: BLE001 - any compile failure leaves the fallback path working
+            logger.warning("compiling the expert graph failed (%s: %s); using fallback calls",
                            type(exc).__name__, exc)
-            self._counts["compile_failures"] += 1
+            self.counts["compile_failures"] += 1
             self._retry_at = time.monotonic() + self.config.recompile_after_s
             return
         self._start_idle_watch()
@@ -244,17 +265,68 @@ class CompiledTransport:
                     self._idle_watch = None
                     return
                 if time.monotonic() - self._last_call >= idle_s:
-                    self._counts["idle_teardowns"] += 1
+                    self.counts["idle_teardowns"] += 1
                     self._teardown()
                     self._idle_watch = None
                     return
 
 
+def compile_shard_fanout(shards: list[Any], config: CompiledGraphConfig) -> Any:
+    """The router-driven graph: the router's process writes one message per shard, every shard's `forward_packed`
+    runs, and the router reads their outputs (a list in shard order)."""
+    from ray.dag import InputNode, MultiOutputNode
+
+    with InputNode() as inp:
+        dag = MultiOutputNode([shard.forward_packed.bind(inp[i]) for i, shard in enumerate(shards)])
+    return dag.experimental_compile(
+        _submit_timeout=config.submit_timeout_s,
+        _buffer_size_bytes=config.buffer_size_bytes,
+        _max_inflight_executions=1,
+    )
+
+
+class CompiledTransport:
+    """The caller-driven compiled graph when it is up, the plain transport while it is down. Calls are serialised.
+    Only one caller can drive it: an actor runs one compiled graph at a time."""
+
+    def __init__(self, router: Any, shards: list[Any], config: CompiledGraphConfig = CompiledGraphConfig()) -> None:
+        self.router = router
+        self.shards = shards
+        self.config = config
+        self.plain = PlainTransport(router)
+        self.graph = ManagedGraph(lambda: compile_exchange(self.router, self.shards, config),
+                                  lambda: [self.router, *self.shards], config)
+
+    def __reduce__(self) -> tuple:
+        # The graph belongs to the process that compiled it: a copy elsewhere compiles its own.
+        return CompiledTransport, (self.router, self.shards, self.config)
+
+    @property
+    def live(self) -> bool:
+        return self.graph.live
+
+    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+        try:
+            return self.graph.execute(layer, x, take=np.array)  # own the memory: the channel buffer is reused
+        except GraphDown:
+            return self.plain(layer, x)
+
+    def reconnect(self, router: Any) -> None:
+        self.router = self.plain.router = router
+        self.graph.reset()
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "compiled", "live": self.live, **self.graph.counts}
+
+    def close(self) -> None:
+        self.graph.close()
+
+
 def make_transport(
     kind: TransportKind, router: Any, shards: list[Any], config: CompiledGraphConfig = CompiledGraphConfig()
 ) -> Transport:
-    if kind == "plain":
-        return PlainTransport(router)
+    if kind in ("plain", "routed"):  # "routed": the router was started with RouterConfig(shard_graph=True)
+        return PlainTransport(router, kind)
     if kind == "compiled":
         return CompiledTransport(router, shards, config)
     raise ValueError(f"unknown transport {kind!r}; choose one of {', '.join(TRANSPORTS)}")

@@ -88,6 +88,16 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(tmp_path_factory.mktemp("qwen3"), "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def olmoe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(tmp_path_factory.mktemp("olmoe"), "olmoe")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded default made by `moe-serve make-tiny-model`: checkpoint plus tokenizer and chat template."""
     from moe_serve.model.tiny import make_tiny_model

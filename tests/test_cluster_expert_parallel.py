@@ -1,9 +1,11 @@
-"""Expert parallelism on a real local Ray: shards + router give the in-process engine's tokens over both
-transports (plain actor calls, a compiled graph), survive shard deaths and rebalancing, and refuse plans the
-cluster cannot hold."""
+"""Expert parallelism on a real local Ray: shards + router give the in-process engine's tokens over every transport
+(plain actor calls; the CLI's caller-driven compiled graph; the Serve replicas' routed one, where the router drives a
+graph to its shards), survive shard and router deaths and rebalancing, and refuse plans the cluster cannot hold."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from moe_serve.replicas.engine import LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
 from moe_serve.router.deploy import ExpertParallel, start_expert_parallel
 from moe_serve.router.router import RouterConfig
-from moe_serve.router.transport import CompiledGraphConfig
+from moe_serve.router.transport import CompiledGraphConfig, TransportKind
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -34,22 +36,41 @@ def in_process_tokens(model_dir: Path, prompts: list[list[int]]) -> list[list[in
     return [o.token_ids for o in LLMEngine.from_pretrained(model_dir).generate(prompts, GREEDY)]
 
 
+def graph_calls(parallel: ExpertParallel) -> tuple[int, int]:
+    """(graph calls, fallback calls) of the transport's graph: the caller's, or for "routed" the router's."""
+    transport = parallel.describe()["transport"]
+    counts = transport.get("shard_graph", transport)
+    return counts["graph_calls"], counts["fallback_calls"]
+
+
+@pytest.mark.parametrize("transport", ["compiled", "routed"])  # the CLI's and the Serve replicas'
 @pytest.mark.parametrize("num_shards", [2, 4])
-@pytest.mark.parametrize("family_dir", ["mixtral_dir", "qwen2_dir"])
-def test_distributed_greedy_equals_in_process(family_dir: str, num_shards: int, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("family_dir", ["mixtral_dir", "qwen2_dir", "qwen3_dir", "olmoe_dir"])
+def test_distributed_greedy_equals_in_process(family_dir: str, num_shards: int, transport: TransportKind,
+                                              request: pytest.FixtureRequest) -> None:
     model_dir = request.getfixturevalue(family_dir)
     prompts = random_prompts([6, 31, 18], 256, seed=num_shards)
     expected = in_process_tokens(model_dir, prompts)
-    parallel = start_expert_parallel(str(model_dir), num_shards, transport="plain")
+    parallel = start_expert_parallel(str(model_dir), num_shards, transport=transport)
     try:
         engine = LLMEngine.from_pretrained(model_dir, moe=parallel)
         assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
         plan = parallel.describe()
+        assert plan["transport"]["kind"] == transport
         assert [len(s["experts"]) for s in plan["shards"]] == [8 // num_shards] * num_shards
+        calls, fallbacks = graph_calls(parallel)
+        assert calls > 0 and fallbacks == 0
         stats = ray.get(parallel.router.load_stats.remote())
-        assert sum(stats["shard_rows"]) > 0 and stats["shard_retries"] == 0
+        assert sum(stats["shard_rows"]) == sum(map(sum, stats["expert_tokens"])) > 0 and stats["shard_retries"] == 0
     finally:
         parallel.shutdown()
+
+
+def test_plain_transport_greedy_equals_in_process(mixtral_dir: Path, parallel: ExpertParallel) -> None:
+    prompts = random_prompts([6, 31, 18], 256, seed=3)
+    engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == in_process_tokens(mixtral_dir, prompts)
+    assert parallel.describe()["transport"] == {"kind": "plain", "calls": 2 * 10, "recoveries": 0}
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +256,54 @@ def test_compiled_transport_killed_shard_falls_back_then_recompiles(
     final = compiled.transport.stats()
     assert final["live"] and final["compiles"] >= max(before["compiles"], 1) + 1
     assert final["graph_calls"] > after["graph_calls"]
+
+
+@pytest.mark.parametrize("transport", ["compiled", "routed"])
+def test_killed_router_fails_no_request(mixtral_dir: Path, transport: TransportKind) -> None:
+    """The router dies mid-generation: Ray restarts it, the layer call is made again, the tokens are the same; the
+    routed router restarts the shards its predecessor's graph held, then drives a new graph."""
+    prompts = random_prompts([14, 5, 33], 256, seed=35)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    parallel = start_expert_parallel(str(mixtral_dir), 2, transport=transport, graph_config=FAST_RECOVERY)
+    try:
+        engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+        def router_pid() -> int:
+            return ray.get(parallel.router.__ray_call__.remote(lambda router: os.getpid()))
+
+        pid_before = router_pid()
+        tokens = generate_with_hook(engine, prompts, 3, lambda: os.kill(pid_before, signal.SIGKILL))
+        assert tokens == expected
+        assert router_pid() != pid_before
+        deadline = time.monotonic() + 60  # the graph comes back once the (restarted) actors answer
+        while time.monotonic() < deadline:
+            before, _ = graph_calls(parallel)
+            assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+            if graph_calls(parallel)[0] > before:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no graph call after the router restarted: {parallel.describe()['transport']}")
+    finally:
+        parallel.shutdown()
+
+
+def test_routed_transport_killed_shard_falls_back_then_recompiles(mixtral_dir: Path) -> None:
+    prompts = random_prompts([14, 5, 33], 256, seed=36)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    parallel = start_expert_parallel(str(mixtral_dir), 4, transport="routed", graph_config=FAST_RECOVERY)
+    try:
+        engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+        victim = parallel.shards.actors[2]
+        tokens = generate_with_hook(engine, prompts, 3, lambda: ray.kill(victim, no_restart=False))
+        assert tokens == expected
+        after = parallel.describe()["transport"]["shard_graph"]
+        assert after["graph_failures"] == 1 and after["fallback_calls"] > 0
+        time.sleep(FAST_RECOVERY.recompile_after_s)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+        final = parallel.describe()["transport"]["shard_graph"]
+        assert final["live"] and final["compiles"] == 2 and final["graph_calls"] > after["graph_calls"]
+    finally:
+        parallel.shutdown()
 
 
 def test_unknown_transport_is_refused(mixtral_dir: Path) -> None:

@@ -1,6 +1,6 @@
-"""The Serve application with its experts on shard actors (`shards: 2`): engine replicas share one router, greedy
-output equals the in-process engine's, the per-expert load reaches /metrics, and a killed router or shard
-stalls a running request instead of failing it."""
+"""The Serve application with its experts on shard actors (`shards: 2`): two engine replicas share one router, which
+drives a compiled graph to the shards; greedy output equals the in-process engine's, the per-expert load reaches
+/metrics, and a killed router or shard stalls running requests of both replicas instead of failing them."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def test_greedy_equals_in_process_on_every_replica(base_url: str, tiny_model_dir
     status = serve.status().applications[APP_NAME].deployments
     assert status["ExpertShards"].replica_states.get("RUNNING") == 1
     assert status["EngineReplica"].replica_states.get("RUNNING") == 2
+    # Both replicas' layer calls went to the shared router, which drove its compiled graph to the shards.
+    described = serve.get_deployment_handle("ExpertShards", APP_NAME).describe.remote().result(timeout_s=30)
+    assert described["transport"]["kind"] == "routed" and described["transport"]["shard_graph"]["graph_calls"] > 0
 
 
 def test_placement_and_expert_load_are_visible(base_url: str) -> None:
