@@ -41,6 +41,7 @@ class EngineReplica:
             quantize=settings.quantize, dtype=settings.dtype, device=settings.device,
             num_threads=settings.replica_threads, kv_cache_bytes=settings.kv_cache_bytes,
             max_num_seqs=settings.max_num_seqs, max_step_ms=settings.max_step_ms, cache=settings.cache_config(),
+            micro_batch_overlap=settings.micro_batch_overlap,
         )
         moe = None
         if experts is not None:

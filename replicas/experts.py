@@ -31,7 +31,7 @@ class ExpertShards:
         self.parallel = start_expert_parallel(
             settings.model_dir, settings.shards, strategy=settings.placement, quantize=settings.quantize,
             router_config=RouterConfig(auto_rebalance_every=settings.auto_rebalance_every),
-            transport=settings.shard_transport, router_concurrency=max(1, settings.autoscaling.max_replicas),
+            transport=settings.shard_transport, router_concurrency=2 * max(1, settings.autoscaling.max_replicas),
         )
 
     def router(self) -> list[Any]:

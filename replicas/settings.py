@@ -113,6 +113,9 @@ class AppSettings(BaseModel):
         "PACK", description="Placement-group strategy of the shards: STRICT_SPREAD puts each on its own node")
     auto_rebalance_every: int | None = Field(
         None, gt=0, description="Copy hot experts to less-loaded shards, checked every N first-layer calls; None: off")
+    micro_batch_overlap: bool = Field(
+        False, description="With shards: decode steps run as two micro-batches, one's attention overlapping the "
+                           "other's experts on the shards (slower on few cores: see bench/results/dispatch*.json)")
     shard_transport: Literal["routed", "plain"] = Field(
         "routed", description="How the shared router reaches its shards: a compiled graph it drives (routed) or "
                               "plain actor calls")

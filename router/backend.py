@@ -55,5 +55,23 @@ class RemoteMoE:
                 except Exception as fetch_error:  # noqa: BLE001 - whatever holds the router may be restarting
                     log.warning("router not reachable yet: %s", fetch_error)
 
+    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start the layer call and return what waits for its output (micro-batch overlap: the caller computes
+        meanwhile). A call that fails in flight is made again by `__call__`, under the same recovery policy."""
+        try:
+            pending = self.transport.submit(layer, hidden.float().numpy())
+        except RECOVERABLE:
+            pending = None
+
+        def wait() -> torch.Tensor:
+            if pending is not None:
+                try:
+                    return torch.from_numpy(pending()).to(hidden.dtype)
+                except RECOVERABLE:
+                    pass
+            return self(layer, hidden)
+
+        return wait
+
     def stats(self) -> dict[str, Any]:
         return {**self.transport.stats(), "recoveries": self.recoveries}

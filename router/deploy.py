@@ -7,6 +7,7 @@ the shards through a transport (router/transport.py): "compiled" (a graph the ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,6 +42,9 @@ class ExpertParallel:
 
     __call__ = moe
 
+    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return self.backend.submit(layer, hidden)
+
     def describe(self) -> dict[str, Any]:
         infos = self.shards.refresh_infos()
         nodes = [info.node_id for info in infos]
@@ -72,10 +76,10 @@ def start_expert_parallel(
     use_gpus: bool | None = None,
     transport: TransportKind = DEFAULT_TRANSPORT,
     graph_config: CompiledGraphConfig = CompiledGraphConfig(),
-    router_concurrency: int = 1,
+    router_concurrency: int = 2,
 ) -> ExpertParallel:
     """Shards + router, reached through `transport` (one of TRANSPORTS; "routed" turns the router's shard graph on,
-    with `graph_config`). `router_concurrency`: calls the router serves at once (one per engine replica sharing it)."""
+    with `graph_config`). `router_concurrency`: calls the router serves at once (two per engine replica sharing it: overlapped halves)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
     router_config = replace(router_config, shard_graph=transport == "routed", graph=graph_config)

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NoReturn, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -43,6 +43,11 @@ GRAPH_ERRORS = (RayActorError, RaySystemError, GetTimeoutError)
 class Transport(Protocol):
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """Routed-expert output [T, D] of MoE layer `layer` for hidden states [T, D]."""
+        ...
+
+    def submit(self, layer: int, x: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start the same layer call and return what waits for its output; the caller waits for its calls in the
+        order it submitted them, with at most two in flight (micro-batch overlap)."""
         ...
 
     def reconnect(self, router: Any) -> None:
@@ -88,8 +93,12 @@ class PlainTransport:
         self.calls = 0
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self.submit(layer, x)()
+
+    def submit(self, layer: int, x: np.ndarray) -> Callable[[], np.ndarray]:
         self.calls += 1
-        return np.array(ray.get(self.router.moe.remote(layer, x)))  # the object-store copy is read-only
+        ref = self.router.moe.remote(layer, x)
+        return lambda: np.array(ray.get(ref))  # the object-store copy is read-only
 
     def reconnect(self, router: Any) -> None:
         self.router = router
@@ -148,7 +157,7 @@ def compile_exchange(router: Any, shards: list[Any], config: CompiledGraphConfig
     return dag.experimental_compile(
         _submit_timeout=config.submit_timeout_s,
         _buffer_size_bytes=config.buffer_size_bytes,
-        _max_inflight_executions=1,  # layer l + 1 needs layer l's output: nothing to pipeline
+        _max_inflight_executions=2,  # micro-batch overlap: both halves of a batch in flight
     )
 
 
@@ -158,8 +167,9 @@ class GraphDown(Exception):
 
 class ManagedGraph:
     """A compiled graph that compiles on first use once its actors answer, is torn down when it fails or idles, and
-    compiles again `recompile_after_s` after a failure. `execute` raises `GraphDown` whenever the caller must take
-    its fallback path instead. Executions are serialised by a lock (the graph takes one at a time)."""
+    compiles again `recompile_after_s` after a failure. `execute` and `submit` raise `GraphDown` whenever the caller
+    must take its fallback path instead. `execute` holds a lock from submission to result, so any number of threads
+    may share the graph; `submit` lets one caller keep two executions in flight (micro-batch overlap)."""
 
     def __init__(self, build: Callable[[], Any], actors: Callable[[], list[Any]], config: CompiledGraphConfig,
                  ) -> None:
@@ -170,7 +180,7 @@ class ManagedGraph:
         self._graph: Any = None
         self._retry_at = 0.0  # monotonic time from which a compile may be tried
         self._last_call = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # execute holds it across submit and result
         self._closed = False
         self.counts = {"graph_calls": 0, "fallback_calls": 0, "compiles": 0, "compile_failures": 0,
                        "graph_failures": 0, "idle_teardowns": 0}
@@ -184,24 +194,51 @@ class ManagedGraph:
         """`take(result)` of one execution, called with the lock held: the result's arrays live in channel buffers
         that the next execution overwrites, so `take` copies what it keeps. Raises GraphDown when not live."""
         with self._lock:
-            try:
-                if self._graph is None and not self._closed and time.monotonic() >= self._retry_at:
-                    self._compile()
-                if self._graph is not None:
-                    try:
-                        out = take(ray.get(self._graph.execute(*args), timeout=self.config.get_timeout_s))
-                        self.counts["graph_calls"] += 1
-                        return out
-                    except GRAPH_ERRORS as exc:
-                        logger.warning("compiled graph failed (%s: %s); fallback calls until it is rebuilt",
-                                       type(exc).__name__, exc)
-                        self.counts["graph_failures"] += 1
-                        self._teardown()
-                        self._retry_at = time.monotonic() + self.config.recompile_after_s
-                self.counts["fallback_calls"] += 1
-                raise GraphDown
-            finally:
-                self._last_call = time.monotonic()  # idle time counts from the end of the last call
+            return self._submit(args, take)()
+
+    def submit(self, *args: Any, take: Callable[[Any], T]) -> Callable[[], T]:
+        """Start one execution now and return what waits for its `take(result)` (raising GraphDown if the graph
+        failed meanwhile). One caller only, waiting for each execution in submission order, and no more in flight
+        than the graph was compiled for."""
+        with self._lock:
+            return self._submit(args, take)
+
+    def _submit(self, args: tuple[Any, ...], take: Callable[[Any], T]) -> Callable[[], T]:
+        self._last_call = time.monotonic()  # idle time counts from the last submit or result
+        if self._graph is None and not self._closed and time.monotonic() >= self._retry_at:
+            self._compile()
+        graph = self._graph
+        if graph is None:
+            self.counts["fallback_calls"] += 1
+            raise GraphDown
+        try:
+            ref = graph.execute(*args)
+        except GRAPH_ERRORS as exc:
+            self._failed(graph, exc)
+
+        def result() -> T:
+            with self._lock:
+                try:
+                    out = take(ray.get(ref, timeout=self.config.get_timeout_s))
+                    self.counts["graph_calls"] += 1
+                    return out
+                except GRAPH_ERRORS as exc:
+                    self._failed(graph, exc)
+                finally:
+                    self._last_call = time.monotonic()
+
+        return result
+
+    def _failed(self, graph: Any, exc: Exception) -> NoReturn:
+        """Drop `graph` (unless already replaced), count the call as a fallback one, and raise GraphDown."""
+        if graph is self._graph:
+            logger.warning("compiled graph failed (%s: %s); fallback calls until it is rebuilt",
+                           type(exc).__name__, exc)
+            self.counts["graph_failures"] += 1
+            self._teardown()
+            self._retry_at = time.monotonic() + self.config.recompile_after_s
+        self.counts["fallback_calls"] += 1
+        raise GraphDown from exc
 
     def reset(self) -> None:
         """Tear the graph down now (its actors changed); the next call compiles again."""
@@ -310,6 +347,20 @@ class CompiledTransport:
             return self.graph.execute(layer, x, take=np.array)  # own the memory: the channel buffer is reused
         except GraphDown:
             return self.plain(layer, x)
+
+    def submit(self, layer: int, x: np.ndarray) -> Callable[[], np.ndarray]:
+        try:
+            result = self.graph.submit(layer, x, take=np.array)
+        except GraphDown:
+            return self.plain.submit(layer, x)
+
+        def wait() -> np.ndarray:
+            try:
+                return result()
+            except GraphDown:
+                return self.plain(layer, x)
+
+        return wait
 
     def reconnect(self, router: Any) -> None:
         self.router = self.plain.router = router

@@ -16,7 +16,7 @@ from conftest import random_prompts
 
 from moe_serve.cluster.bringup import connect_ray, start_shards
 from moe_serve.cluster.placement import ExpertPlacement, PlacementError
-from moe_serve.replicas.engine import LLMEngine
+from moe_serve.replicas.engine import EngineConfig, LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
 from moe_serve.router.deploy import ExpertParallel, start_expert_parallel
 from moe_serve.router.router import RouterConfig
@@ -62,6 +62,21 @@ def test_distributed_greedy_equals_in_process(family_dir: str, num_shards: int, 
         assert calls > 0 and fallbacks == 0
         stats = ray.get(parallel.router.load_stats.remote())
         assert sum(stats["shard_rows"]) == sum(map(sum, stats["expert_tokens"])) > 0 and stats["shard_retries"] == 0
+    finally:
+        parallel.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["compiled", "routed"])
+def test_micro_batch_overlap_greedy_equals_in_process(mixtral_dir: Path, transport: TransportKind) -> None:
+    """Both halves of each decode step in flight at once (two graph executions, or two calls to the router)."""
+    prompts = random_prompts([6, 31, 18, 9], 256, seed=37)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    parallel = start_expert_parallel(str(mixtral_dir), 2, transport=transport)
+    try:
+        engine = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(micro_batch_overlap=True), moe=parallel)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+        calls, fallbacks = graph_calls(parallel)
+        assert calls == 2 * (1 + 2 * (GREEDY.max_tokens - 1)) and fallbacks == 0  # 2 MoE layers, halves per decode
     finally:
         parallel.shutdown()
 

@@ -1,9 +1,11 @@
-"""The router's pure parts, without Ray: the one routing rule (Gate), capacity mode, and the split by shard."""
+"""The router's pure parts, without Ray: the one routing rule (Gate), capacity mode, the split by shard, the expert
+placement and the load statistics that drive rebalancing."""
 
 import pytest
 import torch
 
-from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.placement import ExpertPlacement, PlacementError
+from moe_serve.router.stats import LoadStats
 from moe_serve.router.gate import Gate, dispatch
 from moe_serve.router.dispatch import apply_capacity, split_by_shard
 
@@ -60,3 +62,39 @@ def test_split_by_shard_sends_each_row_once_to_a_holder() -> None:
         assert all(batch.shard in placement.holders(0, e) for e in batch.expert_ids)
         assert batch.num_rows == sum(hi - lo for lo, hi in batch.ranges)
     assert sum(busiest in b.expert_ids for b in batches) == 2
+
+
+def test_balanced_placement_and_copies() -> None:
+    placement = ExpertPlacement.balanced(10, 4)
+    assert placement.shards == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert placement.holder_table(0)[4] == [1]
+    placement.add_copy(0, 4, 3)
+    assert placement.holders(0, 4) == [1, 3] and placement.holder_table(0)[4] == [1, 3]  # the cached table follows
+    assert placement.holders(1, 4) == [1]  # copies are per layer
+    assert placement.experts_on(0, 3) == [8, 9, 4]
+    assert placement.describe()["copies"] == {"0": {"4": [3]}}  # the extra holders only
+    with pytest.raises(PlacementError, match="shard 3 already holds expert 4 of layer 0"):
+        placement.add_copy(0, 4, 3)
+
+
+@pytest.mark.parametrize("experts,shards,message", [(8, 0, "at least one shard"), (2, 3, "cannot place 2 experts")])
+def test_impossible_placements_are_refused(experts: int, shards: int, message: str) -> None:
+    with pytest.raises(PlacementError, match=message):
+        ExpertPlacement.balanced(experts, shards)
+
+
+def test_load_stats_find_the_hot_expert_and_the_coolest_shard() -> None:
+    placement = ExpertPlacement.balanced(4, 2)  # shard 0: experts 0, 1; shard 1: experts 2, 3
+    stats = LoadStats(num_layers=1, num_experts=4, num_shards=2)
+    stats.count_tokens(0, [90, 10, 20, 0])
+    assert stats.shard_load(placement, 0).tolist() == [100, 20]
+    assert stats.imbalance(placement, 0) == pytest.approx(100 / 60)
+    assert stats.hot_expert_moves(0, placement, copies=1) == [(0, 1)]
+    placement.add_copy(0, 0, 1)
+    assert stats.shard_load(placement, 0).tolist() == [55, 65]  # the copy takes half of expert 0's rows
+    stats.reset_window()
+    assert stats.imbalance(placement, 0) == 1.0 and stats.hot_expert_moves(0, placement, copies=1) == []
+    assert stats.expert_tokens[0].tolist() == [90, 10, 20, 0]  # totals since start stay
+    stats.count_shard_rows(1, 7)
+    text = stats.prometheus_text().decode()
+    assert 'moe_expert_tokens_total{expert="0",layer="0"} 90.0' in text and 'moe_shard_rows_total{shard="1"} 7.0' in text

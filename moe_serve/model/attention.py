@@ -45,6 +45,23 @@ class AttentionBatch:
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
     _rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def split_decode(self, n: int) -> tuple[AttentionBatch, AttentionBatch]:
+        """A decode-only batch as two: its first `n` sequences and the rest (micro-batch overlap). Each half's key
+        table is cut to its own longest sequence, so a half without padding needs no mask."""
+        if self.prefills or self.decode_key_slots is None or self.decode_key_positions is None \
+                or not 0 < n < self.num_decode:
+            raise ValueError(f"split_decode({n}) needs a decode-only batch of more than {n} sequences")
+
+        def half(rows: slice) -> AttentionBatch:
+            positions = self.positions[rows]
+            width = int(positions.max()) + 1  # a decode query sits at its sequence's last position
+            return AttentionBatch(positions, self.slot_mapping[rows], len(positions),
+                                  self.decode_key_slots[rows, :width].contiguous(),
+                                  self.decode_key_positions[rows, :width], [],
+                                  bool(positions.min() == positions.max()), self.dtype)
+
+        return half(slice(0, n)), half(slice(n, None))
+
     def rope(self, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, Hd] of this step's positions, gathered once for every layer."""
         if self._rope is None:

@@ -11,6 +11,7 @@ Shape legend: T = new tokens in the step, D = hidden, V = vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +31,12 @@ FOLD_ROTARY_MAX_HIDDEN = 1024
 class MoEBackend(Protocol):
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Routed-expert output [T, D] of MoE layer `layer` for hidden states [T, D]."""
+        ...
+
+
+class AsyncMoEBackend(MoEBackend, Protocol):
+    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start the same call and return what waits for its output; waited for in submission order."""
         ...
 
 
@@ -139,6 +146,47 @@ class DenseModel:
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(rms_norm(x, self.norm, eps)).float()
+
+    @torch.inference_mode()
+    def forward_overlapped(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        halves: tuple[AttentionBatch, AttentionBatch],  # AttentionBatch.split_decode of a decode-only batch
+        kv_cache: list[torch.Tensor],
+        moe: AsyncMoEBackend,
+    ) -> torch.Tensor:
+        """`forward` of a decode-only batch in two micro-batches, pipelined so that each half's attention (and dense
+        MLP) runs while the other half's routed experts are away: logits [T, V] for every row, in order. The same
+        operations in the same order per row as `forward`."""
+        eps = self.config.rms_norm_eps
+        split = halves[0].num_decode
+        xs = [self.embed[token_ids[:split]], self.embed[token_ids[split:]]]
+        pending: list[tuple[Callable[[], torch.Tensor], torch.Tensor | None] | None] = [None, None]
+        for i, layer in enumerate(self.layers):
+            for half, batch in enumerate(halves):
+                self._land(xs[half], pending[half])  # this half's previous MoE layer
+                x = self._attention(i, layer, rms_norm(xs[half], layer.input_norm, eps), batch, kv_cache[i], xs[half])
+                h = rms_norm(x, layer.post_attention_norm, eps)
+                dense = layer.dense_mlp(h) if layer.dense_mlp is not None else None
+                if self.config.moe_layers[i]:
+                    pending[half] = (moe.submit(i, h), dense)
+                else:
+                    pending[half] = None
+                    if dense is not None:
+                        x.add_(dense)
+                xs[half] = x
+        for half in (0, 1):
+            self._land(xs[half], pending[half])
+        return self.lm_head(rms_norm(torch.cat(xs), self.norm, eps)).float()
+
+    @staticmethod
+    def _land(x: torch.Tensor, pending: tuple[Callable[[], torch.Tensor], torch.Tensor | None] | None) -> None:
+        """Add an MoE layer's outputs to the residual x, routed experts first, as `forward` does."""
+        if pending is not None:
+            wait, dense = pending
+            x.add_(wait())
+            if dense is not None:
+                x.add_(dense)
 
     def _attention(
         self,
