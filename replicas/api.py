@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from moe_serve.cache import PromptCache, PromptCacheConfig
 from moe_serve.model.tokenizer import Tokenizer
-from moe_serve.replicas.engine_client import EngineClient, LocalEngine, RemoteEngine
+from moe_serve.replicas.engine_client import EngineClient, LocalEngine, RemoteEngine, TokenChunks
 from moe_serve.replicas.engine_replica import EngineReplica
 from moe_serve.replicas.logprobs import chat_logprobs, completion_logprobs, token_text
 from moe_serve.replicas.metrics import ServingMetrics
@@ -47,7 +47,7 @@ from moe_serve.replicas.protocol import (
     Usage,
 )
 from moe_serve.replicas.settings import AppSettings
-from moe_serve.replicas.token_stream import TokenStream, collect_all, merged
+from moe_serve.replicas.token_stream import Resume, TokenStream, collect_all, merged
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -339,9 +339,10 @@ class Ingress:
         interval_s = self.settings.stream_interval_ms / 1000 if body.stream else None
         streams = []
         for index in range(body.n):
-            seed = None if body.seed is None else body.seed + index
-            generator = self.engine.generate(prompt_ids, {**sampling, "seed": seed}, interval_s)
-            streams.append(TokenStream(generator, self.metrics))
+            choice = {**sampling, "seed": None if body.seed is None else body.seed + index}
+            generator = self.engine.generate(prompt_ids, choice, interval_s)
+            resume = None if self.local_engine is not None else self._resumer(prompt_ids, choice, interval_s)
+            streams.append(TokenStream(generator, self.metrics, resume))
         firsts = await asyncio.gather(*(s.first() for s in streams), return_exceptions=True)
         failed = next((f for f in firsts if isinstance(f, BaseException)), None)
         if failed is not None:  # errors become 4xx here, before any response byte is sent
@@ -349,6 +350,23 @@ class Ingress:
                 stream.generator.cancel()
             raise failed
         return streams
+
+    def _resumer(self, prompt_ids: list[int], sampling: dict[str, Any], interval_s: float | None) -> Resume:
+        """How a choice's request is sent again after its replica died: the produced ids join the prompt, the budget
+        shrinks by them, and the new replica's random stream and text continue theirs (SamplingParams.resumed_tokens).
+        Unseeded sampling draws fresh numbers either way."""
+
+        def resume(produced: list[int]) -> TokenChunks | None:
+            done = len(produced)
+            if done >= sampling["max_tokens"]:
+                return None
+            rest = {**sampling, "max_tokens": sampling["max_tokens"] - done, "resumed_tokens": done,
+                    "min_tokens": max(0, sampling["min_tokens"] - done)}
+            if done:
+                rest["prompt_logprobs"] = None  # sent with the first chunk already
+            return self.engine.generate(prompt_ids + produced, rest, interval_s)
+
+        return resume
 
     async def _completion_chunks(
         self, body: CompletionRequest, streams: list[TokenStream], prompt_ids: list[int], echo: str

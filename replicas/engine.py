@@ -63,6 +63,9 @@ class EngineConfig:
     # inter-token budget: while requests decode, prefill chunks are sized so a step stays within it
     # (step_budget.py); None: chunks limited by max_num_batched_tokens only
     max_step_ms: float | None = 50.0
+    # decode-only steps of 2+ sequences run as two micro-batches, one's attention overlapping the other's routed
+    # experts on the shards; only with an MoE backend that can `submit` (experts on shard actors)
+    micro_batch_overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -138,6 +141,9 @@ class LLMEngine:
         """Raise ValueError naming the problem for a request this engine cannot run."""
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is needed")
+        if params.resumed_tokens >= len(prompt_ids):
+            raise ValueError(f"resumed_tokens ({params.resumed_tokens}) must be fewer than the prompt's "
+                             f"{len(prompt_ids)} tokens")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
@@ -231,7 +237,11 @@ class LLMEngine:
         chunks = plan.decodes + plan.prefills
         sampling = [c.seq for c in chunks if c.samples]
         token_ids, batch, logits_rows, prompt_targets = self._build_batch(plan)
-        logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
+        if self._overlaps(plan):
+            halves = batch.split_decode(len(plan.decodes) // 2)
+            logits = self.model.forward_overlapped(token_ids, halves, self.kv.layers, self.moe)  # type: ignore[arg-type]
+        else:
+            logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
         if prompt_targets:  # rows after the sampled ones score prompt tokens
             _record_prompt_logprobs(logits[len(sampling) :], prompt_targets)
             logits = logits[: len(sampling)]
@@ -249,6 +259,10 @@ class LLMEngine:
             self._feed_cache(plan, prompts_done, seconds)
         return [self._append(seq, token, logits, row, token_logprobs.get(row))
                 for row, (seq, token) in enumerate(zip(sampling, new_tokens))]
+
+    def _overlaps(self, plan: StepPlan) -> bool:
+        return (self.config.micro_batch_overlap and not plan.prefills and len(plan.decodes) >= 2
+                and hasattr(self.moe, "submit"))
 
     def _feed_cache(self, plan: StepPlan, prompts_done: list[Sequence], seconds: float) -> None:
         """Prompt blocks computed this step join the pool's index; prompts whose prefill completed hand their

@@ -10,6 +10,7 @@ after the stop is dropped. Without a tokenizer every text delta is "".
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from moe_serve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moe_serve.replicas.outputs import StepOutput
@@ -19,11 +20,13 @@ from moe_serve.replicas.sampling import SamplingParams
 class OutputProcessor:
     """One request's outputs in order; `stream=False` decodes once at the end unless stop strings need the text."""
 
-    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, stream: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, stream: bool = True,
+                 context: Sequence[int] = ()) -> None:
+        """`context`: ids the text continues (a resumed request's earlier output), not part of it."""
         self.params = params
         self.tokenizer = tokenizer
         per_step = tokenizer is not None and (stream or bool(params.stop))
-        self._detok = IncrementalDetokenizer(tokenizer) if per_step and tokenizer is not None else None
+        self._detok = IncrementalDetokenizer(tokenizer, context) if per_step and tokenizer is not None else None
         self.text = ""
         self.token_ids: list[int] = []
         self.finished = False

@@ -30,6 +30,9 @@ class SamplingParams:
     min_tokens: int = field(default=0)
     logprobs: int | None = None  # log-probability of each sampled token and of this many most likely ones
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (no prefix cache hits)
+    # a request resumed on another replica (migration): the prompt's last `resumed_tokens` ids were generated
+    # already; its random stream skips their draws and its text continues theirs
+    resumed_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -46,6 +49,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value!r}")
+        if not isinstance(self.resumed_tokens, int) or self.resumed_tokens < 0:
+            raise ValueError(f"resumed_tokens must be a non-negative integer, got {self.resumed_tokens!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -61,7 +66,10 @@ def make_generator(params: SamplingParams) -> random.Random | None:
     """The request's own random stream: seeded requests draw the same tokens whatever else shares the batch."""
     if params.greedy:
         return None
-    return random.Random(params.seed)  # None: seeded from the OS
+    generator = random.Random(params.seed)  # None: seeded from the OS
+    for _ in range(params.resumed_tokens):  # one draw per sampled token (`sample`)
+        generator.random()
+    return generator
 
 
 def sample(

@@ -4,13 +4,18 @@ merged as they come.
 The replica streams dicts carrying the tokens generated since the last one (`token_ids`, merged `text`,
 `finished`, `finish_reason`, `cached_tokens`, and `logprobs` / `prompt_logprobs` when asked); the first item is
 fetched before any response byte is sent, so the replica's errors become 4xx answers.
+Request migration: when the replica serving a stream dies (its stream raises), the request is sent again (`resume`)
+with the tokens produced so far appended to the prompt and the remaining budget, to another replica or the restarted
+one, for up to MIGRATION_WINDOW_S; the client sees one uninterrupted response. A seeded or greedy request gives the
+same tokens as without the failure (the new replica's random stream skips the draws already made).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,28 +23,58 @@ from moe_serve.replicas.logprobs import Entry
 from moe_serve.replicas.metrics import ServingMetrics
 from moe_serve.replicas.protocol import APIError
 
+log = logging.getLogger("ray.serve")
+
+MIGRATION_WINDOW_S = 60.0  # how long a stream keeps resending after its replica died (a restart takes seconds)
+# produced token ids -> the same request's stream for the rest, or None when nothing remains to generate
+Resume = Callable[[list[int]], Any]
+
 
 class TokenStream:
-    """The replica's token stream, with the first item fetched early and metrics recorded on the way."""
+    """The replica's token stream, with the first item fetched early, metrics recorded on the way, and the request
+    migrated to another replica (`resume`) when its replica dies."""
 
-    def __init__(self, generator: Any, metrics: ServingMetrics) -> None:
+    def __init__(self, generator: Any, metrics: ServingMetrics, resume: Resume | None = None) -> None:
         self.generator = generator
         self.metrics = metrics
+        self.resume = resume
         self.start = time.perf_counter()
         self.tokens = 0
+        self.token_ids: list[int] = []  # produced so far, on every replica this request ran on
+        self.migrations = 0
         self.cached_tokens = 0
         self.replica = ""
         self.error: str | None = None  # set when the replica fails mid-stream
         self.prompt_logprobs: list[Entry | None] | None = None  # with the first item, when the prompt was scored
         self._first: dict[str, Any] | None = None
 
+    async def _next(self) -> dict[str, Any] | None:
+        """The next item (None at the end); when the replica died, the request resent with what it produced."""
+        deadline = None
+        while True:
+            try:
+                return await anext(self.generator, None)
+            except Exception as exc:  # the replica died (or its engine failed)
+                deadline = deadline or time.monotonic() + MIGRATION_WINDOW_S
+                if self.resume is None or time.monotonic() >= deadline:
+                    raise
+                log.warning("engine replica failed after %d tokens (%s); resending the request",
+                            len(self.token_ids), type(exc).__name__)
+                self.migrations += 1
+                self.metrics.migrations.inc()
+                await asyncio.sleep(min(0.1 * 2 ** min(self.migrations, 4), 1.0))  # let Serve see the death
+                self.generator = self.resume(list(self.token_ids))
+                if self.generator is None:  # the budget was spent: only the finish was lost
+                    return {"token_ids": [], "text": "", "finished": True, "finish_reason": "length",
+                            "cached_tokens": self.cached_tokens, "logprobs": []}
+
     async def first(self) -> None:
         try:
-            item = await self.generator.__anext__()
-        except StopAsyncIteration:
-            raise APIError(503, "the engine replica ended the stream without output") from None
-        except Exception as exc:  # replica died or its engine failed: the client may retry
+            item = await self._next()
+        except Exception as exc:  # no replica answered within the migration window: the client may retry
             raise APIError(503, f"engine replica unavailable: {type(exc).__name__}") from exc
+        if item is None:
+            raise APIError(503, "the engine replica ended the stream without output")
         if "error" in item:
             raise APIError(item["error"]["status"], item["error"]["message"])
         self.metrics.ttft.observe(time.perf_counter() - self.start)
@@ -51,16 +86,21 @@ class TokenStream:
         finished = False
         try:
             item = self._first
-            while item is not None and "error" not in item:
+            while item is not None:
+                if "error" in item:  # the replica a migrated request reached refused it (a full queue)
+                    self.error = f"engine replica refused the migrated request: {item['error']['message']}"
+                    break
                 self.tokens += len(item["token_ids"])
-                self.cached_tokens = item["cached_tokens"]
+                self.token_ids += item["token_ids"]
+                if not self.migrations:  # the original prompt's; a resumed one's would count produced tokens
+                    self.cached_tokens = item["cached_tokens"]
                 finished = item["finished"]
                 yield item
                 if finished:
                     break
                 try:
-                    item = await anext(self.generator, None)
-                except Exception as exc:  # the replica died mid-stream
+                    item = await self._next()
+                except Exception as exc:  # no replica took the request within the migration window
                     self.error = f"engine replica failed mid-stream: {type(exc).__name__}"
                     item = None
         finally:
