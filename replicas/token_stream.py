@@ -30,6 +30,10 @@ MIGRATION_WINDOW_S = 60.0  # how long a stream keeps resending after its replica
 Resume = Callable[[list[int]], Any]
 
 
+class StreamCutShort(ConnectionError):
+    """A replica's stream ended without a finished item."""
+
+
 class TokenStream:
     """The replica's token stream, with the first item fetched early, metrics recorded on the way, and the request
     migrated to another replica (`resume`) when its replica dies."""
@@ -48,12 +52,15 @@ class TokenStream:
         self.prompt_logprobs: list[Entry | None] | None = None  # with the first item, when the prompt was scored
         self._first: dict[str, Any] | None = None
 
-    async def _next(self) -> dict[str, Any] | None:
-        """The next item (None at the end); when the replica died, the request resent with what it produced."""
+    async def _next(self) -> dict[str, Any]:
+        """The next item of an unfinished request; when its replica died, the request resent with what it produced."""
         deadline = None
         while True:
             try:
-                return await anext(self.generator, None)
+                item = await anext(self.generator, None)
+                if item is None:  # only a finished item ends a stream: this one was cut
+                    raise StreamCutShort("the engine replica's stream ended before the request finished")
+                return item
             except Exception as exc:  # the replica died (or its engine failed)
                 deadline = deadline or time.monotonic() + MIGRATION_WINDOW_S
                 if self.resume is None or time.monotonic() >= deadline:
@@ -73,8 +80,6 @@ class TokenStream:
             item = await self._next()
         except Exception as exc:  # no replica answered within the migration window: the client may retry
             raise APIError(503, f"engine replica unavailable: {type(exc).__name__}") from exc
-        if item is None:
-            raise APIError(503, "the engine replica ended the stream without output")
         if "error" in item:
             raise APIError(item["error"]["status"], item["error"]["message"])
         self.metrics.ttft.observe(time.perf_counter() - self.start)
