@@ -68,6 +68,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_MODEL_DIR = BENCH_DIR / ".models" / "serve-tiny-mixtral"  # make_tiny_model's defaults, as `moe-serve up`
 MODEL_NAME = "tiny"
+RAY_WORKER_NICENESS = 15  # Ray's default `worker_niceness`: every actor of the app runs at it
 SAMPLE_PERIOD_S = 0.5
 TARGETS = {"scale_up_s": 15.0, "scale_down_s": 45.0}
 REPLICA_GAUGE = re.compile(r"^moe_engine_replicas\s+(\S+)$", re.MULTILINE)
@@ -659,9 +660,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle-s", type=float, default=90.0, help="longest wait for min replicas before the load")
     p.add_argument("--silence-s", type=float, default=60.0, help="longest wait for min replicas after the load")
     p.add_argument("--hold-s", type=float, default=5.0, help="watch this long at min for a flap back up")
-    p.add_argument("--client-nice", type=int, default=0,
-                   help="lower the load generator's CPU priority by this much (os.nice) after the app is up, so\n"
-                        "that on a small machine the clients do not take CPU from the replicas they measure")
+    p.add_argument("--client-nice", type=int, default=RAY_WORKER_NICENESS,
+                   help="lower the load generator's CPU priority by this much (os.nice) after the app is up; the\n"
+                        "default puts it level with Ray's worker processes (Ray runs them at nice 15), as clients on\n"
+                        "other machines would be; 0 lets it outrank every process of the app")
     p.add_argument("--skip-autoscaling", action="store_true")
     p.add_argument("--skip-intertoken", action="store_true")
     p.add_argument("--intertoken-only", action="store_true",
