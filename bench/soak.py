@@ -340,21 +340,30 @@ async def apply_fault(fault: str, app_pid: int, redis: RedisServer) -> dict[str,
 
 # --- report ----------------------------------------------------------------------------------------------------------
 
+def rss_series(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per process, "name[pid]" -> [(t, RSS MiB)]: a pid's samples under one name, the last it had (a worker is
+    IDLE before it becomes a replica)."""
+    by_pid: dict[str, list[tuple[float, float]]] = {}
+    names: dict[str, str] = {}
+    for row in samples:
+        for key, rss in row["rss_mib"].items():
+            name, pid = key.rsplit("[", 1)
+            by_pid.setdefault(pid, []).append((row["t"], rss))
+            names[pid] = name
+    return {f"{names[pid]}[{pid}": points for pid, points in by_pid.items()}
+
+
 def rss_slopes(samples: list[dict[str, Any]], warmup: float) -> dict[str, dict[str, float]]:
     """Per process: first and last RSS and the least-squares slope (MiB/min) after the warm-up share of its life."""
-    series: dict[str, list[tuple[float, float]]] = {}
-    for row in samples:
-        for name, rss in row["rss_mib"].items():
-            series.setdefault(name, []).append((row["t"], rss))
     slopes = {}
-    for name, points in series.items():
+    for name, points in rss_series(samples).items():
         kept = points[int(len(points) * warmup):]
         if len(kept) < 4:
             continue
         t, rss = np.array(kept).T
         slope = float(np.polyfit(t / 60, rss, 1)[0]) if t[-1] > t[0] else 0.0
         slopes[name] = {"rss_first_mib": round(float(rss[0]), 1), "rss_last_mib": round(float(rss[-1]), 1),
-                        "slope_mib_per_min": round(slope, 3), "minutes": round((t[-1] - t[0]) / 60, 2)}
+                        "slope_mib_per_min": round(slope, 3), "minutes": round(float(t[-1] - t[0]) / 60, 2)}
     return slopes
 
 
@@ -402,9 +411,7 @@ def plot(run: dict[str, Any], out_dir: Path) -> list[str]:
         return []
     samples = run["samples"]
     fig, ax = plt.subplots(figsize=(10, 5))
-    names = sorted({name for row in samples for name in row["rss_mib"]})
-    for name in names:
-        points = [(row["t"], row["rss_mib"][name]) for row in samples if name in row["rss_mib"]]
+    for name, points in sorted(rss_series(samples).items()):
         ax.plot(*zip(*points), label=name)
     for event in run["events"]:
         ax.axvline(event["t"], color="grey", linestyle="--")
@@ -417,11 +424,13 @@ def plot(run: dict[str, Any], out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(10, 4))
     for key in ("ok", "expected", "lost"):
         ax.plot([row["t"] for row in samples], [row["outcomes"].get(key, 0) for row in samples], label=key)
-    pool = [row["metrics"].get('moe_kv_pool_blocks{state="in_use"}') for row in samples]
-    if any(v is not None for v in pool):
-        ax2 = ax.twinx()
-        ax2.plot([row["t"] for row in samples], pool, color="black", linestyle=":", label="KV blocks in use")
-        ax2.set_ylabel("KV blocks in use (sampled replica)")
+    cached = [row["metrics"].get('moe_kv_pool_blocks{state="evictable"}') for row in samples]
+    keys = [(row["redis"] or {}).get("keys") for row in samples]
+    ax2 = ax.twinx()
+    ax2.plot([row["t"] for row in samples], cached, color="black", linestyle=":", label="hot-tier KV blocks")
+    ax2.plot([row["t"] for row in samples], keys, color="grey", linestyle="--", label="Redis keys")
+    ax2.set_ylabel("hot-tier blocks (sampled replica), Redis keys")
+    ax2.legend(loc="lower right")
     ax.set(xlabel="s", ylabel="requests so far", title="Outcomes over time")
     ax.legend(loc="upper left")
     fig.tight_layout()
