@@ -119,6 +119,19 @@ def running_engine_replicas() -> int:
     return serve.status().applications[APP_NAME].deployments["EngineReplica"].replica_states.get("RUNNING", 0)
 
 
+def busiest_replica(names: list[str], timeout_s: float = 10.0) -> str:
+    """The replica with the most requests running now (waiting until one has some): killing it must migrate them.
+    Prefix-affinity routing may send every prompt of the load to one replica."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ongoing = {name: ray.get(ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote(), timeout=5)
+                   for name in names}
+        busiest = max(ongoing, key=ongoing.__getitem__)
+        if ongoing[busiest] or time.monotonic() >= deadline:
+            return busiest
+        time.sleep(0.05)
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -140,7 +153,7 @@ def test_killed_replica_fails_no_request(base_url: str, tiny_model_dir: Path) ->
     for thread in threads:
         thread.start()
     time.sleep(KILL_AT_S)
-    victim = before[0]
+    victim = busiest_replica(before)
     t_kill = time.monotonic()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     for thread in threads:
