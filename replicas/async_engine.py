@@ -109,7 +109,7 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._inbox.put(_Add(request_id, list(prompt_ids), params))
         resumed = prompt_ids[len(prompt_ids) - params.resumed_tokens :] if params.resumed_tokens else ()
-        text = OutputProcessor(self.engine.tokenizer, params, context=resumed)  # made here, off the step thread
+        text = OutputProcessor(self.engine.tokenizer, params, resumed=resumed)  # made here, off the step thread
         first = True
         try:
             while not text.finished:

@@ -21,12 +21,16 @@ class OutputProcessor:
     """One request's outputs in order; `stream=False` decodes once at the end unless stop strings need the text."""
 
     def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, stream: bool = True,
-                 context: Sequence[int] = ()) -> None:
-        """`context`: ids the text continues (a resumed request's earlier output), not part of it."""
+                 resumed: Sequence[int] = ()) -> None:
+        """`resumed`: the ids a request resumed on this replica generated before (migration). They are replayed
+        through the detokenizer, so the text goes on exactly as the first replica's would have, a character it
+        held back half-made included; their own text is not output again."""
         self.params = params
         self.tokenizer = tokenizer
         per_step = tokenizer is not None and (stream or bool(params.stop))
-        self._detok = IncrementalDetokenizer(tokenizer, context) if per_step and tokenizer is not None else None
+        self._detok = IncrementalDetokenizer(tokenizer) if per_step and tokenizer is not None else None
+        for token_id in resumed if self._detok is not None else ():
+            self._detok.add(token_id)
         self.text = ""
         self.token_ids: list[int] = []
         self.finished = False

@@ -269,26 +269,27 @@ def test_min_tokens_bans_eos_even_when_ignored(engine: LLMEngine) -> None:
     assert all(step[eos] == float("-inf") for step in out.logits)
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "seed": 5}])
-async def test_a_resumed_request_continues_tokens_and_text(tiny_model_dir: Path, sampling: dict) -> None:
+@pytest.mark.parametrize(("text", "sampling"), [
+    ("The experts were resumed", {"temperature": 0.0}),
+    ("The experts were resumed", {"temperature": 0.9, "seed": 5}),
+    ("Request 3 asks the experts", {"temperature": 0.9, "seed": 3}),  # its first tokens are half a character
+])
+async def test_a_resumed_request_continues_tokens_and_text(tiny_model_dir: Path, text: str, sampling: dict) -> None:
     """Migration's contract: the prompt plus the first k generated ids, with resumed_tokens=k and the remaining
-    budget, gives the rest of the same tokens and text (the random stream skips the k draws already made)."""
+    budget, gives the rest of the same tokens and text deltas (the random stream skips the k draws already made)."""
     async_engine = AsyncLLMEngine(LLMEngine.from_pretrained(tiny_model_dir))
     try:
-        prompt = async_engine.engine.tokenizer.encode("The experts were resumed")
+        prompt = async_engine.engine.tokenizer.encode(text)
         full = SamplingParams(max_tokens=20, ignore_eos=True, **sampling)
 
-        async def run(prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
+        async def run(prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], list[str]]:
             outs = [o async for chunk in async_engine.generate_chunks(prompt_ids, params) for o in chunk]
-            return [o.token_id for o in outs], "".join(o.text_delta for o in outs)
+            return [o.token_id for o in outs], [o.text_delta for o in outs]
 
-        tokens, text = await run(prompt, full)
-        for k in (1, 7):
+        tokens, deltas = await run(prompt, full)
+        for k in (1, 2, 7):
             rest = SamplingParams(**{**full.__dict__, "max_tokens": 20 - k, "resumed_tokens": k})
-            rest_tokens, rest_text = await run(prompt + tokens[:k], rest)
-            assert rest_tokens == tokens[k:]
-            head_text = async_engine.engine.tokenizer.decode(tokens[:k])
-            assert head_text + rest_text == text
+            assert await run(prompt + tokens[:k], rest) == (tokens[k:], deltas[k:])
     finally:
         async_engine.shutdown()
 
