@@ -239,7 +239,8 @@ class LLMEngine:
         token_ids, batch, logits_rows, prompt_targets = self._build_batch(plan)
         if self._overlaps(plan):
             halves = batch.split_decode(len(plan.decodes) // 2)
-            logits = self.model.forward_overlapped(token_ids, halves, self.kv.layers, self.moe)  # type: ignore[arg-type]
+            logits = self.model.forward_overlapped(
+                token_ids, halves, self.kv.layers, self.moe)  # type: ignore[arg-type]  # _overlaps saw `submit`
         else:
             logits = self.model.forward(token_ids, batch, self.kv.layers, self.moe, logits_rows)
         if prompt_targets:  # rows after the sampled ones score prompt tokens

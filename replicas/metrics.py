@@ -22,7 +22,8 @@ class ServingMetrics:
                               registry=r)
         self.tokens = Counter("moe_generated_tokens", "Generated tokens", registry=r)
         self.migrations = Counter("moe_request_migrations",
-                                  "Times a request was resent to another engine replica after its replica died", registry=r)
+                                  "Times a request was resent to another engine replica after its replica died",
+                                  registry=r)
         self.tokens_per_s = Gauge("moe_request_tokens_per_second", "Tokens/s of the last finished request",
                                   registry=r)
         self.running = Gauge("moe_running_sequences", "Sequences in the sampled replica's batch", registry=r)

@@ -29,8 +29,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         per_step = tokenizer is not None and (stream or bool(params.stop))
         self._detok = IncrementalDetokenizer(tokenizer) if per_step and tokenizer is not None else None
-        for token_id in resumed if self._detok is not None else ():
-            self._detok.add(token_id)
+        if self._detok is not None:
+            for token_id in resumed:
+                self._detok.add(token_id)
         self.text = ""
         self.token_ids: list[int] = []
         self.finished = False

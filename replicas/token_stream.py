@@ -43,7 +43,6 @@ class TokenStream:
         self.metrics = metrics
         self.resume = resume
         self.start = time.perf_counter()
-        self.tokens = 0
         self.token_ids: list[int] = []  # produced so far, on every replica this request ran on
         self.migrations = 0
         self.cached_tokens = 0
@@ -51,6 +50,10 @@ class TokenStream:
         self.error: str | None = None  # set when the replica fails mid-stream
         self.prompt_logprobs: list[Entry | None] | None = None  # with the first item, when the prompt was scored
         self._first: dict[str, Any] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
     async def _next(self) -> dict[str, Any]:
         """The next item of an unfinished request; when its replica died, the request resent with what it produced."""
@@ -95,7 +98,6 @@ class TokenStream:
                 if "error" in item:  # the replica a migrated request reached refused it (a full queue)
                     self.error = f"engine replica refused the migrated request: {item['error']['message']}"
                     break
-                self.tokens += len(item["token_ids"])
                 self.token_ids += item["token_ids"]
                 if not self.migrations:  # the original prompt's; a resumed one's would count produced tokens
                     self.cached_tokens = item["cached_tokens"]

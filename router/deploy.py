@@ -79,7 +79,8 @@ def start_expert_parallel(
     router_concurrency: int = 2,
 ) -> ExpertParallel:
     """Shards + router, reached through `transport` (one of TRANSPORTS; "routed" turns the router's shard graph on,
-    with `graph_config`). `router_concurrency`: calls the router serves at once (two per engine replica sharing it: overlapped halves)."""
+    with `graph_config`). `router_concurrency`: calls the router serves at once (two per engine replica sharing
+    it: the halves of an overlapped step)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
     router_config = replace(router_config, shard_graph=transport == "routed", graph=graph_config)

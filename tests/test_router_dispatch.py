@@ -97,4 +97,5 @@ def test_load_stats_find_the_hot_expert_and_the_coolest_shard() -> None:
     assert stats.expert_tokens[0].tolist() == [90, 10, 20, 0]  # totals since start stay
     stats.count_shard_rows(1, 7)
     text = stats.prometheus_text().decode()
-    assert 'moe_expert_tokens_total{expert="0",layer="0"} 90.0' in text and 'moe_shard_rows_total{shard="1"} 7.0' in text
+    assert 'moe_expert_tokens_total{expert="0",layer="0"} 90.0' in text
+    assert 'moe_shard_rows_total{shard="1"} 7.0' in text
