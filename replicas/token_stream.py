@@ -46,6 +46,7 @@ class TokenStream:
         self.token_ids: list[int] = []  # produced so far, on every replica this request ran on
         self.migrations = 0
         self.cached_tokens = 0
+        self._original_prompt = True  # the running generator's prompt is the request's (nothing produced was added)
         self.replica = ""
         self.error: str | None = None  # set when the replica fails mid-stream
         self.prompt_logprobs: list[Entry | None] | None = None  # with the first item, when the prompt was scored
@@ -74,6 +75,7 @@ class TokenStream:
                 self.metrics.migrations.inc()
                 await asyncio.sleep(min(0.1 * 2 ** min(self.migrations, 4), 1.0))  # let Serve see the death
                 self.generator = self.resume(list(self.token_ids))
+                self._original_prompt = not self.token_ids
                 if self.generator is None:  # the budget was spent: only the finish was lost
                     return {"token_ids": [], "text": "", "finished": True, "finish_reason": "length",
                             "cached_tokens": self.cached_tokens, "logprobs": []}
@@ -99,7 +101,7 @@ class TokenStream:
                     self.error = f"engine replica refused the migrated request: {item['error']['message']}"
                     break
                 self.token_ids += item["token_ids"]
-                if not self.migrations:  # the original prompt's; a resumed one's would count produced tokens
+                if self._original_prompt:  # a resumed prompt's cached tokens would count produced ones
                     self.cached_tokens = item["cached_tokens"]
                 finished = item["finished"]
                 yield item

@@ -72,22 +72,26 @@ def test_stop_string_truncates_text(tiny_model_dir: Path) -> None:
     assert stop not in out.text
 
 
+def stop_spanning_two_deltas(engine: LLMEngine, token_ids: list[int], text: str) -> str:
+    """A stop string made of the end of one token's text and the start of the next's, first found there."""
+    assert engine.tokenizer is not None
+    texts = [engine.tokenizer.decode(token_ids[:k]) for k in range(len(token_ids) + 1)]
+    for k in range(1, len(texts) - 1):
+        delta = texts[k + 1][len(texts[k]) :]
+        candidate = texts[k][-2:] + delta[:2]
+        if texts[k + 1].startswith(texts[k]) and delta and candidate.strip() and len(texts[k]) >= 2 \
+                and text.find(candidate) == len(texts[k]) - 2:
+            return candidate
+    raise AssertionError(f"no stop string spans two deltas of {text!r}")
+
+
 def test_stop_string_spanning_two_deltas_is_found(tiny_model_dir: Path) -> None:
     """The stop-string scan looks at a tail window only; one that starts in an earlier delta must still be found."""
     engine = LLMEngine.from_pretrained(tiny_model_dir)
     assert engine.tokenizer is not None
     prompt = engine.tokenizer.encode("The router sends every token to")
     full = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
-    texts = [engine.tokenizer.decode(full.token_ids[:k]) for k in range(len(full.token_ids) + 1)]
-    stop = None
-    for k in range(1, len(texts) - 1):  # the end of delta k and the start of delta k + 1, first found there
-        delta = texts[k + 1][len(texts[k]) :]
-        candidate = texts[k][-2:] + delta[:2]
-        if texts[k + 1].startswith(texts[k]) and delta and candidate.strip() and len(texts[k]) >= 2 \
-                and full.text.find(candidate) == len(texts[k]) - 2:
-            stop = candidate
-            break
-    assert stop is not None, f"no stop string spans two deltas of {full.text!r}"
+    stop = stop_spanning_two_deltas(engine, full.token_ids, full.text)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
     out = engine.generate([prompt], params)[0]
     assert out.finish_reason == "stop"
@@ -290,6 +294,39 @@ async def test_a_resumed_request_continues_tokens_and_text(tiny_model_dir: Path,
         for k in (1, 2, 7):
             rest = SamplingParams(**{**full.__dict__, "max_tokens": 20 - k, "resumed_tokens": k})
             assert await run(prompt + tokens[:k], rest) == (tokens[k:], deltas[k:])
+    finally:
+        async_engine.shutdown()
+
+
+@pytest.mark.parametrize("min_tokens", [0, 12])
+async def test_streamed_text_never_holds_part_of_a_stop_string(tiny_model_dir: Path, min_tokens: int) -> None:
+    """The deltas a client joins equal the engine's text cut at the stop string, for a stop string split over two
+    deltas (min_tokens=0) and for one completed while min_tokens forbade stopping (its text is held back, not sent);
+    a request resumed after any of its tokens (migration) sends exactly the rest of those deltas."""
+    async_engine = AsyncLLMEngine(LLMEngine.from_pretrained(tiny_model_dir))
+    engine = async_engine.engine
+    try:
+        assert engine.tokenizer is not None
+        prompt = engine.tokenizer.encode("The router sends every token to")
+        full = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+        if min_tokens:
+            stop = engine.tokenizer.decode(full.token_ids[:3]).strip()[:3]
+            assert stop and full.text.find(stop) < len(engine.tokenizer.decode(full.token_ids[:min_tokens]))
+        else:
+            stop = stop_spanning_two_deltas(engine, full.token_ids, full.text)
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,), min_tokens=min_tokens)
+        expected = engine.generate([prompt], params)[0]
+        assert expected.finish_reason == "stop" and stop not in expected.text
+
+        async def deltas(prompt_ids: list[int], params: SamplingParams) -> list[str]:
+            return [o.text_delta async for chunk in async_engine.generate_chunks(prompt_ids, params) for o in chunk]
+
+        sent = await deltas(prompt, params)
+        assert "".join(sent) == expected.text
+        for k in range(1, len(expected.token_ids)):
+            rest = SamplingParams(**{**params.__dict__, "max_tokens": 24 - k, "resumed_tokens": k,
+                                     "min_tokens": max(0, min_tokens - k)})
+            assert await deltas(prompt + expected.token_ids[:k], rest) == sent[k:], f"resumed after {k} tokens"
     finally:
         async_engine.shutdown()
 
