@@ -8,8 +8,10 @@ place, so there is no other copy of a sequence's K/V.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moe_serve.model.config import ModelConfig
@@ -48,13 +50,20 @@ def bytes_per_block(
     return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages the OS zeroes on first write (calloc maps fresh pages; torch.zeros writes every
+    byte): a replica's pool costs neither start-up time nor resident memory until its blocks are used."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class PagedKVCache:
     def __init__(self, spec: KVCacheSpec) -> None:
         self.spec = spec
         slots = spec.num_blocks * spec.block_size
         shape = (slots, 2, spec.num_kv_heads, spec.head_dim)  # [S, K/V, KVH, Hd]: one copy writes both
         # zeros, not empty: padded attention reads slot 0 under a mask, and NaN garbage would leak through SDPA
-        self.layers = [torch.zeros(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
+        self.layers = [lazily_zeroed(shape, spec.dtype) for _ in range(spec.num_layers)]
         self.pool = BlockPool(spec.num_blocks)
 
     @property

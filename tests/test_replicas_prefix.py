@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import random_prompts
 
 from moe_serve.cache import CacheConfig
 from moe_serve.replicas.block_pool import BlockPool, OutOfBlocks
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.kv_cache import lazily_zeroed
 from moe_serve.replicas.sampling import SamplingParams
 
 BLOCK = 16
@@ -39,6 +41,15 @@ def assert_no_references(engine: LLMEngine) -> None:
 
 
 # --- the pool on its own --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_pool_memory_is_zero_writable_and_shaped(dtype: torch.dtype) -> None:
+    pages = lazily_zeroed((64, 2, 4, 32), dtype)
+    assert pages.shape == (64, 2, 4, 32) and pages.dtype == dtype and pages.is_contiguous()
+    assert not pages.any()
+    pages[3, 1] = 1.5
+    assert pages.sum().item() == 1.5 * 4 * 32
+
 
 def test_pool_shares_registered_blocks_and_evicts_least_recently_freed_first() -> None:
     evicted: list[str] = []
