@@ -30,12 +30,13 @@ from moe_serve.cache.cost import RecomputeModel, TransferModel
 from moe_serve.cache.keys import COLD_PREFIX, WARM_PREFIX, KVLayout, prefix_block_keys
 from moe_serve.cache.loop import BackgroundLoop
 from moe_serve.cache.stats import CacheStats
-from moe_serve.cache.tiers import STORE_ERRORS, RemoteTier, TierRegistry, make_store
+from moe_serve.cache.tiers import STORE_ERRORS, RedisStore, RemoteTier, TierRegistry, make_store
 
 log = logging.getLogger(__name__)
 
 # How long the caller waits beyond the lookup timeout for the loop to hand back what it has.
 GRACE_S = 0.05
+START_PROBE_TIMEOUT_S = 1.0  # per Redis tier at start-up: a wrong password is an error, no answer is not
 # Priors of the transfer model until gets are measured: round trip and bandwidth per tier.
 PRIORS = {"warm": (2e-4, 1e9), "cold": (5e-4, 2e8)}
 TOUCH_MEMORY = 65536  # warm keys whose last TTL refresh is remembered
@@ -135,7 +136,7 @@ class TieredKVCache:
         self._lookups_in_flight = 0
         self._touched: OrderedDict[str, float] = OrderedDict()  # warm key -> when its TTL was last refreshed
         if self._io is not None:
-            self._io.run(self._start(), 5.0)
+            self._io.run(self._start(), 5.0 + 2 * START_PROBE_TIMEOUT_S * len(remote))
 
     def _remote_tier(self, name: str, url: str, prefix: str, ttl_s: float, zstd_level: int | None,
                      int8: bool) -> RemoteTier:
@@ -147,6 +148,11 @@ class TieredKVCache:
         return RemoteTier(name, store, codec, breaker, TransferModel(*PRIORS[name]))
 
     async def _start(self) -> None:
+        """Start the writer, once every Redis tier has accepted its credentials and certificate (RedisConfigError
+        if not; one that cannot be reached yet serves misses until it can)."""
+        for tier in self.tiers.remote:
+            if isinstance(tier.store, RedisStore):
+                await tier.store.target.probe(START_PROBE_TIMEOUT_S)
         self._work = asyncio.Event()
         self._idle = asyncio.Event()  # no lookup in flight
         self._idle.set()

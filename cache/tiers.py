@@ -2,7 +2,8 @@
 engine's own KV pool, replicas/block_pool.py.)
 
 warm = a `ValueStore` on Redis (`RedisStore`): one key per value, a TTL on every key, batched gets (MGET: one round
-       trip for a whole prefix), existence checks before writes (pipelined EXISTS, then SET NX with a TTL).
+       trip for a whole prefix; on a Redis Cluster, one pipeline per node holding any of the keys), existence checks
+       before writes (pipelined EXISTS, then SET NX with a TTL).
 cold = a `ValueStore` on a second Redis URL/database or a local directory (`DirectoryStore`), holding compressed
        (and optionally int8) values with a longer TTL.
 Stores move bytes only: encoding and validation are the codec's (codec.py), policy is the facade's (tiered.py).
@@ -19,17 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from moe_serve.cache.breaker import CircuitBreaker
 from moe_serve.cache.codec import BlockCodec
 from moe_serve.cache.cost import TransferModel
+from moe_serve.cache.redis_client import RedisClient, RedisTarget, close_client, redact
 
 # Errors a store may raise; the facade counts them, feeds the circuit breaker and treats the call as a miss.
-STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class ValueStore(Protocol):
 
 
 class RedisStore:
-    """Values under `prefix + key` in one Redis database; every key is written with a TTL (`ttl_s`)."""
+    """Values under `prefix + key` in one Redis database or a Redis Cluster (redis_client.py: URLs, TLS, ACL users);
+    every key is written with a TTL (`ttl_s`)."""
 
     def __init__(
         self,
@@ -73,37 +74,34 @@ class RedisStore:
         if ttl_s <= 0:
             raise ValueError(f"{name}: a TTL is required on every key, got ttl_s={ttl_s}")
         self.name = name
-        self.url = url
+        self.target = RedisTarget.parse(url)
+        self.url = redact(url)
         self.prefix = prefix
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self._max_connections = max_connections
         self._socket_timeout_s = socket_timeout_s
-        self._client: aioredis.Redis | None = None
+        self._client: RedisClient | None = None
 
-    @property
-    def client(self) -> aioredis.Redis:
-        """The client, created on first use inside the running loop; no retries (the breaker decides)."""
+    async def client(self) -> RedisClient:
+        """The client, made on first use inside the running loop (asking the server whether it is a cluster)."""
         if self._client is None:
-            no_retry = Retry(NoBackoff(), 0)
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=self._max_connections,
-                timeout=self._socket_timeout_s,  # waiting for a free connection
-                socket_timeout=self._socket_timeout_s,
-                socket_connect_timeout=self._socket_timeout_s,
-                retry=no_retry,
-            )
-            self._client = aioredis.Redis(connection_pool=pool, retry=no_retry)
+            self._client = await self.target.connect(self._max_connections, self._socket_timeout_s)
         return self._client
 
     def _k(self, key: str) -> str:
         return self.prefix + key
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return await self.client.mget([self._k(k) for k in keys])
+        client = await self.client()
+        if not isinstance(client, RedisCluster):
+            return await client.mget([self._k(k) for k in keys])
+        pipe = client.pipeline()  # grouped by node: one round trip to each node holding any of the keys
+        for key in keys:
+            pipe.get(self._k(key))
+        return await pipe.execute()
 
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = (await self.client()).pipeline(transaction=False)
         for key in keys:
             pipe.exists(self._k(key))
         return [bool(n) for n in await pipe.execute()]
@@ -111,7 +109,7 @@ class RedisStore:
     async def put_many(self, items: Sequence[tuple[str, bytes]]) -> PutResult:
         if not items:
             return PutResult()
-        pipe = self.client.pipeline(transaction=False)
+        pipe = (await self.client()).pipeline(transaction=False)
         for key, value in items:
             pipe.set(self._k(key), value, px=self.ttl_ms, nx=True)
         written, present, rejected = [], 0, 0
@@ -127,20 +125,19 @@ class RedisStore:
         return PutResult(written, present, rejected)
 
     async def touch_many(self, keys: Sequence[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = (await self.client()).pipeline(transaction=False)
         for key in keys:
             pipe.pexpire(self._k(key), self.ttl_ms)
         await pipe.execute()
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         if keys:
-            await self.client.unlink(*[self._k(k) for k in keys])
+            await (await self.client()).unlink(*[self._k(k) for k in keys])
 
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            await client.aclose()
-            await client.connection_pool.disconnect()
+            await close_client(client)
 
 
 class DirectoryStore:

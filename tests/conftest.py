@@ -119,10 +119,11 @@ class RedisServer:
     """A private redis-server on a free loopback port, without persistence; the test owns it and may kill,
     pause (SIGSTOP: a stalled server) and restart it on the same port (empty, as after a crash)."""
 
-    def __init__(self, workdir: Path, *extra_args: str) -> None:
+    def __init__(self, workdir: Path, *extra_args: str, **client_kwargs: Any) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.extra_args = extra_args
+        self.client_kwargs = client_kwargs  # how the test itself connects (an ACL user, say)
         self.proc: Any = None
 
     def url(self, db: int = 0) -> str:
@@ -142,7 +143,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+                with redis.Redis(port=self.port, socket_timeout=0.5, **self.client_kwargs) as client:
                     client.ping()
                 return self
             except redis.ConnectionError:
@@ -172,7 +173,7 @@ class RedisServer:
     def client(self, db: int = 0) -> Any:
         import redis
 
-        return redis.Redis(port=self.port, db=db, socket_timeout=5)
+        return redis.Redis(port=self.port, db=db, socket_timeout=5, **self.client_kwargs)
 
 
 @pytest.fixture(scope="session")
