@@ -1,7 +1,7 @@
 """Redis connections for the cache tiers: one server or a Redis Cluster, plain or TLS, with or without an ACL user.
 
-A URL names the server: `redis://[user:password@]HOST:PORT[/DB]`, `rediss://` for TLS, or several seed nodes of a
-cluster, `redis://HOST:PORT,HOST:PORT`. Whether a single address is a cluster is asked of the server (`INFO
+A URL names the server: `redis://[user:password@]HOST:PORT[/DB]`, `rediss://` for TLS, `unix:///PATH?db=N` for a
+socket, or several seed nodes of a cluster, `redis://HOST:PORT,HOST:PORT`. Whether a single address is a cluster is asked of the server (`INFO
 cluster`), so a plain URL of any cluster node works. Secrets may stay out of the URL (and so out of Serve's config
 and every status page): the user, password and TLS files come from the environment when the URL has none
 (REDIS_ENV). URLs are only ever shown redacted (`redact`).
@@ -48,7 +48,7 @@ class RedisTarget:
     """A parsed Redis URL with the environment's secrets filled in."""
 
     url: str
-    seeds: list[tuple[str, int]]
+    seeds: list[tuple[str, int]]  # empty for a unix socket
     db: int = 0
     tls: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # username, password, ssl_* and URL query options
@@ -56,8 +56,15 @@ class RedisTarget:
     @classmethod
     def parse(cls, url: str) -> RedisTarget:
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise RedisConfigError(f"a Redis URL starts with redis:// or rediss://, got {redact(url)!r}")
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise RedisConfigError(f"a Redis URL starts with redis://, rediss:// or unix://, got {redact(url)!r}")
+        options = dict(item.partition("=")[::2] for item in filter(None, parts.query.split("&")))
+        options = {name: unquote(value) for name, value in options.items()}
+        if parts.scheme == "unix":
+            db = options.pop("db", "0")
+            if not db.isdigit():
+                raise RedisConfigError(f"the database in {redact(url)!r} must be a number, got {db!r}")
+            return cls(url, [], int(db), False, {**options, "path": unquote(parts.path)})
         hosts = parts.netloc.rpartition("@")[2]
         seeds = []
         for host in hosts.split(","):
@@ -68,10 +75,6 @@ class RedisTarget:
         path = parts.path.strip("/")
         if path and not path.isdigit():
             raise RedisConfigError(f"the database in {redact(url)!r} must be a number, got {path!r}")
-        options: dict[str, Any] = {}
-        for item in filter(None, parts.query.split("&")):
-            name, _, value = item.partition("=")
-            options[name] = unquote(value)
         if parts.username:
             options["username"] = unquote(parts.username)
         if parts.password:
@@ -99,13 +102,19 @@ class RedisTarget:
         no_retry = Retry(NoBackoff(), 0)
 
         def single(db: int) -> aioredis.Redis:
-            host, port = self.seeds[0]
+            if self.seeds:
+                host, port = self.seeds[0]
+                where = dict(host=host, port=port, connection_class=aioredis.SSLConnection if self.tls
+                             else aioredis.Connection)
+            else:
+                where = dict(connection_class=aioredis.UnixDomainSocketConnection)
             pool = aioredis.BlockingConnectionPool(
-                host=host, port=port, db=db, max_connections=max_connections, timeout=socket_timeout_s,
-                connection_class=aioredis.SSLConnection if self.tls else aioredis.Connection, retry=no_retry,
+                db=db, max_connections=max_connections, timeout=socket_timeout_s, retry=no_retry, **where,
                 **{k: v for k, v in kwargs.items() if k != "ssl"})
             return aioredis.Redis(connection_pool=pool, retry=no_retry)
 
+        if not self.seeds:
+            return single(self.db)
         if len(self.seeds) == 1:
             client = single(0)  # a cluster node refuses SELECT: ask first
             try:

@@ -136,7 +136,11 @@ class TieredKVCache:
         self._lookups_in_flight = 0
         self._touched: OrderedDict[str, float] = OrderedDict()  # warm key -> when its TTL was last refreshed
         if self._io is not None:
-            self._io.run(self._start(), 5.0 + 2 * START_PROBE_TIMEOUT_S * len(remote))
+            try:
+                self._io.run(self._start(), 5.0 + 2 * START_PROBE_TIMEOUT_S * len(remote))
+            except BaseException:
+                self._io.close(self._close_stores)
+                raise
 
     def _remote_tier(self, name: str, url: str, prefix: str, ttl_s: float, zstd_level: int | None,
                      int8: bool) -> RemoteTier:

@@ -217,10 +217,14 @@ class DirectoryStore:
 
 def make_store(name: str, url: str, prefix: str, ttl_s: float, *, max_connections: int = 8,
                socket_timeout_s: float = 5.0) -> ValueStore:
-    """A Redis store for redis://, rediss:// and unix:// URLs, a directory store for anything else (a path)."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    """A Redis store for redis://, rediss:// and unix:// URLs, a directory store for a path or file:// URL."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme in ("redis", "rediss", "unix"):
         return RedisStore(name, url, prefix, ttl_s, max_connections=max_connections,
                           socket_timeout_s=socket_timeout_s)
+    if scheme not in ("", "file"):
+        raise ValueError(f"{name} tier: {redact(url)!r} is neither a Redis URL (redis://, rediss://, unix://) nor a "
+                         "directory")
     return DirectoryStore(name, url.removeprefix("file://"), ttl_s)
 
 

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--capacity-factor", type=float, default=None,
                      help="cap tokens per expert (overflow goes to the next-best expert); default: dropless")
     gen.add_argument("--cache", default=None, metavar="redis://HOST:PORT/DB",
-                     help="tiered prompt-prefix KV cache: hot in memory, warm in this Redis")
+                     help="tiered prompt-prefix KV cache: hot in memory, warm in this Redis (rediss:// for TLS, "
+                          "a cluster node or seed list host:port,host:port; secrets from $MOE_SERVE_REDIS_*)")
     gen.add_argument("--cold-cache", default=None, metavar="URL|DIR", help="cold tier: a second Redis or a directory")
     gen.add_argument("--auto-rebalance", type=int, default=None, metavar="CALLS",
                      help="every CALLS layer calls, copy hot experts to less-loaded shards when load is uneven")
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-replicas", type=int, default=2)
     up.add_argument("--api-key", default=None, help="require this bearer token (default: $MOE_SERVE_API_KEY)")
     up.add_argument("--redis", default=None, metavar="URL|auto|off",
-                    help="warm cache tier; default: $MOE_SERVE_REDIS_URL, else a child redis-server (auto)")
+                    help="warm cache tier, as --cache of generate; default: $MOE_SERVE_REDIS_URL, else a child "
+                         "redis-server (auto)")
     up.add_argument("--shards", type=int, default=0,
                     help="experts on N shard actors shared by all replicas (one GPU each where there are GPUs)")
     up.add_argument("--placement", choices=PLACEMENTS, default="pack")

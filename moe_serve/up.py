@@ -65,6 +65,7 @@ def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | Non
     """`redis`: a URL, "auto" (a child redis-server on a free port) or "off"."""
     from ray import serve
 
+    from moe_serve.cache.redis_client import check, redact
     from moe_serve.cluster.bringup import connect_ray
     from moe_serve.replicas.app import APP_NAME, build_app
     from moe_serve.replicas.settings import AppSettings
@@ -74,8 +75,10 @@ def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | Non
     redis_process = None
     if redis == "auto":
         redis_process, redis = start_redis(cache_dir() / "redis")
+    redis_mode = None
     if redis and redis != "off":
         settings_args["cache"] = {"redis_url": redis}
+        redis_mode = check(redis)  # a wrong password or certificate stops here, with the reason
     settings = AppSettings.model_validate(settings_args)
     connect_ray()
     state_file = cache_dir() / UP_STATE_FILE
@@ -92,7 +95,8 @@ def run_up(settings_args: dict[str, Any], host: str, port: int, redis: str | Non
         if settings.shards:
             print(f"  experts on {settings.shards} shard actors ({settings.placement})", flush=True)
         if redis and redis != "off":
-            print(f"  prefix KV cache: hot in each replica, warm in {redis}", flush=True)
+            where = {"cluster": "a Redis Cluster at ", "single": "", None: "(not answering yet) "}[redis_mode]
+            print(f"  prefix KV cache: hot in each replica, warm in {where}{redact(redis)}", flush=True)
         print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{settings.served_name}\", \"prompt\": \"The router\", \"max_tokens\": 16}}'",
               flush=True)

@@ -26,7 +26,10 @@ COLD_CACHE_ENV = "MOE_SERVE_COLD_CACHE_URL"
 class CacheSettings(BaseModel):
     """The tiered prompt-prefix KV cache of every engine replica; URLs default to the environment."""
 
-    redis_url: str | None = Field(None, description=f"Warm tier, redis://host:port/db; default: ${REDIS_URL_ENV}")
+    redis_url: str | None = Field(None, description="Warm tier: redis://[user:password@]host:port/db, rediss:// for "
+                                  "TLS, one node of a Redis Cluster or a host:port,host:port seed list; the user, "
+                                  "password and TLS files may come from MOE_SERVE_REDIS_* variables instead "
+                                  f"(cache/redis_client.py); default: ${REDIS_URL_ENV}")
     cold_url: str | None = Field(None, description=f"Cold tier, a Redis URL or directory; default: ${COLD_CACHE_ENV}")
     hot_bytes: int | None = Field(None, ge=0, description="Deprecated and ignored: the hot tier is the engine's KV "
                                                           "pool, sized by kv_cache_bytes")
