@@ -4,6 +4,7 @@ redirects after slots move, and a master failing over to its replica costing mis
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from conftest import random_prompts
 from redis_servers import RedisClusterNodes
 from test_cache_redis import _WRITER, LAYOUT, MODEL, make_blocks, make_prompt, same
 
-from moe_serve.cache import CacheConfig, TieredKVCache
+from moe_serve.cache import CacheConfig, PromptCache, PromptCacheConfig, TieredKVCache
 from moe_serve.cache.redis_client import RedisConfigError, check
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
@@ -64,6 +65,33 @@ def test_blocks_written_by_another_process_are_reused(empty_cluster: RedisCluste
     with warm_cache(empty_cluster.seeds_url()) as cache:
         found = cache.lookup(cache.block_keys(make_prompt(5, seed=3)))
         assert found.tiers == ["warm"] * 5 and same(found.blocks, make_blocks(5, seed=3))
+
+
+def test_a_repeated_prompt_is_served_from_the_cluster_by_another_process(empty_cluster: RedisClusterNodes,
+                                                                         tiny_model_dir: Path) -> None:
+    """The user's case: `moe-serve generate --cache redis://NODE` twice; the second run reuses the first's blocks."""
+    def run() -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "moe_serve.cli", "generate", str(tiny_model_dir), "--token-ids",
+             ",".join(str(t) for t in range(10, 110)), "--max-tokens", "4", "--cache", empty_cluster.url(1)],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first, second = run(), run()
+    assert first["cached_tokens"] == 0 and sum(empty_cluster.keys_per_master()) > 0
+    assert second["cached_tokens"] > 0 and second["token_ids"] == first["token_ids"]
+
+
+def test_the_prompt_cache_on_the_cluster(empty_cluster: RedisClusterNodes) -> None:
+    text = "a long prompt " * 100
+    config = PromptCacheConfig(warm_url=empty_cluster.url(0), warm_min_chars=10, lookup_timeout_s=2.0)
+    writer = PromptCache("tokenizer-a", config)
+    assert writer.encode(text, lambda t: [len(t), 7]) == [len(text), 7]
+    writer.close()
+    reader = PromptCache("tokenizer-a", config)
+    assert reader.encode(text, lambda t: []) == [len(text), 7]  # from the warm tier, not this encoder
+    reader.close()
 
 
 def test_a_prefix_lookup_is_one_pipeline_per_node(empty_cluster: RedisClusterNodes) -> None:
