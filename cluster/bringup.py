@@ -62,7 +62,9 @@ def start_shards(
     use_gpus: bool | None = None,
     quantize: QuantMode = "none",
     ready_timeout_s: float = 120.0,
+    expert_memory_bytes: int | None = None,
 ) -> ShardGroup:
+    """`expert_memory_bytes`: each shard's own budget of resident experts (None: every expert placed on it)."""
     strategy = strategy.upper()
     if strategy not in STRATEGIES:
         raise PlacementError(f"unknown placement strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -85,7 +87,7 @@ def start_shards(
             max_restarts=-1,  # a dead shard comes back and reloads its experts; the router retries its call
             max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-        ).remote(model_dir, index, experts, quantize)
+        ).remote(model_dir, index, experts, quantize, expert_memory_bytes)
         for index, experts in enumerate(placement.shards)
     ]
     try:

@@ -7,30 +7,32 @@ possibly empty). On the CPU, with the compiled kernels built, a call's experts r
 (`KernelExperts.grouped`), which also holds their weights; on a GPU, vLLM's fused MoE kernel does when the `gpu`
 extra is installed and passes a check against torch (fused_experts.py). An expert it does not hold yet (a copy placed by
 rebalancing, or any expert after a restart) is loaded on first use, so a restarted shard heals itself from the
-checkpoint without the router replaying its history.
+checkpoint without the router replaying its history. With `expert_memory_bytes`, the shard starts with none of its
+experts and keeps at most that many bytes of them resident (moe_serve/model/resident_experts.py: its own budget).
 Knows nothing of routing, serving or caching.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from moe_serve.cluster.fused_experts import FusedMoEExperts, fused_or_none
+from moe_serve.cluster.fused_experts import fused_or_none
 from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
-from moe_serve.model.kernel_moe import KERNEL_FLOAT_DTYPES, KernelExperts
 from moe_serve.model.moe import ExpertStack
-from moe_serve.model.quant import QuantMode, stackable
+from moe_serve.model.quant import QuantMode
+from moe_serve.model.resident_experts import Holder, ResidentExperts, kernel_or_stack
 
 
 @dataclass(frozen=True)
@@ -54,27 +56,6 @@ class ShardMessage(NamedTuple):
     counts: np.ndarray  # [k] int64
 
 
-Holder = ExpertStack | KernelExperts | FusedMoEExperts  # where a shard's expert lives
-
-
-def _runs_by_holder(held: dict[int, tuple[Holder, int]], expert_ids: list[int], counts: list[int],
-                    ) -> Iterator[tuple[Holder, list[int], list[int]]]:
-    """The call's (expert, count) runs, consecutive ones with the same holder merged: (holder, indices, counts)."""
-    current: Holder | None = None
-    indices: list[int] = []
-    run_counts: list[int] = []
-    for expert, count in zip(expert_ids, counts):
-        holder, index = held[expert]
-        if holder is not current and current is not None:
-            yield current, indices, run_counts
-            indices, run_counts = [], []
-        current = holder
-        indices.append(index)
-        run_counts.append(count)
-    if current is not None:
-        yield current, indices, run_counts
-
-
 def shard_device(quantize: QuantMode) -> torch.device:
     """The GPU Ray gave this actor (CUDA_VISIBLE_DEVICES holds just it) when torch sees one, else the CPU.
 
@@ -87,57 +68,36 @@ def shard_device(quantize: QuantMode) -> torch.device:
 
 
 class ExpertShard:
-    def __init__(
-        self, model_dir: str, shard_id: int, experts: list[int], quantize: QuantMode = "none"
-    ) -> None:
+    def __init__(self, model_dir: str, shard_id: int, experts: list[int], quantize: QuantMode = "none",
+                 expert_memory_bytes: int | None = None) -> None:
         self.shard_id = shard_id
         self.config = ModelConfig.from_dir(model_dir)
-        self.checkpoint = Checkpoint(Path(model_dir), self.config)
         self.quantize = quantize
         self.device = shard_device(quantize)
         torch.set_num_threads(1)  # shards share the node's cores with each other and the replica
         # the compiled kernels hold CPU experts when built (KernelExperts), else the torch ExpertStack does
-        self._ops = cpu_ops() if self.device.type == "cpu" else None
-        # layer -> expert id -> (holder, index in it); a holder per load keeps loading incremental
-        self._experts: dict[int, dict[int, tuple[Holder, int]]] = {}
-        for layer in self.config.moe_layer_ids:
-            self.load_experts(layer, experts)
+        ops = cpu_ops() if self.device.type == "cpu" else None
+        self.experts = ResidentExperts(Checkpoint(Path(model_dir), self.config), quantize, expert_memory_bytes,
+                                       self.device, make_holder=functools.partial(self._holder, ops))
+        if expert_memory_bytes is None:
+            for layer in self.config.moe_layer_ids:
+                self.experts.load(layer, experts)
         self.busy_s = 0.0
         self.calls = 0
 
+    def _holder(self, ops: ModuleType | None, stack: ExpertStack) -> Holder:
+        if self.device.type == "cuda":
+            return fused_or_none(stack) or stack
+        return kernel_or_stack(ops, stack)
+
     def load_experts(self, layer: int, experts: list[int]) -> None:
-        held = self._experts.setdefault(layer, {})
-        missing = [e for e in experts if e not in held]
-        if not missing:
-            return
-        w13, w2 = self.checkpoint.load_experts(layer, missing)
-        stack = ExpertStack(missing, w13.to(self.device), w2.to(self.device), quantize=self.quantize)
-        holder: Holder = stack
-        if self._ops is not None and stackable(stack.w13 + stack.w2, KERNEL_FLOAT_DTYPES):
-            holder = KernelExperts(self._ops, stack.w13, stack.w2)  # the experts' only copy from here on
-        elif self.device.type == "cuda":
-            holder = fused_or_none(stack) or stack
-        held.update({expert: (holder, index) for index, expert in enumerate(missing)})
+        self.experts.load(layer, experts)
 
     def forward(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Rows of x [N, D] grouped by expert (`counts[i]` rows for `expert_ids[i]`) -> expert outputs [N, D]."""
         start_time = time.perf_counter()
-        self.load_experts(layer, [int(e) for e in expert_ids])
-        held = self._experts[layer]
         rows = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        out = torch.empty_like(rows)
-        start = 0
-        for holder, indices, run_counts in _runs_by_holder(held, expert_ids.tolist(), counts.tolist()):
-            n = sum(run_counts)
-            segment = rows[start : start + n]
-            if not isinstance(holder, ExpertStack):  # one kernel call for all its experts' rows
-                out[start : start + n] = holder.grouped(segment, torch.tensor(indices), torch.tensor(run_counts))
-            else:
-                offset = 0
-                for index, count in zip(indices, run_counts):
-                    out[start + offset : start + offset + count] = holder.ffn(index, segment[offset : offset + count])
-                    offset += count
-            start += n
+        out = self.experts.run(layer, rows, expert_ids.tolist(), counts.tolist())
         result = out.cpu().numpy()
         self.busy_s += time.perf_counter() - start_time
         self.calls += 1
@@ -153,7 +113,6 @@ class ExpertShard:
         import ray
 
         context = ray.get_runtime_context()
-        holders = {id(holder): holder for held in self._experts.values() for holder, _ in held.values()}
         return ShardInfo(
             shard_id=self.shard_id,
             node_id=context.get_node_id(),
@@ -161,8 +120,8 @@ class ExpertShard:
             pid=os.getpid(),
             gpu_ids=[str(g) for g in ray.get_gpu_ids()],
             device=str(self.device),
-            experts={layer: sorted(held) for layer, held in self._experts.items()},
-            expert_bytes=sum(holder.nbytes for holder in holders.values()),
+            experts={layer: self.experts.resident(layer) for layer in self.config.moe_layer_ids},
+            expert_bytes=self.experts.expert_bytes,
         )
 
     def load_stats(self) -> dict[str, float]:

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from moe_serve.cluster.placement import STRATEGIES, PlacementError
 from moe_serve.model.checkpoint import CheckpointError
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expert-memory", type=_checked(parse_bytes), default=None, metavar="BYTES",
+                        help="keep at most this many bytes of expert weights resident (K, M, G suffixes: powers of "
+                             "1024), loading experts from the checkpoint on first use; per shard with --shards; "
+                             "default: every expert resident")
     parser.add_argument("--dtype", type=_checked(check_dtype_name), default="auto", metavar="|".join(DTYPE_NAMES),
                         help="serving dtype; auto (default): the checkpoint's where this hardware computes it "
                              "natively (bf16 with AVX512-BF16 or AMX), else float32")
@@ -110,9 +115,22 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 for models with hidden size under 1024)")
 
 
-def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+def parse_bytes(value: str) -> int:
+    """"1073741824", "1024M", "1G", "1.5GiB" -> bytes; ValueError naming the value otherwise."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1024 ** ("KMGT".index(text[-1]) + 1) if text and text[-1] in "KMGT" else 1
+    try:
+        number = float(text[:-1] if scale > 1 else text)
+    except ValueError:
+        raise ValueError(f"not a byte count: {value!r} (e.g. 2147483648, 2048M, 2G)") from None
+    if number <= 0:
+        raise ValueError(f"a byte count must be positive, got {value!r}")
+    return int(number * scale)
+
+
+def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type from a check that raises ValueError naming the problem (argparse prints it, exit 2)."""
-    def parse(value: str) -> str:
+    def parse(value: str) -> Any:
         try:
             return check(value)
         except ValueError as exc:
@@ -127,6 +145,7 @@ def cmd_up(args: argparse.Namespace) -> dict:
         "model_dir": args.model_dir, "model_name": args.model_name, "quantize": args.quantize,
         "dtype": args.dtype, "device": args.device, "threads": args.threads,
         "api_key": args.api_key, "shards": args.shards, "placement": args.placement, "colocated": args.colocate,
+        "expert_memory_bytes": args.expert_memory,
         "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas},
     }
     run_up(settings, args.host, args.port, args.redis or os.environ.get("MOE_SERVE_REDIS_URL") or "auto")
@@ -166,7 +185,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
         cache = CacheConfig(warm_url=args.cache, cold_url=args.cold_cache)
     engine_config = EngineConfig(quantize=args.quantize, dtype=args.dtype, device=args.device,
-                                 num_threads=args.threads, cache=cache)
+                                 num_threads=args.threads, cache=cache, expert_memory_bytes=args.expert_memory)
     engine = LLMEngine.from_pretrained(args.model_dir, engine_config, moe=expert_parallel)
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("prompt is empty: give some text or --token-ids")
@@ -215,6 +234,7 @@ def _start_expert_parallel(args: argparse.Namespace):  # noqa: ANN202 - returns 
     connect_ray(args.address)
     return start_expert_parallel(
         args.model_dir, args.shards, strategy=args.placement, quantize=args.quantize,
+        expert_memory_bytes=args.expert_memory,
         router_config=RouterConfig(capacity_factor=args.capacity_factor, auto_rebalance_every=args.auto_rebalance),
     )
 

@@ -66,6 +66,8 @@ class EngineConfig:
     # decode-only steps of 2+ sequences run as two micro-batches, one's attention overlapping the other's routed
     # experts on the shards; only with an MoE backend that can `submit` (experts on shard actors)
     micro_batch_overlap: bool = False
+    # at most this many bytes of expert weights resident, loaded on first use (resident_experts.py); None: all
+    expert_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -77,6 +79,8 @@ class EngineConfig:
         check_device(self.device)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"EngineConfig.num_threads must be positive, got {self.num_threads}")
+        if self.expert_memory_bytes is not None and self.expert_memory_bytes < 1:
+            raise ValueError(f"EngineConfig.expert_memory_bytes must be positive or None, got {self.expert_memory_bytes}")
         if self.max_step_ms is not None and self.max_step_ms <= 0:
             raise ValueError(f"EngineConfig.max_step_ms must be positive or None, got {self.max_step_ms}")
 
@@ -128,7 +132,8 @@ class LLMEngine:
         if moe is not None:
             config, dense = load_dense_model(model_dir, dtype)
         else:
-            loaded = load_local_model(model_dir, quantize=engine_config.quantize, dtype=dtype)
+            loaded = load_local_model(model_dir, quantize=engine_config.quantize, dtype=dtype,
+                                      expert_memory_bytes=engine_config.expert_memory_bytes)
             config, dense, moe = loaded.config, loaded.dense, loaded.moe
         # blocks shared through Redis need a fingerprint every process computes alike; the pool alone does not
         model_fp = model_fingerprint(model_dir, extra=f"quantize={engine_config.quantize}") \

@@ -42,6 +42,7 @@ class EngineReplica:
             num_threads=settings.replica_threads, kv_cache_bytes=settings.kv_cache_bytes,
             max_num_seqs=settings.max_num_seqs, max_step_ms=settings.max_step_ms, cache=settings.cache_config(),
             micro_batch_overlap=settings.micro_batch_overlap,
+            expert_memory_bytes=settings.expert_memory_bytes,
         )
         moe = None
         if experts is not None:

@@ -32,6 +32,7 @@ class ExpertShards:
             settings.model_dir, settings.shards, strategy=settings.placement, quantize=settings.quantize,
             router_config=RouterConfig(auto_rebalance_every=settings.auto_rebalance_every),
             transport=settings.shard_transport, router_concurrency=2 * max(1, settings.autoscaling.max_replicas),
+            expert_memory_bytes=settings.expert_memory_bytes,
         )
 
     def router(self) -> list[Any]:

@@ -77,16 +77,18 @@ def start_expert_parallel(
     transport: TransportKind = DEFAULT_TRANSPORT,
     graph_config: CompiledGraphConfig = CompiledGraphConfig(),
     router_concurrency: int = 2,
+    expert_memory_bytes: int | None = None,
 ) -> ExpertParallel:
     """Shards + router, reached through `transport` (one of TRANSPORTS; "routed" turns the router's shard graph on,
     with `graph_config`). `router_concurrency`: calls the router serves at once (two per engine replica sharing
-    it: the halves of an overlapped step)."""
+    it: the halves of an overlapped step). `expert_memory_bytes`: each shard's budget of resident experts."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
     router_config = replace(router_config, shard_graph=transport == "routed", graph=graph_config)
     config = ModelConfig.from_dir(model_dir)
     placement = ExpertPlacement.balanced(config.num_experts, num_shards)
-    shards = start_shards(model_dir, placement, strategy, use_gpus=use_gpus, quantize=quantize)
+    shards = start_shards(model_dir, placement, strategy, use_gpus=use_gpus, quantize=quantize,
+                          expert_memory_bytes=expert_memory_bytes)
     # A router that dies (its node went) comes back with the same gates and shards; callers retry meanwhile.
     router = ray.remote(Router).options(num_cpus=0, max_concurrency=router_concurrency, max_restarts=-1).remote(
         model_dir, placement, shards.actors, router_config

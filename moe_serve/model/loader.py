@@ -1,4 +1,5 @@
-"""Load a whole model for in-process use: config, dense part, and an MoE backend holding every expert."""
+"""Load a whole model for in-process use: config, dense part, and an MoE backend holding every expert (or, under an
+expert memory budget, the gates alone, experts loaded on first use)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ from moe_serve.model.config import ModelConfig
 from moe_serve.model.moe import ExpertStack, LocalMoE
 from moe_serve.router.gate import Gate
 from moe_serve.model.quant import QuantMode
-from moe_serve.model.transformer import DenseModel
+from moe_serve.model.resident_experts import OnDemandMoE, ResidentExperts
+from moe_serve.model.transformer import DenseModel, MoEBackend
 
 
 @dataclass
 class LoadedModel:
     config: ModelConfig
     dense: DenseModel
-    moe: LocalMoE
+    moe: MoEBackend
 
 
 def load_dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, DenseModel]:
@@ -31,11 +33,17 @@ def load_dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) 
     return config, DenseModel(config, Checkpoint(model_dir, config, dtype))
 
 
-def load_local_model(model_dir: str | Path, quantize: QuantMode = "none",
-                     dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Every weight in `dtype` (quantized experts are packed from it), converted one tensor at a time."""
+def load_local_model(model_dir: str | Path, quantize: QuantMode = "none", dtype: torch.dtype = torch.float32,
+                     expert_memory_bytes: int | None = None) -> LoadedModel:
+    """Every weight in `dtype` (quantized experts are packed from it), converted one tensor at a time. With
+    `expert_memory_bytes`, the experts load on first use and at most that many bytes of them stay resident."""
     config = ModelConfig.from_dir(model_dir)
     checkpoint = Checkpoint(model_dir, config, dtype)
+    if expert_memory_bytes is not None:
+        gates = {layer: Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
+                 for layer in config.moe_layer_ids}
+        experts = ResidentExperts(checkpoint, quantize, expert_memory_bytes)
+        return LoadedModel(config, DenseModel(config, checkpoint), OnDemandMoE(gates, experts, config.num_experts))
     all_experts = list(range(config.num_experts))
     moe = LocalMoE({}, {}, config.num_experts)
     for layer in config.moe_layer_ids:  # one layer at a time: a layer the kernel takes is held once

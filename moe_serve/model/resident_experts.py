@@ -1,0 +1,226 @@
+"""Experts loaded from the checkpoint when first used and kept under a byte budget: the in-process MoE backend
+(`OnDemandMoE`) and each expert shard hold their experts here.
+
+Without a budget every expert asked for stays resident, loaded a group at a time (one holder per load). With one
+(`budget_bytes`), each expert is its own holder, read from the memory-mapped safetensors files and packed on first
+use, and the resident set never exceeds the budget: to load an expert, the resident experts with the least recent
+load are evicted first (usage decays by half every DECAY_CALLS calls of a layer, so the order follows the router's
+load as it shifts; least recently used breaks ties). A call loads each expert it needs once, whatever the batch
+holds: its resident experts run first, then the others are loaded one by one, evicting experts it no longer needs,
+so a batch needing more experts than the budget holds still runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from moe_serve.kernels import cpu_ops
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.kernel_moe import KERNEL_FLOAT_DTYPES, KernelExperts
+from moe_serve.model.moe import ExpertStack
+from moe_serve.model.quant import QuantMode, stackable
+from moe_serve.router.gate import Gate, combine, dispatch
+
+Holder = Any  # where experts' weights live: ExpertStack, KernelExperts, or on a GPU vLLM's fused experts
+DECAY_CALLS = 64  # a layer's usage counts halve every this many of its calls
+
+
+@dataclass
+class ResidentStats:
+    loads: int = 0  # experts read from the checkpoint
+    evictions: int = 0
+    hits: int = 0  # experts a call needed that were resident
+    peak_bytes: int = 0  # most expert bytes resident at any time
+
+
+class ResidentExperts:
+    """Experts of every MoE layer of one checkpoint: loaded on first use, under `budget_bytes` when given.
+    `make_holder(stack)` turns loaded experts into what runs them (default: `kernel_or_stack`)."""
+
+    def __init__(self, checkpoint: Checkpoint, quantize: QuantMode = "none", budget_bytes: int | None = None,
+                 device: torch.device = torch.device("cpu"),
+                 make_holder: Callable[[ExpertStack], Holder] | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.quantize = quantize
+        self.budget_bytes = budget_bytes
+        self.device = device
+        self._make_holder = make_holder or functools.partial(kernel_or_stack, cpu_ops())
+        self._held: dict[int, dict[int, tuple[Holder, int]]] = {}  # layer -> expert -> (holder, index in it)
+        self._bytes: dict[tuple[int, int], int] = {}  # (layer, expert) -> its bytes; budgeted holders only
+        self._usage: dict[tuple[int, int], float] = {}
+        self._last_use: dict[tuple[int, int], int] = {}
+        self._calls: dict[int, int] = {}
+        self._clock = itertools.count()
+        self.resident_bytes = 0
+        self.stats = ResidentStats()
+        if budget_bytes is not None:
+            self._check_budget(budget_bytes)
+
+    def _check_budget(self, budget_bytes: int) -> None:
+        """Loads one expert to learn an expert's size; a budget that cannot hold one layer's top-k is refused."""
+        config = self.checkpoint.config
+        layer = config.moe_layer_ids[0]
+        self.load(layer, [0])
+        expert_bytes = self._bytes[(layer, 0)]
+        if budget_bytes < config.top_k * expert_bytes:
+            raise ValueError(f"expert memory budget {budget_bytes} bytes is smaller than one layer's top-{config.top_k}"
+                             f" experts ({config.top_k} x {expert_bytes} bytes)")
+
+    # --- loading and eviction ------------------------------------------------------------------------------
+
+    def resident(self, layer: int) -> list[int]:
+        return sorted(self._held.get(layer, {}))
+
+    def load(self, layer: int, experts: list[int]) -> None:
+        """Make `experts` of `layer` resident (evicting others under a budget; they must fit it together)."""
+        held = self._held.setdefault(layer, {})
+        missing = [e for e in experts if e not in held]
+        if not missing:
+            return
+        if self.budget_bytes is None:  # one holder for the whole load
+            holder = self._make_holder(self._stack(layer, missing))
+            held.update({expert: (holder, index) for index, expert in enumerate(missing)})
+            self.stats.loads += len(missing)
+            return
+        for expert in missing:
+            self._load_one(layer, expert, keep={(layer, e) for e in experts})
+
+    def _load_one(self, layer: int, expert: int, keep: set[tuple[int, int]]) -> None:
+        expected = self._bytes.get((layer, expert)) or max(self._bytes.values(), default=0)
+        self._make_room(expected, keep)
+        holder = self._make_holder(self._stack(layer, [expert]))
+        nbytes = holder.nbytes
+        self._make_room(nbytes, keep)  # the first expert of its size, or one larger than expected
+        self._held[layer][expert] = (holder, 0)
+        self._bytes[(layer, expert)] = nbytes
+        self.resident_bytes += nbytes
+        self.stats.loads += 1
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.resident_bytes)
+        assert self.budget_bytes is None or self.resident_bytes <= self.budget_bytes
+
+    def _make_room(self, nbytes: int, keep: set[tuple[int, int]]) -> None:
+        """Evict the least used resident experts (not in `keep`) until `nbytes` more fit the budget."""
+        assert self.budget_bytes is not None
+        while self.resident_bytes + nbytes > self.budget_bytes:
+            candidates = [(self._usage.get(k, 0.0), self._last_use.get(k, -1), k)
+                          for k in self._resident_keys() if k not in keep]
+            if not candidates:
+                raise ValueError(f"expert memory budget {self.budget_bytes} bytes cannot hold the experts one call "
+                                 f"needs at once ({len(keep)})")
+            _, _, (layer, expert) = min(candidates)
+            self._evict(layer, expert)
+
+    def _evict(self, layer: int, expert: int) -> None:
+        del self._held[layer][expert]
+        self.resident_bytes -= self._bytes[(layer, expert)]
+        self.stats.evictions += 1
+
+    def _resident_keys(self) -> Iterator[tuple[int, int]]:
+        return ((layer, expert) for layer, held in self._held.items() for expert in held)
+
+    def _stack(self, layer: int, experts: list[int]) -> ExpertStack:
+        w13, w2 = self.checkpoint.load_experts(layer, experts)
+        return ExpertStack(experts, w13.to(self.device), w2.to(self.device), quantize=self.quantize)
+
+    # --- running -------------------------------------------------------------------------------------------
+
+    def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
+        """Rows [N, D] grouped by expert (`counts[i]` rows for `expert_ids[i]`, in order) -> expert outputs [N, D],
+        loading the experts not resident."""
+        self._note_use(layer, expert_ids, counts)
+        held = self._held.setdefault(layer, {})
+        self.stats.hits += sum(e in held for e in expert_ids)
+        out = torch.empty_like(rows)
+        starts = list(itertools.accumulate(counts, initial=0))
+        if self.budget_bytes is None:
+            self.load(layer, expert_ids)
+            for holder, first, indices, run_counts in _runs_by_holder(held, expert_ids, counts):
+                start, stop = starts[first], starts[first + len(indices)]
+                out[start:stop] = _run(holder, indices, run_counts, rows[start:stop])
+            return out
+        for i in sorted(range(len(expert_ids)), key=lambda i: expert_ids[i] not in held):  # resident ones first
+            if expert_ids[i] not in held:  # every resident expert of this call has run: any may go
+                self._load_one(layer, expert_ids[i], keep={(layer, expert_ids[i])})
+            holder, index = held[expert_ids[i]]
+            start, stop = starts[i], starts[i + 1]
+            out[start:stop] = _run(holder, [index], [counts[i]], rows[start:stop])
+        return out
+
+    def _note_use(self, layer: int, expert_ids: list[int], counts: list[int]) -> None:
+        calls = self._calls[layer] = self._calls.get(layer, 0) + 1
+        if calls % DECAY_CALLS == 0:
+            for key in [k for k in self._usage if k[0] == layer]:
+                self._usage[key] /= 2
+        now = next(self._clock)
+        for expert, count in zip(expert_ids, counts):
+            self._usage[(layer, expert)] = self._usage.get((layer, expert), 0.0) + count
+            self._last_use[(layer, expert)] = now
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of the experts resident now, whatever their holders."""
+        if self.budget_bytes is not None:
+            return self.resident_bytes
+        holders = {id(h): h for held in self._held.values() for h, _ in held.values()}
+        return sum(h.nbytes for h in holders.values())
+
+
+def kernel_or_stack(ops: ModuleType | None, stack: ExpertStack) -> Holder:
+    """The compiled kernel's holder when it is built and takes the weights (the experts' only copy from then on),
+    else the torch stack."""
+    if ops is not None and stackable(stack.w13 + stack.w2, KERNEL_FLOAT_DTYPES):
+        return KernelExperts(ops, stack.w13, stack.w2)
+    return stack
+
+
+def _runs_by_holder(held: dict[int, tuple[Holder, int]], expert_ids: list[int], counts: list[int],
+                    ) -> Iterator[tuple[Holder, int, list[int], list[int]]]:
+    """The call's (expert, count) runs, consecutive ones with the same holder merged: (holder, position of the run's
+    first expert, indices in the holder, counts)."""
+    run: tuple[Holder, int, list[int], list[int]] | None = None
+    for position, (expert, count) in enumerate(zip(expert_ids, counts)):
+        holder, index = held[expert]
+        if run is not None and holder is not run[0]:
+            yield run
+            run = None
+        if run is None:
+            run = (holder, position, [], [])
+        run[2].append(index)
+        run[3].append(count)
+    if run is not None:
+        yield run
+
+
+def _run(holder: Holder, indices: list[int], counts: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """One holder's experts `indices` over their rows (`counts` each, in order): one kernel call when it can."""
+    if not isinstance(holder, ExpertStack):
+        return holder.grouped(rows, torch.tensor(indices), torch.tensor(counts))
+    out, start = torch.empty_like(rows), 0
+    for index, count in zip(indices, counts):
+        out[start : start + count] = holder.ffn(index, rows[start : start + count])
+        start += count
+    return out
+
+
+class OnDemandMoE:
+    """The in-process MoE backend over `ResidentExperts`: gates at start-up, experts when first routed to."""
+
+    def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int) -> None:
+        self.gates = gates
+        self.experts = experts
+        self.num_experts = num_experts
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        routing = self.gates[layer](x)
+        plan = dispatch(routing, self.num_experts)
+        used = [e for e, n in enumerate(plan.counts) if n]
+        rows = x[plan.token_index]
+        out = self.experts.run(layer, rows, used, [plan.counts[e] for e in used])
+        return combine(out, plan, routing, x.shape[0])
