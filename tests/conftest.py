@@ -31,10 +31,10 @@ BASE = dict(
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test with the compiled CPU kernels, then again on torch ops only (the path without a build)."""
     from moe_serve.kernels import cpu_ops
-    from moe_serve.model import attention, linear, moe
+    from moe_serve.model import attention, linear, moe, resident_experts
 
     if request.param == "torch":
-        for module in (attention, linear, moe):
+        for module in (attention, linear, moe, resident_experts):
             monkeypatch.setattr(module, "_OPS", None)
     else:
         assert cpu_ops() is not None, "the compiled CPU kernels did not build: see the warning it logged"

@@ -81,6 +81,23 @@ def test_micro_batch_overlap_greedy_equals_in_process(mixtral_dir: Path, transpo
         parallel.shutdown()
 
 
+def test_shards_under_an_expert_memory_budget_give_the_same_tokens(mixtral_dir: Path) -> None:
+    """Each shard keeps at most its own budget of its experts (3 of the 8 it serves over 2 layers), loading the rest
+    on demand from the checkpoint."""
+    prompts = random_prompts([6, 31, 18], 256, seed=38)
+    expected = in_process_tokens(mixtral_dir, prompts)
+    per_expert = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(expert_memory_bytes=2**40)).moe.experts.resident_bytes
+    parallel = start_expert_parallel(str(mixtral_dir), 2, transport="plain", expert_memory_bytes=3 * per_expert)
+    try:
+        engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+        infos = ray.get([shard.info.remote() for shard in parallel.shards.actors])
+        assert all(0 < info.expert_bytes <= 3 * per_expert for info in infos)
+        assert all(sum(map(len, info.experts.values())) <= 3 for info in infos)
+    finally:
+        parallel.shutdown()
+
+
 def test_plain_transport_greedy_equals_in_process(mixtral_dir: Path, parallel: ExpertParallel) -> None:
     prompts = random_prompts([6, 31, 18], 256, seed=3)
     engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)

@@ -30,6 +30,7 @@ from moe_serve.router.gate import Gate, combine, dispatch
 
 Holder = Any  # where experts' weights live: ExpertStack, KernelExperts, or on a GPU vLLM's fused experts
 DECAY_CALLS = 64  # a layer's usage counts halve every this many of its calls
+_OPS = cpu_ops()  # compiled kernels (moe_serve.kernels), or None
 
 
 @dataclass
@@ -51,7 +52,7 @@ class ResidentExperts:
         self.quantize = quantize
         self.budget_bytes = budget_bytes
         self.device = device
-        self._make_holder = make_holder or functools.partial(kernel_or_stack, cpu_ops())
+        self._make_holder = make_holder or functools.partial(kernel_or_stack, _OPS)
         self._held: dict[int, dict[int, tuple[Holder, int]]] = {}  # layer -> expert -> (holder, index in it)
         self._bytes: dict[tuple[int, int], int] = {}  # (layer, expert) -> its bytes; budgeted holders only
         self._usage: dict[tuple[int, int], float] = {}

@@ -1,0 +1,76 @@
+"""Experts loaded on demand under a memory budget (moe_serve/model/resident_experts.py), in-process and on shards:
+the same greedy tokens as with every expert resident, on every family and with both kernel paths; resident bytes
+within the budget at every step; loads and evictions counted; a budget too small for one layer refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import random_prompts
+
+from moe_serve.model.resident_experts import OnDemandMoE
+from moe_serve.replicas.engine import EngineConfig, LLMEngine
+from moe_serve.replicas.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+FAMILIES = ["mixtral_dir", "qwen2_dir", "qwen3_dir", "olmoe_dir"]
+
+
+def expert_bytes(model_dir: Path) -> tuple[int, int]:
+    """(bytes of one expert as held, experts of the whole model)."""
+    probe = LLMEngine.from_pretrained(model_dir, EngineConfig(expert_memory_bytes=2**40))
+    assert isinstance(probe.moe, OnDemandMoE)
+    resident = probe.moe.experts
+    config = probe.model_config
+    return resident.resident_bytes, config.num_experts * len(config.moe_layer_ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_quarter_budget_gives_the_same_tokens_and_never_passes_it(family: str, kernels: str,
+                                                                   request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(family)
+    prompts = random_prompts([21, 34, 9, 17], 256, seed=3)
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(model_dir).generate(prompts, GREEDY)]
+    per_expert, experts = expert_bytes(model_dir)
+    budget = per_expert * experts // 4
+    engine = LLMEngine.from_pretrained(model_dir, EngineConfig(expert_memory_bytes=budget))
+    assert isinstance(engine.moe, OnDemandMoE)
+    resident = engine.moe.experts
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+        assert resident.resident_bytes <= budget
+    assert [engine.pop_result(i).token_ids for i in ids] == expected
+    stats = resident.stats
+    assert stats.peak_bytes <= budget and stats.evictions > 0
+    assert stats.loads == stats.evictions + resident.resident_bytes // per_expert
+
+
+def test_an_unlimited_budget_loads_each_expert_once(mixtral_dir: Path) -> None:
+    per_expert, experts = expert_bytes(mixtral_dir)
+    engine = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(expert_memory_bytes=per_expert * experts))
+    engine.generate(random_prompts([40, 40, 40, 40], 256, seed=4), GREEDY)
+    engine.generate(random_prompts([40, 40, 40, 40], 256, seed=5), GREEDY)
+    stats = engine.moe.experts.stats
+    assert stats.evictions == 0 and stats.loads <= experts and stats.hits > 0
+
+
+def test_a_budget_under_one_layers_top_k_experts_is_refused(mixtral_dir: Path) -> None:
+    per_expert, _ = expert_bytes(mixtral_dir)
+    with pytest.raises(ValueError, match=r"smaller than one layer's top-2 experts"):
+        LLMEngine.from_pretrained(mixtral_dir, EngineConfig(expert_memory_bytes=2 * per_expert - 1))
+    with pytest.raises(ValueError, match="expert_memory_bytes must be positive"):
+        EngineConfig(expert_memory_bytes=0)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_experts_on_demand(mixtral_dir: Path, quantize: str) -> None:
+    prompts = random_prompts([20, 30], 256, seed=6)
+    config = EngineConfig(quantize=quantize)
+    expected = [o.token_ids for o in LLMEngine.from_pretrained(mixtral_dir, config).generate(prompts, GREEDY)]
+    full = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(quantize=quantize, expert_memory_bytes=2**40))
+    per_expert = full.moe.experts.resident_bytes
+    engine = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(quantize=quantize, expert_memory_bytes=4 * per_expert))
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+    assert engine.moe.experts.stats.peak_bytes <= 4 * per_expert
