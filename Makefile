@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: install serve test bench clean
 
 install: $(STAMP)
-	@bash scripts/ensure_redis.sh && VENV=$(VENV) bash scripts/ensure_helm.sh
+	@bash scripts/ensure_redis.sh && bash scripts/ensure_prometheus.sh && VENV=$(VENV) bash scripts/ensure_helm.sh
 	@$(PY) -m moe_serve.kernels --variants
 
 # Reinstall only when the pins change. torch first, pinned, so nothing pulls a multi-GB CUDA build.

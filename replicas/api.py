@@ -137,6 +137,30 @@ async def _limit_body_size(request: Request, call_next: Any) -> Any:
     return await call_next(request)
 
 
+@app.middleware("http")
+async def _count_responses(request: Request, call_next: Any) -> Any:
+    """moe_http_requests_total by route template (not the raw path: unknown paths would make a series each)."""
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            route = request.scope.get("route")
+            metrics.http.labels(route=getattr(route, "path", "unmatched"), status_code=str(status)).inc()
+
+
+async def _shard_busy_seconds(experts: DeploymentHandle, timeout_s: float = 5.0) -> list[float]:
+    """Busy seconds per expert shard; none when the shards do not answer in time (one is restarting)."""
+    try:
+        described = await asyncio.wait_for(asyncio.ensure_future(experts.describe.remote()), timeout_s)
+    except Exception:  # noqa: BLE001 - metrics are best-effort; the scrape must not wait for a restart
+        return []
+    return described["load"]["shard_busy_s"]
+
+
 # Defined last: serve.ingress snapshots the module when it wraps the class, so helpers must exist before it.
 @serve.ingress(app)
 class Ingress:
@@ -163,6 +187,8 @@ class Ingress:
         self.prompt_cache = None if self.tokenizer is None else PromptCache(
             self.tokenizer.fingerprint, PromptCacheConfig(warm_url=cache.warm_url if cache else None))
         self.metrics = ServingMetrics()
+        app.state.metrics = self.metrics
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._max_model_len: int | None = None
 
     # --- Serve hooks and handle calls; with a colocated engine, its replica's ----------------------------------
@@ -205,6 +231,9 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
         self.metrics.observe_replica(await self.engine.stats(), _replica_count(self.engine_deployment))
+        self.metrics.observe_process(self.replica_id, "Ingress", time.process_time())
+        if self.experts is not None:
+            self.metrics.observe_shards(await _shard_busy_seconds(self.experts))
         cache = await self.engine.cache_metrics()  # one replica's tiered-cache counters
         experts = await self.experts.metrics_text.remote() if self.experts is not None else b""  # per-expert load
         prompts = self.prompt_cache.stats.prometheus_text(prefix="moe_prompt_cache") if self.prompt_cache else b""

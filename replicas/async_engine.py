@@ -7,6 +7,8 @@ This is the client side of the engine core: callers (the replica, tests) go thro
 the event loop stays responsive). Requests and aborts reach that thread through a thread-safe inbox; outputs go
 back to each request's asyncio queue with `call_soon_threadsafe`. A request whose consumer stops iterating
 (client disconnect, cancellation) is aborted and its KV blocks are freed.
+`stats()` also reports this process's CPU seconds, its GPUs' use (when it uses CUDA) and the KV pool's internal
+fragmentation; `queue_seconds()` how long a request waited before its first scheduled step.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from moe_serve.replicas.engine import LLMEngine, StepOutput
 from moe_serve.replicas.output_processor import OutputProcessor
@@ -31,6 +37,7 @@ class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    arrived: float = field(default_factory=time.perf_counter)  # when it reached this engine
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[StepOutput | BaseException]]] = {}
         self._ids = itertools.count()
         self._error: BaseException | None = None
+        self._unscheduled: dict[str, float] = {}  # request id -> arrival, until its first step (engine thread's)
+        self._queue_s: dict[str, float] = {}  # request id -> arrival to first step, while its stream lives
         self._thread = threading.Thread(target=self._run, name="moe-engine", daemon=True)
         self._thread.start()
 
@@ -120,14 +129,21 @@ class AsyncLLMEngine:
                 yield _processed(text, items)
         finally:
             self._streams.pop(request_id, None)
+            self._queue_s.pop(request_id, None)
             if not text.finished or text.stopped_early:  # the client left, or a stop string ended it here
                 self._inbox.put(_Abort(request_id))
 
-    def stats(self) -> dict[str, float]:
-        """Load of this engine (read without locking: a snapshot for metrics and autoscaling, not an invariant)."""
+    def stats(self) -> dict[str, Any]:
+        """Load of this engine (read without locking: a snapshot for metrics and autoscaling, not an invariant).
+
+        kv_reserved_unused_slots: token slots of the running sequences' blocks that hold no token yet (each sequence's
+        last block is partly filled: internal fragmentation); kv_fragmentation_fraction: their share of those blocks'
+        slots. cpu_seconds: this process's CPU time (user + system, every thread); gpus: per CUDA device this process
+        uses, utilization (0-1, None without NVML) and memory_used_bytes; empty without CUDA."""
         engine = self.engine
         kv = engine.kv_stats()
         budget = engine.step_budget
+        reserved, unused = self._reserved_slots()
         return {
             "waiting": self.num_waiting(),
             "running": len(engine.scheduler.running),
@@ -139,8 +155,27 @@ class AsyncLLMEngine:
             "step_budget_seconds": budget.max_step_s if budget else 0.0,
             "steps_over_budget": budget.over_budget_steps if budget else 0,
             "preemptions": engine.scheduler.num_preemptions,
+            "kv_reserved_unused_slots": unused,
+            "kv_fragmentation_fraction": unused / reserved if reserved else 0.0,
+            "cpu_seconds": time.process_time(),
+            "gpus": gpu_usage(),
             "healthy": self._error is None and self._thread.is_alive(),
         }
+
+    def _reserved_slots(self) -> tuple[int, int]:
+        """(slots, unused slots) of the blocks the running sequences hold."""
+        block_size = self.engine.kv.spec.block_size
+        reserved = unused = 0
+        for seq in list(self.engine.scheduler.running):
+            slots = len(seq.block_table) * block_size
+            reserved += slots
+            unused += max(0, slots - seq.num_computed)
+        return reserved, unused
+
+    def queue_seconds(self, request_id: str) -> float | None:
+        """Time from `request_id` reaching this engine (`generate_chunks`) to the start of the first step that
+        scheduled it; None before then. Known once its first output is out, and while its stream lives."""
+        return self._queue_s.get(request_id)
 
     def num_waiting(self) -> int:
         """Requests not yet running: queued in the engine or still in the inbox."""
@@ -184,7 +219,10 @@ class AsyncLLMEngine:
         try:
             timeout: float | None = None
             while self._drain_inbox(block=not self.engine.has_unfinished(), timeout=timeout):
+                started = time.perf_counter()
                 outputs = self.engine.step()
+                if self._unscheduled:
+                    self._note_scheduled(started, outputs)
                 for output in outputs:
                     self._deliver(output.request_id, output)
                     if output.finished:
@@ -195,6 +233,12 @@ class AsyncLLMEngine:
             self._error = exc
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(f"engine thread failed: {exc!r}"))
+
+    def _note_scheduled(self, started: float, outputs: list[StepOutput]) -> None:
+        """Requests the step begun at `started` scheduled for the first time: running now, or finished in it."""
+        scheduled = {seq.request_id for seq in self.engine.scheduler.running} | {o.request_id for o in outputs}
+        for request_id in [r for r in self._unscheduled if r in scheduled]:
+            self._queue_s[request_id] = started - self._unscheduled.pop(request_id)
 
     def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
         """Apply pending adds and aborts, waiting for the first one if `block` (forever) or `timeout` (seconds);
@@ -215,10 +259,13 @@ class AsyncLLMEngine:
     def _add(self, message: _Add) -> None:
         try:
             self.engine.add_request(message.prompt_ids, message.params, message.request_id)
+            self._unscheduled[message.request_id] = message.arrived
         except ValueError as exc:
             self._deliver(message.request_id, exc)
 
     def _abort(self, request_id: str) -> None:
+        self._unscheduled.pop(request_id, None)
+        self._queue_s.pop(request_id, None)
         if self.engine.has_request(request_id):
             self.engine.abort_request(request_id)
             self.engine.pop_result(request_id)
@@ -228,3 +275,19 @@ class AsyncLLMEngine:
         if stream is not None:
             loop, outputs = stream
             loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+
+def gpu_usage() -> list[dict[str, Any]]:
+    """Per CUDA device of this process: index, utilization (0-1 over NVML's last sample period; None when NVML is
+    not there) and memory_used_bytes (torch's reserved memory). Empty unless this process has initialised CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        try:
+            utilization: float | None = torch.cuda.utilization(index) / 100
+        except Exception:  # noqa: BLE001 - no NVML bindings (nvidia-ml-py) or no NVML driver library
+            utilization = None
+        devices.append({"index": index, "utilization": utilization,
+                        "memory_used_bytes": torch.cuda.memory_reserved(index)})
+    return devices

@@ -1,7 +1,8 @@
 """The engine replica: a Ray Serve deployment owning one continuous-batching engine and its KV cache.
 
 It receives token ids and sampling fields from the ingress and streams back small dicts, each carrying the tokens
-generated since the last one (the first token alone, at once).
+generated since the last one (the first token alone, at once; with `queue_seconds`, the time the request waited here
+before its first step).
 Client errors (bad request, full queue) come back as a single `{"error": ...}` item so the ingress can answer
 with the right 4xx before any byte of the response is sent. Cancelling the stream aborts the request and frees
 its KV blocks.
@@ -10,6 +11,7 @@ its KV blocks.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -36,7 +38,9 @@ class EngineReplica:
 
         Async (Serve awaits it) so the router's handle can be awaited: blocking on a handle in the loop is refused."""
         self.settings = settings
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        replica = serve.get_replica_context().replica_id
+        self.replica_id = replica.unique_id
+        self.deployment = replica.deployment_id.name  # EngineReplica, or Ingress when colocated
         engine_config = EngineConfig(
             quantize=settings.quantize, dtype=settings.dtype, device=settings.device,
             num_threads=settings.replica_threads, kv_cache_bytes=settings.kv_cache_bytes,
@@ -59,7 +63,9 @@ class EngineReplica:
             return
         try:
             params = SamplingParams(**sampling)
-            async with aclosing(self.engine.generate_chunks(prompt_ids, params, interval_s=interval_s)) as chunks:
+            request_id = uuid.uuid4().hex
+            first = True
+            async with aclosing(self.engine.generate_chunks(prompt_ids, params, request_id, interval_s)) as chunks:
                 async for chunk in chunks:
                     last = chunk[-1]
                     item = {"token_ids": [out.token_id for out in chunk], "text": "".join(o.text_delta for o in chunk),
@@ -69,6 +75,9 @@ class EngineReplica:
                         item["logprobs"] = [_entry(o.logprob) for o in chunk]
                     if chunk[0].prompt_logprobs is not None:  # the first chunk: the same per prompt token
                         item["prompt_logprobs"] = [_entry(lp) for lp in chunk[0].prompt_logprobs]
+                    if first:
+                        item["queue_seconds"] = self.engine.queue_seconds(request_id)
+                        first = False
                     yield item
         except ValueError as exc:
             yield {"error": {"status": 400, "message": str(exc)}}
@@ -76,8 +85,9 @@ class EngineReplica:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+    def stats(self) -> dict[str, Any]:
+        """AsyncLLMEngine.stats, and which replica (`replica`, `deployment`) they describe."""
+        return {**self.engine.stats(), "replica": self.replica_id, "deployment": self.deployment}
 
     def cache_metrics(self) -> bytes:
         """Prometheus text of this replica's prefix cache (hits, misses, bytes, latency per tier); empty when off."""

@@ -4,6 +4,8 @@ merged as they come.
 The replica streams dicts carrying the tokens generated since the last one (`token_ids`, merged `text`,
 `finished`, `finish_reason`, `cached_tokens`, and `logprobs` / `prompt_logprobs` when asked); the first item is
 fetched before any response byte is sent, so the replica's errors become 4xx answers.
+Metrics: time to first token and the replica's queue time with the first item, the inter-token gaps with each later
+item (ServingMetrics.observe_chunk), end-to-end latency and tokens when the stream ends.
 Request migration: when the replica serving a stream dies (its stream raises), the request is sent again (`resume`)
 with the tokens produced so far appended to the prompt and the remaining budget, to another replica or the restarted
 one, for up to MIGRATION_WINDOW_S; the client sees one uninterrupted response. A seeded or greedy request gives the
@@ -43,6 +45,7 @@ class TokenStream:
         self.metrics = metrics
         self.resume = resume
         self.start = time.perf_counter()
+        self._last_tokens_at = self.start  # when the latest item with tokens arrived
         self.token_ids: list[int] = []  # produced so far, on every replica this request ran on
         self.migrations = 0
         self.cached_tokens = 0
@@ -87,7 +90,10 @@ class TokenStream:
             raise APIError(503, f"engine replica unavailable: {type(exc).__name__}") from exc
         if "error" in item:
             raise APIError(item["error"]["status"], item["error"]["message"])
-        self.metrics.ttft.observe(time.perf_counter() - self.start)
+        self._last_tokens_at = time.perf_counter()
+        self.metrics.ttft.observe(self._last_tokens_at - self.start)
+        if item.get("queue_seconds") is not None:
+            self.metrics.queue_time.observe(item["queue_seconds"])
         self.replica = item.get("replica", "")
         self.prompt_logprobs = item.get("prompt_logprobs")
         self._first = item
@@ -112,6 +118,10 @@ class TokenStream:
                 except Exception as exc:  # no replica took the request within the migration window
                     self.error = f"engine replica failed mid-stream: {type(exc).__name__}"
                     item = None
+                if item is not None and item.get("token_ids"):
+                    now = time.perf_counter()
+                    self.metrics.observe_chunk(now - self._last_tokens_at, len(item["token_ids"]))
+                    self._last_tokens_at = now
         finally:
             if not finished:
                 self.generator.cancel()  # client went away: the replica aborts and frees the KV blocks
