@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from moe_serve.cluster.placement import STRATEGIES, PlacementError
@@ -94,6 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--colocate", action="store_true",
                     help="each ingress replica holds its engine (fewer hops per streamed token; no prefix affinity)")
 
+    prune = commands.add_parser(
+        "prune", help="drop the least used experts of every MoE layer and write the smaller checkpoint",
+        description="Run calibration prompts through the model, count the tokens routed to each expert (and the gate "
+                    "probability mass it gets) per layer, keep the K most used experts and write a Hugging Face "
+                    "checkpoint with K experts. Prints the usage, bytes saved and, on held-out prompts, KL "
+                    "divergence and greedy agreement against the full model.")
+    prune.add_argument("model_dir")
+    prune.add_argument("out_dir", help="new or empty directory for the pruned checkpoint")
+    prune.add_argument("--keep-experts", type=int, required=True, metavar="K",
+                       help="experts kept per MoE layer (top-k <= K <= experts)")
+    prune.add_argument("--per-layer", action="store_true",
+                       help="each layer keeps its own K most used experts (default: the same experts in every "
+                            "layer, ranked by usage summed over layers)")
+    calibration = prune.add_mutually_exclusive_group(required=True)
+    calibration.add_argument("--calibration", type=Path, metavar="FILE",
+                             help="text file, one prompt per line; every 5th line is held out for the report")
+    calibration.add_argument("--prompts", type=_checked(_int_at_least(1)), metavar="N",
+                             help="N prompts of random token ids (for models without a tokenizer; a poor "
+                                  "calibration set: random ids spread load far more evenly than real text)")
+    prune.add_argument("--eval-prompts", type=_checked(_int_at_least(0)), default=16, metavar="M",
+                       help="held-out prompts the quality report runs (0: no report)")
+    prune.add_argument("--prompt-tokens", type=_checked(_int_at_least(1)), default=128, metavar="L",
+                       help="length of random prompts; file prompts are cut to it")
+    prune.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    prune.add_argument("--dtype", type=_checked(check_dtype_name), default="auto", metavar="|".join(DTYPE_NAMES),
+                       help="dtype the model runs in while measuring (the checkpoint keeps its own)")
+
     state = commands.add_parser("status", help="replicas, shards, expert load and cache stats of a running app")
     state.add_argument("--address", default=None,
                        help="Ray address; default: the one `moe-serve up` recorded, else auto")
@@ -135,6 +163,18 @@ def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
             return check(value)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from exc
+    return parse
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"not an integer: {value!r}") from None
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}, got {number}")
+        return number
     return parse
 
 
@@ -226,6 +266,25 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_prune(args: argparse.Namespace) -> dict:
+    from moe_serve.model.config import ModelConfig
+    from moe_serve.model.dtype import resolve_dtype
+    from moe_serve.model.prune import check_dirs, check_keep, prompts_from_file, prune, random_prompt_set
+    from moe_serve.model.tokenizer import Tokenizer
+
+    model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
+    check_dirs(model_dir, out_dir)
+    config = ModelConfig.from_dir(model_dir)
+    check_keep(config, args.keep_experts)
+    if args.calibration is not None:
+        prompts = prompts_from_file(args.calibration, Tokenizer.from_dir(model_dir), args.prompt_tokens,
+                                    args.eval_prompts)
+    else:
+        prompts = random_prompt_set(args.prompts, args.eval_prompts, args.prompt_tokens, config.vocab_size, args.seed)
+    return prune(model_dir, out_dir, args.keep_experts, args.per_layer, prompts,
+                 resolve_dtype(args.dtype, model_dir))
+
+
 def _start_expert_parallel(args: argparse.Namespace):  # noqa: ANN202 - returns router.deploy.ExpertParallel
     from moe_serve.cluster.bringup import connect_ray
     from moe_serve.router.deploy import start_expert_parallel
@@ -242,7 +301,7 @@ def _start_expert_parallel(args: argparse.Namespace):  # noqa: ANN202 - returns 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handler = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate, "up": cmd_up,
-               "status": cmd_status}[args.command]
+               "status": cmd_status, "prune": cmd_prune}[args.command]
     try:
         result = handler(args)
     except (ValueError, ModelConfigError, CheckpointError, PlacementError, FileNotFoundError, ConnectionError) as exc:
