@@ -27,14 +27,19 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def panels(matrices: Sequence[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch.Tensor:
+def panels(matrices: Sequence[torch.Tensor | tuple[torch.Tensor, ...]], out: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Each expert's [K, N] (float or int8; a stacked [E, K, N] tensor, or a sequence that loads each expert as it
     is indexed, will do), or a tuple of its column blocks [K, N_i] (every N_i but the last a multiple of 32) ->
     [E, P, K, 32] column panels, filled one expert at a time, so a big layer never needs more than its panels and
-    one expert's copy. A transposed row-major weight (W.t() of W [N, K]) is copied straight into its panels."""
+    one expert's copy. A transposed row-major weight (W.t() of W [N, K]) is copied straight into its panels.
+    `out`: where to write them (shaped as the result; a pool's slots), instead of a new zeroed tensor."""
     first = _blocks(matrices[0])
     k, n = first[0].shape[0], sum(b.shape[1] for b in first)
-    out = first[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)
+    if out is None:
+        out = first[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)
+    elif padded(n) != n:
+        out.zero_()  # the padding columns
     for e in range(len(matrices)):
         panel = 0
         for block in first if e == 0 else _blocks(matrices[e]):  # a loading sequence reads each expert once

@@ -59,9 +59,36 @@ class KernelExperts:
         self.router = None if router is None else router.float().contiguous()
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
+    @classmethod
+    def slots_like(cls, expert: KernelExperts, count: int) -> KernelExperts:
+        """Room for `count` experts shaped like `expert`'s first, any of which `put` fills: a pool of resident
+        experts whose calls still run in one kernel call. Its pages are not touched until written."""
+        args = tuple(torch.empty((count, *t.shape[1:]), dtype=t.dtype) if isinstance(t, torch.Tensor) else t
+                     for t in expert._args)
+        slots = cls.__new__(cls)
+        slots._hold(expert._ops, count, args, None, 0, True)
+        return slots
+
+    def fill(self, index: int, w13: tuple[torch.Tensor, torch.Tensor], w2: torch.Tensor) -> None:
+        """Float weights of one expert (its gate and up rows [I, D] each, its down projection [D, I]; this holder's
+        dtype, as `load` takes them) packed straight into expert `index`: one copy of each weight."""
+        panels([tuple(w.t() for w in w13)], out=self._args[0][index : index + 1])
+        panels([w2.t()], out=self._args[3][index : index + 1])
+
+    def put(self, index: int, expert: KernelExperts) -> None:
+        """Expert 0 of `expert` (shaped as this holder's experts) into this holder's expert `index`."""
+        for mine, theirs in zip(self._args, expert._args, strict=True):
+            if isinstance(mine, torch.Tensor):
+                mine[index].copy_(theirs[0])
+
     @property
     def nbytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in self._args if isinstance(t, torch.Tensor))
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert here."""
+        return self.nbytes // self.num_experts
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> the weighted sum of each token's top-k experts [T, D] (needs the router)."""

@@ -2,8 +2,9 @@
 (`OnDemandMoE`) and each expert shard hold their experts here.
 
 Without a budget every expert asked for stays resident, loaded a group at a time (one holder per load). With one
-(`budget_bytes`), each expert is its own holder, read from the memory-mapped safetensors files and packed on first
-use, and the resident set never exceeds the budget: to load an expert, the resident experts with the least recent
+(`budget_bytes`), an expert is read from the memory-mapped safetensors files and packed on first use into a slot of
+one pool (as many slots as the budget holds, pages touched only when filled; without the compiled kernels, its own
+holder), and the resident set never exceeds the budget: to load an expert, the resident experts with the least recent
 load are evicted first (usage decays by half every DECAY_CALLS calls of a layer, so the order follows the router's
 load as it shifts; least recently used breaks ties). A call loads each expert it needs once, whatever the batch
 holds: its resident experts run first, then the others are loaded one by one, evicting experts it no longer needs,
@@ -54,25 +55,32 @@ class ResidentExperts:
         self.device = device
         self._make_holder = make_holder or functools.partial(kernel_or_stack, _OPS)
         self._held: dict[int, dict[int, tuple[Holder, int]]] = {}  # layer -> expert -> (holder, index in it)
-        self._bytes: dict[tuple[int, int], int] = {}  # (layer, expert) -> its bytes; budgeted holders only
         self._usage: dict[tuple[int, int], float] = {}
         self._last_use: dict[tuple[int, int], int] = {}
         self._calls: dict[int, int] = {}
         self._clock = itertools.count()
-        self.resident_bytes = 0
+        self.resident_bytes = 0  # under a budget
         self.stats = ResidentStats()
         if budget_bytes is not None:
-            self._check_budget(budget_bytes)
+            self._start_budget(budget_bytes)
 
-    def _check_budget(self, budget_bytes: int) -> None:
-        """Loads one expert to learn an expert's size; a budget that cannot hold one layer's top-k is refused."""
+    def _start_budget(self, budget_bytes: int) -> None:
+        """Loads one expert to learn an expert's size (every expert of a checkpoint has the same shapes) and refuses
+        a budget that cannot hold one layer's top-k. Kernel experts then live in one pool of as many slots as the
+        budget holds, so a call's resident experts still run in one kernel call."""
         config = self.checkpoint.config
         layer = config.moe_layer_ids[0]
-        self.load(layer, [0])
-        expert_bytes = self._bytes[(layer, 0)]
-        if budget_bytes < config.top_k * expert_bytes:
+        probe = self._make_holder(self._stack(layer, [0]))
+        self.expert_nbytes = probe.expert_nbytes if isinstance(probe, KernelExperts) else probe.nbytes
+        if budget_bytes < config.top_k * self.expert_nbytes:
             raise ValueError(f"expert memory budget {budget_bytes} bytes is smaller than one layer's top-{config.top_k}"
-                             f" experts ({config.top_k} x {expert_bytes} bytes)")
+                             f" experts ({config.top_k} x {self.expert_nbytes} bytes)")
+        capacity = min(budget_bytes // self.expert_nbytes, config.num_experts * len(config.moe_layer_ids))
+        self._pool = KernelExperts.slots_like(probe, capacity) if isinstance(probe, KernelExperts) else None
+        # float experts in the checkpoint's serving dtype go from the file straight into their slot
+        self._pool_takes_float = self.quantize == "none" and self.device.type == "cpu"
+        self._free_slots = list(range(capacity))
+        self._place(layer, 0, probe)
 
     # --- loading and eviction ------------------------------------------------------------------------------
 
@@ -94,33 +102,40 @@ class ResidentExperts:
             self._load_one(layer, expert, keep={(layer, e) for e in experts})
 
     def _load_one(self, layer: int, expert: int, keep: set[tuple[int, int]]) -> None:
-        expected = self._bytes.get((layer, expert)) or max(self._bytes.values(), default=0)
-        self._make_room(expected, keep)
-        holder = self._make_holder(self._stack(layer, [expert]))
-        nbytes = holder.nbytes
-        self._make_room(nbytes, keep)  # the first expert of its size, or one larger than expected
-        self._held[layer][expert] = (holder, 0)
-        self._bytes[(layer, expert)] = nbytes
-        self.resident_bytes += nbytes
-        self.stats.loads += 1
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.resident_bytes)
-        assert self.budget_bytes is None or self.resident_bytes <= self.budget_bytes
-
-    def _make_room(self, nbytes: int, keep: set[tuple[int, int]]) -> None:
-        """Evict the least used resident experts (not in `keep`) until `nbytes` more fit the budget."""
         assert self.budget_bytes is not None
-        while self.resident_bytes + nbytes > self.budget_bytes:
+        while self.resident_bytes + self.expert_nbytes > self.budget_bytes:
             candidates = [(self._usage.get(k, 0.0), self._last_use.get(k, -1), k)
                           for k in self._resident_keys() if k not in keep]
             if not candidates:
                 raise ValueError(f"expert memory budget {self.budget_bytes} bytes cannot hold the experts one call "
                                  f"needs at once ({len(keep)})")
-            _, _, (layer, expert) = min(candidates)
-            self._evict(layer, expert)
+            _, _, evicted = min(candidates)
+            self._evict(*evicted)
+        if self._pool is not None and self._pool_takes_float:  # read straight into a slot's panels
+            slot = self._free_slots.pop()
+            self._pool.fill(slot, self.checkpoint.load_expert_w13(layer, expert),
+                            self.checkpoint.load_expert_w2(layer, expert))
+            self._place(layer, expert, None, slot)
+            return
+        self._place(layer, expert, self._make_holder(self._stack(layer, [expert])))
+
+    def _place(self, layer: int, expert: int, holder: Holder | None, slot: int | None = None) -> None:
+        """A loaded expert made resident (room made): put into a pool slot, held as it is, or already in `slot`."""
+        entry = (holder, 0)
+        if self._pool is not None:
+            entry = (self._pool, self._free_slots.pop() if slot is None else slot)
+            if slot is None:
+                self._pool.put(entry[1], holder)
+        self._held.setdefault(layer, {})[expert] = entry
+        self.resident_bytes += self.expert_nbytes
+        self.stats.loads += 1
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.resident_bytes)
 
     def _evict(self, layer: int, expert: int) -> None:
-        del self._held[layer][expert]
-        self.resident_bytes -= self._bytes[(layer, expert)]
+        _, index = self._held[layer].pop(expert)
+        if self._pool is not None:
+            self._free_slots.append(index)
+        self.resident_bytes -= self.expert_nbytes
         self.stats.evictions += 1
 
     def _resident_keys(self) -> Iterator[tuple[int, int]]:
@@ -140,8 +155,8 @@ class ResidentExperts:
         self.stats.hits += sum(e in held for e in expert_ids)
         out = torch.empty_like(rows)
         starts = list(itertools.accumulate(counts, initial=0))
-        if self.budget_bytes is None:
-            self.load(layer, expert_ids)
+        if self.budget_bytes is None or len(expert_ids) * self.expert_nbytes <= self.budget_bytes:
+            self.load(layer, expert_ids)  # all of them fit at once: pool experts run in one kernel call
             for holder, first, indices, run_counts in _runs_by_holder(held, expert_ids, counts):
                 start, stop = starts[first], starts[first + len(indices)]
                 out[start:stop] = _run(holder, indices, run_counts, rows[start:stop])
@@ -164,9 +179,13 @@ class ResidentExperts:
             self._usage[(layer, expert)] = self._usage.get((layer, expert), 0.0) + count
             self._last_use[(layer, expert)] = now
 
+    def usage(self) -> dict[tuple[int, int], float]:
+        """(layer, expert) -> tokens routed to it, halved every DECAY_CALLS calls of its layer."""
+        return dict(self._usage)
+
     @property
     def expert_bytes(self) -> int:
-        """Bytes of the experts resident now, whatever their holders."""
+        """Bytes of the experts resident now (under a budget, counted by expert, not by the pool's size)."""
         if self.budget_bytes is not None:
             return self.resident_bytes
         holders = {id(h): h for held in self._held.values() for h, _ in held.values()}
