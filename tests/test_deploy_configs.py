@@ -9,6 +9,9 @@
   strict: unknown fields are errors) or, for the RayService, against tests/schemas/rayservice-ray-v1.json (derived
   from KubeRay's ray.io/v1 types, embedding the Kubernetes schemas); its serveConfigV2 is ServeDeploySchema-valid
   and, with default values, the very config of ray_configs/serve.yaml; bad values are refused with a message.
+  Monitoring objects: the Grafana dashboard ConfigMap carries the committed dashboard, and the PodMonitor and
+  PrometheusRule (when enabled) validate against tests/schemas/*-monitoring-v1.json (derived from prometheus-operator's
+  CRDs, see derive_monitoring_schemas.py there); the PrometheusRule carries prometheus/alerts.yaml.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "ray_configs" / "serve.yaml"
 CLUSTER_YAML = REPO / "ray_configs" / "cluster.yaml"
 CHART = REPO / "helm" / "moe-serve"
-RAYSERVICE_SCHEMA = Path(__file__).parent / "schemas" / "rayservice-ray-v1.json"
+SCHEMAS = Path(__file__).parent / "schemas"
+RAYSERVICE_SCHEMA = SCHEMAS / "rayservice-ray-v1.json"
+MONITORING_SCHEMAS = {"PodMonitor": SCHEMAS / "podmonitor-monitoring-v1.json",
+                      "PrometheusRule": SCHEMAS / "prometheusrule-monitoring-v1.json"}
 KUBE_VERSIONS = ("1.27", "1.37")  # the chart's kubeVersion floor and the newest schemas kubernetes-validate has
 
 
@@ -116,20 +123,26 @@ def render(helm: str, tmp_path: Path, values: dict[str, Any] | None = None) -> l
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
+@cache
+def crd_validator(schema_path: Path, version: str) -> jsonschema.Draft202012Validator:
+    """A derived CRD schema, its Kubernetes $refs resolved to `version`'s strict definitions in kubernetes-validate."""
+    schema = json.loads(schema_path.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    defs_path = (Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+                 / f"v{version}.0-local-strict" / "_definitions.json")
+    defs = Resource.from_contents(json.loads(defs_path.read_text()))
+    registry = Registry().with_resources([(defs.id(), defs), (schema["$id"], Resource.from_contents(schema))])
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
 @pytest.fixture(scope="session")
 def rayservice_validators() -> dict[str, jsonschema.Draft202012Validator]:
-    """The derived RayService schema per Kubernetes version, its Kubernetes $refs resolved to that version's strict
-    definitions in kubernetes-validate."""
-    schema = json.loads(RAYSERVICE_SCHEMA.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    validators = {}
-    for version in KUBE_VERSIONS:
-        defs_path = (Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-                     / f"v{version}.0-local-strict" / "_definitions.json")
-        defs = Resource.from_contents(json.loads(defs_path.read_text()))
-        registry = Registry().with_resources([(defs.id(), defs), (schema["$id"], Resource.from_contents(schema))])
-        validators[version] = jsonschema.Draft202012Validator(schema, registry=registry)
-    return validators
+    """The derived RayService schema per Kubernetes version."""
+    return {version: crd_validator(RAYSERVICE_SCHEMA, version) for version in KUBE_VERSIONS}
+
+
+def crd_errors(obj: dict[str, Any], validator: jsonschema.Draft202012Validator) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
 
 
 def validate_object(obj: dict[str, Any], rayservice_validators: dict[str, jsonschema.Draft202012Validator]) -> None:
@@ -137,9 +150,12 @@ def validate_object(obj: dict[str, Any], rayservice_validators: dict[str, jsonsc
     for version in KUBE_VERSIONS:
         if obj["apiVersion"] == "ray.io/v1":
             assert obj["kind"] == "RayService", name
-            errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-                      for e in rayservice_validators[version].iter_errors(obj)]
+            errors = crd_errors(obj, rayservice_validators[version])
             assert not errors, f"{name} fails the RayService schema (Kubernetes {version}): {errors[:5]}"
+            continue
+        if obj["apiVersion"] == "monitoring.coreos.com/v1":
+            errors = crd_errors(obj, crd_validator(MONITORING_SCHEMAS[obj["kind"]], version))
+            assert not errors, f"{name} fails the {obj['kind']} schema (Kubernetes {version}): {errors[:5]}"
             continue
         try:
             kubernetes_validate.validate(obj, version, strict=True)
@@ -318,7 +334,12 @@ def test_chart_default_render(helm: str, tmp_path: Path, rayservice_validators: 
     for obj in objects:
         validate_object(obj, rayservice_validators)
     kinds = by_kind(objects)
-    assert sorted(kinds) == ["RayService", "Service", "StatefulSet"]  # no Secret: no API key configured
+    # no Secret: no API key configured; no PodMonitor or PrometheusRule: they need prometheus-operator's CRDs
+    assert sorted(kinds) == ["ConfigMap", "RayService", "Service", "StatefulSet"]
+    (dashboards,) = kinds["ConfigMap"]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboards["metadata"]["namespace"] == "serving"
+    assert dashboards["data"] == {"moe-serve.json": (CHART / "dashboards" / "moe-serve.json").read_text().rstrip("\n")}
     (rayservice,) = kinds["RayService"]
     spec = rayservice["spec"]
     # The same Serve config as ray_configs/serve.yaml.
@@ -365,7 +386,7 @@ def test_chart_external_redis_existing_secret_and_bounds(helm: str, tmp_path: Pa
     for obj in objects:
         validate_object(obj, rayservice_validators)
     kinds = by_kind(objects)
-    assert sorted(kinds) == ["RayService"]  # no Redis, no Secret of ours
+    assert sorted(kinds) == ["ConfigMap", "RayService"]  # no Redis, no Secret of ours; the dashboards
     (rayservice,) = kinds["RayService"]
     args = serve_args(rayservice)
     assert args["autoscaling"]["min_replicas"] == 2 and args["autoscaling"]["max_replicas"] == 12
@@ -434,6 +455,64 @@ def test_chart_created_secret_hostpath_and_persistent_redis(helm: str, tmp_path:
     assert claim["spec"]["storageClassName"] == "fast"
 
 
+def test_chart_monitoring_objects(helm: str, tmp_path: Path, rayservice_validators: Any) -> None:
+    values = {"metrics": {
+        "podMonitor": {"enabled": True, "interval": "30s", "labels": {"release": "kube-prometheus-stack"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "grafanaDashboard": {"namespace": "monitoring", "labels": {"grafana_dashboard": "moe"},
+                             "annotations": {"grafana_folder": "LLM serving"}}}}
+    objects = render(helm, tmp_path, values)
+    for obj in objects:
+        validate_object(obj, rayservice_validators)
+    kinds = by_kind(objects)
+    (dashboards,) = kinds["ConfigMap"]
+    assert dashboards["metadata"]["namespace"] == "monitoring"
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "moe"
+    assert dashboards["metadata"]["annotations"] == {"grafana_folder": "LLM serving"}
+    json.loads(dashboards["data"]["moe-serve.json"])
+    (rule,) = kinds["PrometheusRule"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == load_yaml(CHART / "prometheus" / "alerts.yaml")
+    (monitor,) = kinds["PodMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    ray_endpoint, app_endpoint = monitor["spec"]["podMetricsEndpoints"]
+    assert ray_endpoint["interval"] == app_endpoint["interval"] == "30s"
+    # the endpoints name ports the Ray containers have; the app's /metrics is kept on the head only
+    (rayservice,) = kinds["RayService"]
+    head, *workers = ray_containers(rayservice)
+    for container in (head, *workers):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == 8080 and ports["serve"] == 8000
+    assert app_endpoint["port"] == "serve" and app_endpoint["relabelings"] == [{
+        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"], "regex": "ray-head",
+        "action": "keep"}]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pod_labels = [cluster["headGroupSpec"]["template"]["metadata"]["labels"],
+                  *(g["template"]["metadata"]["labels"] for g in cluster["workerGroupSpecs"])]
+    selector = monitor["spec"]["selector"]
+    (components,) = selector["matchExpressions"]
+    for labels in pod_labels:
+        assert selector["matchLabels"].items() <= labels.items() and labels[components["key"]] in components["values"]
+
+    # The derived schemas are not vacuous.
+    def errors(obj: dict[str, Any], mutate: Any) -> list[str]:
+        broken = copy.deepcopy(obj)
+        mutate(broken["spec"])
+        return crd_errors(broken, crd_validator(MONITORING_SCHEMAS[obj["kind"]], KUBE_VERSIONS[-1]))
+
+    mutations = {
+        "endpoint typo": (monitor, lambda s: s["podMetricsEndpoints"][0].update(intervall="30s")),
+        "interval not a duration": (monitor, lambda s: s["podMetricsEndpoints"][0].update(interval="30 seconds")),
+        "bad relabel action": (monitor, lambda s: s["podMetricsEndpoints"][1]["relabelings"][0].update(action="kept")),
+        "no selector": (monitor, lambda s: s.pop("selector")),
+        "rule without expr": (rule, lambda s: s["groups"][0]["rules"][0].pop("expr")),
+        "rule typo": (rule, lambda s: s["groups"][0]["rules"][0].update(fore="5m")),
+        "group without name": (rule, lambda s: s["groups"][0].pop("name")),
+    }
+    for what, (obj, mutate) in mutations.items():
+        assert errors(obj, mutate), f"the {obj['kind']} schema missed: {what}"
+
+
 def test_chart_notes_render(helm: str, tmp_path: Path) -> None:
     """NOTES.txt renders (a client-side dry-run install needs no cluster) and warns when the API is open."""
     def notes(values: dict[str, Any]) -> str:
@@ -463,6 +542,8 @@ BAD_VALUES = [
     pytest.param({"model": {"volume": {"type": "pvc"}, "makeTinyModel": False}}, "claimName", id="pvc-without-claim"),
     pytest.param({"workers": {"gpusPerWorker": 0}}, "gpusPerWorker", id="zero-gpus"),
     pytest.param({"service": {"type": "Ingress"}}, "type", id="service-type-enum"),
+    pytest.param({"metrics": {"podMonitor": {"interval": "15 seconds"}}}, "interval", id="monitor-interval-format"),
+    pytest.param({"metrics": {"grafanaDashboard": {"folder": "LLM"}}}, "folder", id="dashboard-unknown-key"),
     # KubeRay's rayStartParams are strings; a number would also lose digits in Helm's rendering (4e+09).
     pytest.param({"workers": {"rayStartParams": {"object-store-memory": 4000000000}}}, "object-store-memory",
                  id="ray-start-param-number"),
