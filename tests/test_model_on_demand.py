@@ -4,11 +4,15 @@ within the budget at every step; loads and evictions counted; a budget too small
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import random_prompts
 
+from moe_serve.cli import parse_bytes
 from moe_serve.model.resident_experts import OnDemandMoE
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
@@ -74,3 +78,29 @@ def test_quantized_experts_on_demand(mixtral_dir: Path, quantize: str) -> None:
     engine = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(quantize=quantize, expert_memory_bytes=4 * per_expert))
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
     assert engine.moe.experts.stats.peak_bytes <= 4 * per_expert
+
+
+def test_the_cli_generates_the_same_under_expert_memory(tiny_model_dir: Path) -> None:
+    def generate(*extra: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "moe_serve.cli", "generate", str(tiny_model_dir), "--prompt",
+                              "The router sends", "--max-tokens", "6", *extra], capture_output=True, text=True,
+                             timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert generate("--expert-memory", "256K")["token_ids"] == generate()["token_ids"]  # 2 of its 16 experts
+    refused = subprocess.run([sys.executable, "-m", "moe_serve.cli", "generate", str(tiny_model_dir), "--prompt", "x",
+                              "--expert-memory", "lots"], capture_output=True, text=True, timeout=300, check=False)
+    assert refused.returncode == 2 and "not a byte count: 'lots'" in refused.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1048576", 2**20), ("512K", 512 * 2**10), ("1.5G", 3 * 2**29),
+                                                ("2GiB", 2**31), ("64mb", 64 * 2**20)])
+def test_byte_counts(text: str, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "-1M", "0", "G", "12Q"])
+def test_bad_byte_counts(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_bytes(text)
