@@ -139,17 +139,22 @@ async def _limit_body_size(request: Request, call_next: Any) -> Any:
 
 @app.middleware("http")
 async def _count_responses(request: Request, call_next: Any) -> Any:
-    """moe_http_requests_total by route template (not the raw path: unknown paths would make a series each)."""
-    status = 500
+    """moe_http_requests_total by route template (not the raw path: unknown paths would make a series each); a request
+    cancelled before its response started (the client left) is not counted."""
     try:
         response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            route = request.scope.get("route")
-            metrics.http.labels(route=getattr(route, "path", "unmatched"), status_code=str(status)).inc()
+    except Exception:  # unhandled: the server answers 500
+        _count_response(request, 500)
+        raise
+    _count_response(request, response.status_code)
+    return response
+
+
+def _count_response(request: Request, status: int) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.http.labels(route=route, status_code=str(status)).inc()
 
 
 async def _shard_busy_seconds(experts: DeploymentHandle, timeout_s: float = 5.0) -> list[float]:

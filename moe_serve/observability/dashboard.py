@@ -85,7 +85,8 @@ def rows() -> list[tuple[str, list[timeseries.Panel | stat.Panel | heatmap.Panel
         ("Requests", [
             series("Request rate by outcome", "reqps",
                    [Query(f"sum by (outcome) (rate(moe_requests_total[{RATE}]))", "{{outcome}}")],
-                   "Generations finished (completed) or stopped early (aborted: client gone, replica lost), per choice."),
+                   "Generations finished (completed) or stopped early (aborted: client gone, replica lost), per "
+                   "choice."),
             series("HTTP responses by route and status", "reqps",
                    [Query(f"sum by (route, status_code) (rate(moe_http_requests_total{{{v1}}}[{RATE}]))",
                           "{{route}} {{status_code}}")],
