@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import random_prompts
 
 from moe_serve.cli import parse_bytes
-from moe_serve.model.resident_experts import OnDemandMoE
+from moe_serve.model.checkpoint import Checkpoint
+from moe_serve.model.config import ModelConfig
+from moe_serve.model.resident_experts import OnDemandMoE, ResidentExperts
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
 
@@ -49,6 +52,25 @@ def test_a_quarter_budget_gives_the_same_tokens_and_never_passes_it(family: str,
     stats = resident.stats
     assert stats.peak_bytes <= budget and stats.evictions > 0
     assert stats.loads == stats.evictions + resident.resident_bytes // per_expert
+
+
+def test_prefetch_loads_a_layers_most_used_experts_evicting_only_less_used_ones(mixtral_dir: Path) -> None:
+    config = ModelConfig.from_dir(mixtral_dir)
+    per_expert, _ = expert_bytes(mixtral_dir)
+    experts = ResidentExperts(Checkpoint(mixtral_dir, config), budget_bytes=4 * per_expert)
+
+    def run(layer: int, ids: list[int], counts: list[int]) -> None:
+        experts.run(layer, torch.randn(sum(counts), config.hidden_size), ids, counts)
+
+    for _ in range(3):
+        run(0, [0, 1], [4, 4])  # layer 0's experts 0 and 1: 12 tokens each
+    run(1, [4, 5], [5, 5])
+    run(1, [6, 7], [1, 1])  # evicts layer 1's 4 and 5 (5 tokens each), not layer 0's busier 0 and 1
+    assert experts.resident(0) == [0, 1] and experts.resident(1) == [6, 7]
+    assert experts.prefetch(1, 2) == 2  # 4 and 5 back in place of 6 and 7, used less
+    assert experts.resident(0) == [0, 1] and experts.resident(1) == [4, 5]
+    assert experts.prefetch(1, 4) == 0  # 6 and 7 would have to evict busier experts
+    assert experts.stats.prefetched == 2 and experts.resident_bytes == 4 * per_expert
 
 
 def test_an_unlimited_budget_loads_each_expert_once(mixtral_dir: Path) -> None:

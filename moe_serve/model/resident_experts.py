@@ -13,6 +13,7 @@ so a batch needing more experts than the budget holds still runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import itertools
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ class ResidentStats:
     loads: int = 0  # experts read from the checkpoint
     evictions: int = 0
     hits: int = 0  # experts a call needed that were resident
+    prefetched: int = 0  # of the loads, those made ahead of the layer that needed them
     peak_bytes: int = 0  # most expert bytes resident at any time
 
 
@@ -104,13 +106,47 @@ class ResidentExperts:
     def _load_one(self, layer: int, expert: int, keep: set[tuple[int, int]]) -> None:
         assert self.budget_bytes is not None
         while self.resident_bytes + self.expert_nbytes > self.budget_bytes:
-            candidates = [(self._usage.get(k, 0.0), self._last_use.get(k, -1), k)
-                          for k in self._resident_keys() if k not in keep]
-            if not candidates:
+            victim = self._least_used(keep)
+            if victim is None:
                 raise ValueError(f"expert memory budget {self.budget_bytes} bytes cannot hold the experts one call "
                                  f"needs at once ({len(keep)})")
-            _, _, evicted = min(candidates)
-            self._evict(*evicted)
+            self._evict(*victim[1])
+        self._read(layer, expert)
+
+    def prefetch(self, layer: int, count: int) -> int:
+        """Load the `count` experts of `layer` used most so far that are not resident, evicting only experts used
+        less than each; returns how many it loaded. (OnDemandMoE calls it for the next layer while the current one
+        runs.)"""
+        if self.budget_bytes is None:
+            return 0
+        held = self._held.setdefault(layer, {})
+        likely = sorted(((u, e) for (l, e), u in self._usage.items() if l == layer), reverse=True)[:count]
+        keep = {(layer, e) for _, e in likely}
+        loaded = 0
+        for usage, expert in likely:
+            if expert in held:
+                continue
+            if self.resident_bytes + self.expert_nbytes > self.budget_bytes:
+                victim = self._least_used(keep)
+                if victim is None or victim[0] >= usage:
+                    break
+                self._evict(*victim[1])
+            self._read(layer, expert)
+            loaded += 1
+        self.stats.prefetched += loaded
+        return loaded
+
+    def _least_used(self, keep: set[tuple[int, int]]) -> tuple[float, tuple[int, int]] | None:
+        """The resident expert to evict first, not one of `keep`: (its usage, (layer, expert)), or None."""
+        candidates = [(self._usage.get(k, 0.0), self._last_use.get(k, -1), k)
+                      for k in self._resident_keys() if k not in keep]
+        if not candidates:
+            return None
+        usage, _, key = min(candidates)
+        return usage, key
+
+    def _read(self, layer: int, expert: int) -> None:
+        """Load one expert from the checkpoint into the room made for it."""
         if self._pool is not None and self._pool_takes_float:  # read straight into a slot's panels
             slot = self._free_slots.pop()
             self._pool.fill(slot, self.checkpoint.load_expert_w13(layer, expert),
@@ -230,17 +266,32 @@ def _run(holder: Holder, indices: list[int], counts: list[int], rows: torch.Tens
 
 
 class OnDemandMoE:
-    """The in-process MoE backend over `ResidentExperts`: gates at start-up, experts when first routed to."""
+    """The in-process MoE backend over `ResidentExperts`: gates at start-up, experts when first routed to. While the
+    dense part of the next MoE layer runs, a thread prefetches that layer's most used experts (`prefetch`); the
+    next layer's call waits for it before touching the experts, so the two never run at once."""
 
-    def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int) -> None:
+    def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int, top_k: int,
+                 prefetch: bool = True) -> None:
         self.gates = gates
         self.experts = experts
         self.num_experts = num_experts
+        self.top_k = top_k
+        layers = sorted(gates)
+        self._next_layer = dict(zip(layers, layers[1:]))
+        self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") \
+            if prefetch and experts.budget_bytes is not None else None
+        self._prefetching: concurrent.futures.Future[int] | None = None
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         routing = self.gates[layer](x)
         plan = dispatch(routing, self.num_experts)
         used = [e for e, n in enumerate(plan.counts) if n]
         rows = x[plan.token_index]
+        if self._prefetching is not None:
+            self._prefetching.result()
+            self._prefetching = None
         out = self.experts.run(layer, rows, used, [plan.counts[e] for e in used])
+        next_layer = self._next_layer.get(layer)
+        if self._prefetcher is not None and next_layer is not None:
+            self._prefetching = self._prefetcher.submit(self.experts.prefetch, next_layer, self.top_k)
         return combine(out, plan, routing, x.shape[0])
