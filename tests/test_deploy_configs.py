@@ -379,7 +379,10 @@ def test_chart_external_redis_existing_secret_and_bounds(helm: str, tmp_path: Pa
         "cache": {"warmTtlSeconds": 1800, "coldTtlSeconds": 86400, "hotBytes": 1 << 30},
         "workers": {"gpusPerWorker": 8, "replicas": 2, "minReplicas": 2, "maxReplicas": 6},
         "apiKey": {"existingSecret": "moe-api", "existingSecretKey": "token"},
-        "redis": {"external": {"url": "rediss://cache.example:6380/0", "coldUrl": "rediss://cache.example:6380/1"}},
+        "redis": {"external": {"url": "rediss://cache.example:6380/0", "coldUrl": "rediss://cache.example:6380/1",
+                               "auth": {"existingSecret": "redis-acl", "usernameKey": "user",
+                                        "passwordKey": "pass"},
+                               "tls": {"existingSecret": "redis-tls", "clientAuth": True}}},
         "service": {"type": "LoadBalancer", "port": 80},
     }
     objects = render(helm, tmp_path, values)
@@ -411,6 +414,16 @@ def test_chart_external_redis_existing_secret_and_bounds(helm: str, tmp_path: Pa
         assert env["MOE_SERVE_REDIS_URL"] == "rediss://cache.example:6380/0"
         assert env["MOE_SERVE_COLD_CACHE_URL"] == "rediss://cache.example:6380/1"
         assert env["MOE_SERVE_API_KEY"] == {"secretKeyRef": {"name": "moe-api", "key": "token"}}
+        # Redis's secrets come from Secrets (never in the URL or values) and its CA from a mounted one
+        assert env["MOE_SERVE_REDIS_USERNAME"] == {"secretKeyRef": {"name": "redis-acl", "key": "user",
+                                                                    "optional": True}}
+        assert env["MOE_SERVE_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "redis-acl", "key": "pass",
+                                                                    "optional": True}}
+        assert env["MOE_SERVE_REDIS_CA_CERT"] == "/etc/moe-serve/redis-tls/ca.crt"
+        assert env["MOE_SERVE_REDIS_CLIENT_KEY"] == "/etc/moe-serve/redis-tls/tls.key"
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["redis-tls"] == {"name": "redis-tls", "mountPath": "/etc/moe-serve/redis-tls", "readOnly": True}
+    assert volumes["redis-tls"]["secret"] == {"secretName": "redis-tls", "defaultMode": 0o440}
     assert rayservice["spec"]["serveService"]["spec"]["type"] == "LoadBalancer"
 
 

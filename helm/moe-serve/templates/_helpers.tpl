@@ -176,6 +176,24 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ include "moe-serve.coldCacheUrl" . | quote }}
 - name: TOKENIZERS_PARALLELISM
   value: "false"
+{{- with .Values.redis.external.auth.existingSecret }}
+- name: MOE_SERVE_REDIS_USERNAME
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $.Values.redis.external.auth.usernameKey }}, optional: true}
+- name: MOE_SERVE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $.Values.redis.external.auth.passwordKey }}, optional: true}
+{{- end }}
+{{- if .Values.redis.external.tls.existingSecret }}
+- name: MOE_SERVE_REDIS_CA_CERT
+  value: /etc/moe-serve/redis-tls/ca.crt
+{{- if .Values.redis.external.tls.clientAuth }}
+- name: MOE_SERVE_REDIS_CLIENT_CERT
+  value: /etc/moe-serve/redis-tls/tls.crt
+- name: MOE_SERVE_REDIS_CLIENT_KEY
+  value: /etc/moe-serve/redis-tls/tls.key
+{{- end }}
+{{- end }}
 {{- with (include "moe-serve.apiKeySecretName" .) }}
 - name: MOE_SERVE_API_KEY
   valueFrom:
@@ -209,6 +227,12 @@ prometheus.io/path: /metrics
 - name: dshm  # Ray's object store lives in /dev/shm
   emptyDir:
     medium: Memory
+{{- with .Values.redis.external.tls.existingSecret }}
+- name: redis-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
 {{- end -}}
 
 {{- define "moe-serve.volumeMounts" -}}
@@ -217,6 +241,11 @@ prometheus.io/path: /metrics
   readOnly: {{ and (eq .Values.model.volume.type "pvc") .Values.model.volume.pvc.readOnly }}
 - name: dshm
   mountPath: /dev/shm
+{{- if .Values.redis.external.tls.existingSecret }}
+- name: redis-tls
+  mountPath: /etc/moe-serve/redis-tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Writes the tiny random model into model.dir when asked (the same seed gives the same weights in every pod). */}}
