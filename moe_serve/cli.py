@@ -276,6 +276,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     check_dirs(model_dir, out_dir)
     config = ModelConfig.from_dir(model_dir)
     check_keep(config, args.keep_experts)
+    if args.prompt_tokens > config.max_position_embeddings:
+        raise ValueError(f"--prompt-tokens {args.prompt_tokens} is more than the model's "
+                         f"{config.max_position_embeddings} positions")
     if args.calibration is not None:
         prompts = prompts_from_file(args.calibration, Tokenizer.from_dir(model_dir), args.prompt_tokens,
                                     args.eval_prompts)

@@ -81,7 +81,8 @@ def test_pruned_checkpoint_loads_in_transformers_with_our_logits(family_dir: str
             assert torch.equal(tensor, before[name]), name  # shared experts and their gate included
     if config.shared_expert_intermediate_size:
         assert any("shared_expert_gate" in name for name in after)
-    assert report["bytes"]["saved"] > 0 and report["bytes"]["experts_after"] == report["bytes"]["experts_before"] * 6 // 8
+    sizes = report["bytes"]
+    assert sizes["saved"] > 0 and sizes["experts_after"] == sizes["experts_before"] * 6 // 8
 
     [prompt] = random_prompts([21], config.vocab_size, seed=5)
     torch.testing.assert_close(our_logits(out, prompt), hf_logits(out, prompt), atol=LOGIT_ATOL, rtol=0)
@@ -126,8 +127,9 @@ def stacked_copy(model_dir: Path, out_dir: Path) -> Path:
     num_experts = ModelConfig.from_dir(model_dir).num_experts
     for p in prefixes:
         gate, up, down = ("w1", "w3", "w2") if "block_sparse_moe" in p else ("gate_proj", "up_proj", "down_proj")
-        out[f"{p}.gate_up_proj"] = torch.stack([torch.cat([source[f"{p}.{e}.{gate}.weight"],
-                                                           source[f"{p}.{e}.{up}.weight"]]) for e in range(num_experts)])
+        w13 = [torch.cat([source[f"{p}.{e}.{gate}.weight"], source[f"{p}.{e}.{up}.weight"]])
+               for e in range(num_experts)]
+        out[f"{p}.gate_up_proj"] = torch.stack(w13)
         out[f"{p}.down_proj"] = torch.stack([source[f"{p}.{e}.{down}.weight"] for e in range(num_experts)])
     save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
@@ -184,6 +186,7 @@ def test_cli_prunes_with_a_calibration_file(tiny_model_dir: Path, tmp_path: Path
     (["--keep-experts", "4"], "one of the arguments --calibration --prompts is required"),
     (["--keep-experts", "4", "--prompts", "2", "--calibration", "{tmp}/short.txt"], "not allowed with argument"),
     (["--keep-experts", "4", "--prompts", "0"], "must be at least 1"),
+    (["--keep-experts", "4", "--prompts", "2", "--prompt-tokens", "9000"], "more than the model's 8192 positions"),
 ])
 def test_cli_errors(args: list[str], message: str, tiny_model_dir: Path, tmp_path: Path,
                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,3 +219,14 @@ def test_cli_refuses_bad_directories(mixtral_dir: Path, tmp_path: Path, capsys: 
         main(["prune", str(mixtral_dir), str(tmp_path / "out"), "--keep-experts", "4", "--calibration",
               str(tmp_path / "full" / "keep.txt")])
     assert "has no tokenizer.json: use --prompts N" in capsys.readouterr().err
+
+
+def test_short_calibration_file_without_a_report(tiny_model_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "short.txt").write_text("one prompt\nand another\n")
+    main(["prune", str(tiny_model_dir), str(tmp_path / "out"), "--keep-experts", "2", "--per-layer",
+          "--calibration", str(tmp_path / "short.txt"), "--eval-prompts", "0"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["quality"] is None and report["calibration"]["prompts"] == 2
+    assert all(len(layer["kept"]) == 2 and len(layer["dropped"]) == 6 for layer in report["layers"])
+    assert ModelConfig.from_dir(tmp_path / "out").num_experts == 2
