@@ -93,15 +93,19 @@ class Router:
     def moe(self, layer: int, x: np.ndarray) -> np.ndarray:
         """Routed-expert output [T, D] for hidden states [T, D] of one MoE layer."""
         step = self._dispatch(layer, x)
+        start = time.perf_counter()
         if self.shard_graph is not None:
             try:
                 out = self.shard_graph.execute(*self._all_messages(step, x),
                                                take=lambda outputs: step.combine(dict(enumerate(outputs))))
+                self.stats.observe_call(time.perf_counter() - start)
                 return self._finish(step, out)
             except GraphDown:
                 pass  # plain calls below
         messages = {batch.shard: message for batch, message in zip(step.batches, step.messages)}
-        return self._finish(step, step.combine(self._call_shards(messages)))
+        outputs = self._call_shards(messages)
+        self.stats.observe_call(time.perf_counter() - start)
+        return self._finish(step, step.combine(outputs))
 
     def close(self) -> None:
         """Tear the shard graph down (before the shards or this actor go)."""

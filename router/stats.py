@@ -1,4 +1,5 @@
-"""Expert load statistics of the router: tokens per expert per layer, rows per shard, and the rebalancing policy.
+"""Expert load statistics of the router: tokens per expert per layer, rows per shard, the shard calls' latency, and
+the rebalancing policy.
 
 Counting is a numpy add per layer call; the Prometheus view is built from the same arrays only when scraped
 (`prometheus_text`), so metrics cost nothing on the dispatch path.
@@ -11,10 +12,13 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from moe_serve.cluster.placement import ExpertPlacement
+
+# Upper bounds (s) of the shard call latency buckets: one layer's fan-out to the shards and back
+CALL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 
 class LoadStats:
@@ -25,6 +29,13 @@ class LoadStats:
         self.capacity_fallbacks = 0
         self.shard_retries = 0
         self.auto_rebalances = 0
+        self.call_buckets = np.zeros(len(CALL_BUCKETS) + 1, dtype=np.int64)  # the last: above every bound
+        self.call_seconds = 0.0
+
+    def observe_call(self, seconds: float) -> None:
+        """One layer's shard round trip: from its messages going out to every shard's output back."""
+        self.call_buckets[np.searchsorted(CALL_BUCKETS, seconds)] += 1
+        self.call_seconds += seconds
 
     def count_tokens(self, layer: int, counts: Sequence[int]) -> None:
         self.expert_tokens[layer] += counts
@@ -97,3 +108,8 @@ class _StatsCollector(Collector):
                                   value=self.stats.capacity_fallbacks)
         yield CounterMetricFamily("moe_shard_retries", "Shard calls retried after a failure",
                                   value=self.stats.shard_retries)
+        cumulative = np.cumsum(self.stats.call_buckets)
+        buckets = [(str(bound), float(n)) for bound, n in zip(CALL_BUCKETS, cumulative)]
+        yield HistogramMetricFamily("moe_shard_call_seconds", "One layer's call to its shards, out and back",
+                                    buckets=[*buckets, ("+Inf", float(cumulative[-1]))],
+                                    sum_value=self.stats.call_seconds)

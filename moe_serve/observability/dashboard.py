@@ -166,6 +166,8 @@ def rows() -> list[tuple[str, list[timeseries.Panel | stat.Panel | heatmap.Panel
             series("Shard rows/s", "short",
                    [Query(f"sum by (shard) (rate(moe_shard_rows_total[{RATE}]))", "shard {{shard}}")],
                    "Token rows each expert shard computes per second."),
+            series("Shard call latency", "s", quantiles("moe_shard_call_seconds", qs=(0.5, 0.99)),
+                   "One MoE layer's call from the router to its shards and back (the expert-parallel round trip)."),
             series("Shard compute time per row", "s",
                    [Query(f"sum by (shard) (rate(moe_shard_busy_seconds_total[{RATE}])) / "
                           f"sum by (shard) (rate(moe_shard_rows_total[{RATE}]))", "shard {{shard}}")],
