@@ -72,7 +72,9 @@ def test_health_models_and_metrics(server: Server) -> None:
                  "moe_generated_tokens_total", "moe_queue_depth", "moe_running_sequences",
                  "moe_kv_cache_used_fraction", "moe_engine_replicas", "moe_cache_lookups_total",
                  "moe_prompt_cache_prompt_misses_total", 'moe_kv_pool_blocks{state="evictable"}',
-                 "moe_engine_step_seconds", "moe_engine_step_budget_seconds 0.05", "moe_cache_lookup_wait_seconds"):
+                 "moe_engine_step_seconds", "moe_engine_step_budget_seconds 0.05", "moe_cache_lookup_wait_seconds",
+                 "moe_inter_token_latency_seconds", "moe_request_queue_time_seconds", "moe_http_requests_total",
+                 "moe_process_cpu_seconds_total", "moe_kv_fragmentation_fraction"):
         assert name in metrics, name
 
 
