@@ -77,8 +77,11 @@ def child(model_dir: str, budget_bytes: int | None, workload: str, batch: int, t
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if isinstance(engine.moe, OnDemandMoE):
         stats = engine.moe.experts.stats
-        result.update(loads=stats.loads, evictions=stats.evictions, hit_rate=stats.hits / max(1, stats.hits +
-                      stats.loads), peak_expert_mib=stats.peak_bytes / 2**20)
+        config = engine.model_config
+        result.update(loads=stats.loads, evictions=stats.evictions, prefetched=stats.prefetched,
+                      hit_rate=stats.hits / max(1, stats.hits + stats.loads), peak_expert_mib=stats.peak_bytes / 2**20,
+                      all_experts_mib=engine.moe.experts.expert_nbytes * config.num_experts
+                      * len(config.moe_layer_ids) / 2**20)
     return result
 
 
@@ -131,7 +134,7 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         model_dir = str(ensure_mid_model(name))
-        expert_bytes = run_child([model_dir, str(2**40), "uniform", "1", "2"])["peak_expert_mib"] * 2**20
+        expert_bytes = run_child([model_dir, str(2**40), "uniform", "1", "2"])["all_experts_mib"] * 2**20
         for workload in ("skewed", "uniform"):
             skew = run_child_skew(model_dir, workload, args.batch, args.tokens)
             for fraction in BUDGETS:
