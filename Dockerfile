@@ -4,10 +4,12 @@
 #
 # Build it with scripts/build_image.sh: it stages the Python wheels in build/image/wheels (so the CPU build needs no
 # network for Python packages) and makes the base image with mmdebstrap (no image registry). With staged wheels and
-# Docker Hub at hand, `docker build -t moe-serve:0.1.0 .` builds the same image from debian:bookworm-slim.
+# Docker Hub at hand, Docker (BuildKit, for RUN --mount) builds the same image from debian:bookworm-slim:
+# `docker build -t moe-serve:0.1.0 .`.
 #   VARIANT=cpu (default): torch's CPU build, installed from the staged wheels only (--no-index).
 #   VARIANT=cuda: moe-serve[gpu] (vLLM's fused MoE kernels; torch's CUDA build with the CUDA libraries as wheels)
-#     from PyPI. No CUDA base image is needed: the nodes' NVIDIA container runtime provides the driver.
+#     from PyPI, the staged moe-serve wheel included. No CUDA base image is needed: the nodes' NVIDIA container
+#     runtime provides the driver.
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 ARG VARIANT=cpu
