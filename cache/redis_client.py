@@ -1,10 +1,10 @@
 """Redis connections for the cache tiers: one server or a Redis Cluster, plain or TLS, with or without an ACL user.
 
 A URL names the server: `redis://[user:password@]HOST:PORT[/DB]`, `rediss://` for TLS, `unix:///PATH?db=N` for a
-socket, or several seed nodes of a cluster, `redis://HOST:PORT,HOST:PORT`. Whether a single address is a cluster is asked of the server (`INFO
-cluster`), so a plain URL of any cluster node works. Secrets may stay out of the URL (and so out of Serve's config
-and every status page): the user, password and TLS files come from the environment when the URL has none
-(REDIS_ENV). URLs are only ever shown redacted (`redact`).
+socket, or several seed nodes of a cluster, `redis://HOST:PORT,HOST:PORT`. Whether a single address is a cluster is
+asked of the server (`INFO cluster`), so a plain URL of any cluster node works. Secrets may stay out of the URL (and
+so out of Serve's config and every status page): the user, password and TLS files come from the environment when the
+URL has none (REDIS_ENV). URLs are only ever shown redacted (`redact`).
 
 A wrong password or certificate is a configuration error: `check` raises `RedisConfigError` naming the problem, and
 the CLI and the cache call it at start-up. Later, the same failures are store errors like any other: misses.

@@ -80,7 +80,8 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"EngineConfig.num_threads must be positive, got {self.num_threads}")
         if self.expert_memory_bytes is not None and self.expert_memory_bytes < 1:
-            raise ValueError(f"EngineConfig.expert_memory_bytes must be positive or None, got {self.expert_memory_bytes}")
+            raise ValueError(
+                f"EngineConfig.expert_memory_bytes must be positive or None, got {self.expert_memory_bytes}")
         if self.max_step_ms is not None and self.max_step_ms <= 0:
             raise ValueError(f"EngineConfig.max_step_ms must be positive or None, got {self.max_step_ms}")
 

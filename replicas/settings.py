@@ -120,9 +120,9 @@ class AppSettings(BaseModel):
         False, description="With shards: decode steps run as two micro-batches, one's attention overlapping the "
                            "other's experts on the shards (slower on few cores: see bench/results/dispatch*.json)")
     expert_memory_bytes: int | None = Field(
-        None, gt=0, description="Expert weights kept resident, in bytes, per engine replica (or per shard with shards): "
-                                "experts load from the memory-mapped checkpoint on first use and the least used go "
-                                "first; None: every expert resident from start-up")
+        None, gt=0, description="Expert weights kept resident, in bytes, per engine replica (or per shard with "
+                                "shards): experts load from the memory-mapped checkpoint on first use and the least "
+                                "used go first; None: every expert resident from start-up")
     shard_transport: Literal["routed", "plain"] = Field(
         "routed", description="How the shared router reaches its shards: a compiled graph it drives (routed) or "
                               "plain actor calls")

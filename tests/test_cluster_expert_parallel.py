@@ -86,7 +86,8 @@ def test_shards_under_an_expert_memory_budget_give_the_same_tokens(mixtral_dir: 
     on demand from the checkpoint."""
     prompts = random_prompts([6, 31, 18], 256, seed=38)
     expected = in_process_tokens(mixtral_dir, prompts)
-    per_expert = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(expert_memory_bytes=2**40)).moe.experts.resident_bytes
+    probe = LLMEngine.from_pretrained(mixtral_dir, EngineConfig(expert_memory_bytes=2**40))
+    per_expert = probe.moe.experts.expert_nbytes
     parallel = start_expert_parallel(str(mixtral_dir), 2, transport="plain", expert_memory_bytes=3 * per_expert)
     try:
         engine = LLMEngine.from_pretrained(mixtral_dir, moe=parallel)

@@ -43,7 +43,8 @@ def load_local_model(model_dir: str | Path, quantize: QuantMode = "none", dtype:
         gates = {layer: Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
                  for layer in config.moe_layer_ids}
         experts = ResidentExperts(checkpoint, quantize, expert_memory_bytes)
-        return LoadedModel(config, DenseModel(config, checkpoint), OnDemandMoE(gates, experts, config.num_experts, config.top_k))
+        moe = OnDemandMoE(gates, experts, config.num_experts, config.top_k)
+        return LoadedModel(config, DenseModel(config, checkpoint), moe)
     all_experts = list(range(config.num_experts))
     moe = LocalMoE({}, {}, config.num_experts)
     for layer in config.moe_layer_ids:  # one layer at a time: a layer the kernel takes is held once
