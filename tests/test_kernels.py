@@ -12,6 +12,9 @@ E experts, I expert width.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +52,20 @@ def test_build_is_keyed_by_source_and_cpu() -> None:
 def test_every_variant_builds(variant: str) -> None:
     """Every instruction-set path compiles on this machine, whatever its CPU runs (make install builds them)."""
     assert any(build_variant(variant).glob("moe_serve_cpu_ops*.so"))
+
+
+def test_processes_starting_at_once_build_the_kernels_once(tmp_path: Path) -> None:
+    """Two processes asking for an unbuilt variant at once (Ray workers on a new node): one builds, the other waits
+    for it, and both load a whole library."""
+    script = ("import sys; from moe_serve.kernels import build_variant, variant_ops; "
+              "print(build_variant('portable')); assert variant_ops('portable').moe_experts")
+    env = {**os.environ, "MOE_SERVE_KERNEL_DIR": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=900) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    (directory,) = {Path(out.strip()) for out, _ in outputs}
+    assert len(list(directory.glob("moe_serve_cpu_ops_portable*.so"))) == 1
 
 
 def test_each_variant_runs_its_own_build() -> None:

@@ -124,18 +124,28 @@ def _load(directory: Path, variant: str = "native") -> ModuleType:
 
 def _compile(directory: Path, variant: str) -> None:
     """Compile and link the extension into `directory` without loading it (a variant this CPU cannot run must
-    never be loaded: its static initialisers may use the instructions it was built for)."""
+    never be loaded: its static initialisers may use the instructions it was built for). Processes starting at once
+    (Ray workers on a new node) build it once: the others wait on a file lock, and the library is linked in a
+    subdirectory and renamed into place, so nobody loads half a file."""
     import ninja  # the build tool cpp_extension runs; the venv's copy may not be on PATH
+    from filelock import FileLock
     from torch.utils import cpp_extension
 
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    directory.mkdir(parents=True, exist_ok=True)
-    log.info("building compiled CPU kernels (%s) in %s (about a minute, once)", variant, directory)
-    # the build half of cpp_extension.load (whose other half would import the module)
-    cpp_extension._write_ninja_file_and_build_library(
-        module_name(variant), [str(SOURCE)], extra_cflags=_flags(variant), extra_cuda_cflags=None,
-        extra_sycl_cflags=None, extra_ldflags=LDFLAGS, extra_include_paths=None, build_directory=str(directory),
-        verbose=False, with_cuda=False, with_sycl=False)
+    name = module_name(variant)
+    staging = directory / "build"
+    staging.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory / ".build.lock")):
+        if next(directory.glob(f"{name}.*so"), None) is not None:
+            return  # built by another process while this one waited
+        log.info("building compiled CPU kernels (%s) in %s (about a minute, once)", variant, directory)
+        # the build half of cpp_extension.load (whose other half would import the module)
+        cpp_extension._write_ninja_file_and_build_library(
+            name, [str(SOURCE)], extra_cflags=_flags(variant), extra_cuda_cflags=None, extra_sycl_cflags=None,
+            extra_ldflags=LDFLAGS, extra_include_paths=None, build_directory=str(staging), verbose=False,
+            with_cuda=False, with_sycl=False)
+        for built in staging.glob(f"{name}.*so"):
+            os.replace(built, directory / built.name)
 
 
 @functools.cache
