@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import random_prompts
 from moe_serve.cli import parse_bytes
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
+from moe_serve.model import resident_experts
 from moe_serve.model.resident_experts import OnDemandMoE, ResidentExperts
 from moe_serve.replicas.engine import EngineConfig, LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
@@ -54,23 +56,41 @@ def test_a_quarter_budget_gives_the_same_tokens_and_never_passes_it(family: str,
     assert stats.loads == stats.evictions + resident.resident_bytes // per_expert
 
 
-def test_prefetch_loads_a_layers_most_used_experts_evicting_only_less_used_ones(mixtral_dir: Path) -> None:
-    config = ModelConfig.from_dir(mixtral_dir)
-    per_expert, _ = expert_bytes(mixtral_dir)
-    experts = ResidentExperts(Checkpoint(mixtral_dir, config), budget_bytes=4 * per_expert)
+def budgeted(model_dir: Path, experts: int) -> tuple[ResidentExperts, Callable[..., torch.Tensor]]:
+    """ResidentExperts of `model_dir` with room for `experts` experts, and a call running it on random rows."""
+    config = ModelConfig.from_dir(model_dir)
+    per_expert, _ = expert_bytes(model_dir)
+    resident = ResidentExperts(Checkpoint(model_dir, config), budget_bytes=experts * per_expert)
 
-    def run(layer: int, ids: list[int], counts: list[int]) -> None:
-        experts.run(layer, torch.randn(sum(counts), config.hidden_size), ids, counts)
+    def run(layer: int, ids: list[int], counts: list[int], on: ResidentExperts = resident) -> torch.Tensor:
+        rows = torch.randn(sum(counts), config.hidden_size, generator=torch.Generator().manual_seed(sum(ids)))
+        return on.run(layer, rows, ids, counts)
 
-    for _ in range(3):
-        run(0, [0, 1], [4, 4])  # layer 0's experts 0 and 1: 12 tokens each
-    run(1, [4, 5], [5, 5])
-    run(1, [6, 7], [1, 1])  # evicts layer 1's 4 and 5 (5 tokens each), not layer 0's busier 0 and 1
-    assert experts.resident(0) == [0, 1] and experts.resident(1) == [6, 7]
-    assert experts.prefetch(1, 2) == 2  # 4 and 5 back in place of 6 and 7, used less
-    assert experts.resident(0) == [0, 1] and experts.resident(1) == [4, 5]
-    assert experts.prefetch(1, 4) == 0  # 6 and 7 would have to evict busier experts
-    assert experts.stats.prefetched == 2 and experts.resident_bytes == 4 * per_expert
+    return resident, run
+
+
+def test_experts_used_less_than_every_resident_one_run_from_the_checkpoint(mixtral_dir: Path) -> None:
+    experts, run = budgeted(mixtral_dir, 2)  # the probe holds (layer 0, expert 0)
+    run(0, [0, 1], [4, 4])  # 1 joins 0
+    out = run(1, [4, 5, 6], [3, 3, 3])  # used less than 0 and 1 (4 tokens each): streamed, nothing evicted
+    assert experts.resident(0) == [0, 1] and experts.resident(1) == []
+    assert experts.stats.streamed == 3 and experts.stats.evictions == 0
+    unlimited = ResidentExperts(Checkpoint(mixtral_dir, ModelConfig.from_dir(mixtral_dir)))
+    torch.testing.assert_close(out, run(1, [4, 5, 6], [3, 3, 3], on=unlimited), rtol=1e-5, atol=1e-5)
+    run(1, [4], [9])  # now used more than either: loaded in place of the least used
+    assert experts.resident(1) == [4] and len(experts.resident(0)) == 1 and experts.stats.evictions == 1
+
+
+def test_prefetch_loads_a_layers_most_used_experts_evicting_only_less_used_ones(
+        mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resident_experts, "DECAY_CALLS", 1)  # every call of a layer halves its usage first
+    experts, run = budgeted(mixtral_dir, 2)
+    run(0, [0, 1], [4, 4])  # layer 0's 0 and 1 resident, 4 tokens each
+    run(1, [4, 5], [3, 2])  # streamed: used less
+    run(0, [0], [1])  # layer 0 halves: 0 -> 3, 1 -> 2
+    assert experts.prefetch(1, 2) == 1  # layer 1's 4 (3 tokens) replaces layer 0's 1 (2); not 0 (3)
+    assert experts.resident(0) == [0] and experts.resident(1) == [4]
+    assert experts.prefetch(1, 2) == 0 and experts.stats.prefetched == 1
 
 
 def test_an_unlimited_budget_loads_each_expert_once(mixtral_dir: Path) -> None:

@@ -4,11 +4,12 @@
 Without a budget every expert asked for stays resident, loaded a group at a time (one holder per load). With one
 (`budget_bytes`), an expert is read from the memory-mapped safetensors files and packed on first use into a slot of
 one pool (as many slots as the budget holds, pages touched only when filled; without the compiled kernels, its own
-holder), and the resident set never exceeds the budget: to load an expert, the resident experts with the least recent
-load are evicted first (usage decays by half every DECAY_CALLS calls of a layer, so the order follows the router's
-load as it shifts; least recently used breaks ties). A call loads each expert it needs once, whatever the batch
-holds: its resident experts run first, then the others are loaded one by one, evicting experts it no longer needs,
-so a batch needing more experts than the budget holds still runs.
+holder), and the resident set never exceeds the budget. Usage is the router's load: tokens routed to each expert,
+halved every DECAY_CALLS calls of its layer, so it follows the load as it shifts. Once the budget is full, an expert
+a call needs is loaded only in place of a less used one (the least used first, least recently used breaking ties,
+never one the call needs); the rest run straight from the memory-mapped checkpoint, nothing kept, so cold experts
+cost a read of their weights, not an eviction and a load each time they come round, and a batch needing more
+experts than the budget holds still runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
@@ -41,6 +43,7 @@ class ResidentStats:
     evictions: int = 0
     hits: int = 0  # experts a call needed that were resident
     prefetched: int = 0  # of the loads, those made ahead of the layer that needed them
+    streamed: int = 0  # expert runs straight from the checkpoint (used less than every resident expert)
     peak_bytes: int = 0  # most expert bytes resident at any time
 
 
@@ -184,26 +187,66 @@ class ResidentExperts:
     # --- running -------------------------------------------------------------------------------------------
 
     def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
-        """Rows [N, D] grouped by expert (`counts[i]` rows for `expert_ids[i]`, in order) -> expert outputs [N, D],
-        loading the experts not resident."""
+        """Rows [N, D] grouped by expert (`counts[i]` rows for `expert_ids[i]`, in order) -> expert outputs [N, D].
+        Experts not resident are loaded; under a budget, only while there is room or when used more than the least
+        used resident expert the call does not need (`_admit`): the others run straight from the checkpoint."""
         self._note_use(layer, expert_ids, counts)
         held = self._held.setdefault(layer, {})
         self.stats.hits += sum(e in held for e in expert_ids)
+        if self.budget_bytes is None:
+            self.load(layer, expert_ids)
+        else:
+            for expert in expert_ids:
+                self._admit(layer, expert, set(expert_ids))
         out = torch.empty_like(rows)
         starts = list(itertools.accumulate(counts, initial=0))
-        if self.budget_bytes is None or len(expert_ids) * self.expert_nbytes <= self.budget_bytes:
-            self.load(layer, expert_ids)  # all of them fit at once: pool experts run in one kernel call
-            for holder, first, indices, run_counts in _runs_by_holder(held, expert_ids, counts):
-                start, stop = starts[first], starts[first + len(indices)]
-                out[start:stop] = _run(holder, indices, run_counts, rows[start:stop])
-            return out
-        for i in sorted(range(len(expert_ids)), key=lambda i: expert_ids[i] not in held):  # resident ones first
-            if expert_ids[i] not in held:  # every resident expert of this call has run: any may go
-                self._load_one(layer, expert_ids[i], keep={(layer, expert_ids[i])})
-            holder, index = held[expert_ids[i]]
-            start, stop = starts[i], starts[i + 1]
-            out[start:stop] = _run(holder, [index], [counts[i]], rows[start:stop])
+        segment: list[int] = []  # positions of consecutive resident experts: their rows are one slice
+        for i, expert in enumerate(expert_ids):
+            if expert in held:
+                segment.append(i)
+                continue
+            self._run_resident(held, segment, expert_ids, counts, starts, rows, out)
+            segment = []
+            out[starts[i] : starts[i + 1]] = self._stream(layer, expert, rows[starts[i] : starts[i + 1]])
+        self._run_resident(held, segment, expert_ids, counts, starts, rows, out)
         return out
+
+    @staticmethod
+    def _run_resident(held: dict[int, tuple[Holder, int]], segment: list[int], expert_ids: list[int],
+                      counts: list[int], starts: list[int], rows: torch.Tensor, out: torch.Tensor) -> None:
+        """The experts at consecutive positions `segment` of a call, one kernel call per holder they share."""
+        if not segment:
+            return
+        first = segment[0]
+        runs = _runs_by_holder(held, [expert_ids[i] for i in segment], [counts[i] for i in segment])
+        for holder, offset, indices, run_counts in runs:
+            start, stop = starts[first + offset], starts[first + offset + len(indices)]
+            out[start:stop] = _run(holder, indices, run_counts, rows[start:stop])
+
+    def _admit(self, layer: int, expert: int, needed: set[int]) -> None:
+        """Load `expert` if there is room, or in place of the least used resident expert of the others (not one of
+        this call's `needed`, of `layer`) when that one is used less; otherwise it stays out (streamed)."""
+        if expert in self._held[layer]:
+            return
+        assert self.budget_bytes is not None
+        if self.resident_bytes + self.expert_nbytes > self.budget_bytes:
+            victim = self._least_used({(layer, e) for e in needed})
+            if victim is None or victim[0] >= self._usage.get((layer, expert), 0.0):
+                return
+            self._evict(*victim[1])
+        self._read(layer, expert)
+
+    def _stream(self, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        """One expert's FFN over its rows straight from the checkpoint, nothing kept: float weights as the memory-map
+        gives them, quantized ones packed for this call alone."""
+        self.stats.streamed += 1
+        if self.quantize != "none":
+            holder = self._make_holder(self._stack(layer, [expert]))
+            return _run(holder, [0], [rows.shape[0]], rows)
+        gate, up = self.checkpoint.load_expert_w13(layer, expert)
+        down = self.checkpoint.load_expert_w2(layer, expert)
+        x = rows.to(gate.dtype)
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down).to(rows.dtype)
 
     def _note_use(self, layer: int, expert_ids: list[int], counts: list[int]) -> None:
         calls = self._calls[layer] = self._calls.get(layer, 0) + 1
