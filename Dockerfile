@@ -7,9 +7,10 @@
 # Docker Hub at hand, Docker (BuildKit, for RUN --mount) builds the same image from debian:bookworm-slim:
 # `docker build -t moe-serve:0.1.0 .`.
 #   VARIANT=cpu (default): torch's CPU build, installed from the staged wheels only (--no-index).
-#   VARIANT=cuda: moe-serve[gpu] (vLLM's fused MoE kernels; torch's CUDA build with the CUDA libraries as wheels)
-#     from PyPI, the staged moe-serve wheel included. No CUDA base image is needed: the nodes' NVIDIA container
-#     runtime provides the driver.
+#   VARIANT=cuda: the staged moe-serve wheel with --no-deps, and from PyPI the staged requirements/cuda.txt: vLLM's
+#     fused MoE kernels and torch's CUDA build (PyPI's Linux torch, with the CUDA libraries as wheels), with the pins
+#     vLLM rules out overridden (moe-serve[gpu] itself cannot resolve: see that file). No CUDA base image is needed:
+#     the nodes' NVIDIA container runtime provides the driver.
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 ARG VARIANT=cpu
@@ -39,7 +40,8 @@ ARG WHEELS_DIGEST=none
 RUN --mount=type=bind,source=build/image/wheels,target=/wheels \
     case "$VARIANT" in \
       cpu) pip install --no-cache-dir --no-index --find-links /wheels "moe-serve[reference]==${VERSION}" ;; \
-      cuda) pip install --no-cache-dir --find-links /wheels "moe-serve[gpu,reference]==${VERSION}" ;; \
+      cuda) pip install --no-cache-dir -r /wheels/requirements-cuda.txt \
+              && pip install --no-cache-dir --no-deps --no-index --find-links /wheels "moe-serve==${VERSION}" ;; \
       *) echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1 ;; \
     esac
 

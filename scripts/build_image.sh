@@ -13,7 +13,8 @@
 #   2. the base image: Debian bookworm made by mmdebstrap from Debian's mirror, imported into buildah (made once);
 #   3. the wheels, staged in build/image/wheels with the host's pip configuration and resolved by Debian 12's Python
 #      (environment markers must see the image's Python version): cpu, moe-serve[reference] and every dependency, so
-#      the build installs them with no network; cuda, the moe-serve wheel only (the rest comes from PyPI);
+#      the build installs them with no network; cuda, the moe-serve wheel and requirements/cuda.txt (the packages
+#      the build installs from PyPI beside it, since moe-serve[gpu] cannot resolve);
 #   4. the image (buildah bud, chroot isolation, layer cache);
 #   5. the check, in a container of the image with a PID namespace of its own (so nothing it starts outlives it):
 #      the commands a KubeRay pod needs on a login shell's PATH, then make-tiny-model, and generate in process and
@@ -140,6 +141,8 @@ stage_wheels() {
     else
         SOURCE_DATE_EPOCH=315532800 run_logged "$WORK/pip.log" "$venv/bin/python" -m pip wheel --no-deps \
             --wheel-dir "$WORK/wheels" "./$WORK/src"
+        # beside the wheel, so it is in the build context and in the digest
+        cp "$WORK/src/requirements/cuda.txt" "$WORK/wheels/requirements-cuda.txt"
     fi
     wheels_digest="$(cd "$WORK/wheels" && sha256sum -- * | sha256sum | cut -c1-16)"
     echo "    $(find "$WORK/wheels" -name '*.whl' | wc -l) wheels, $(du -sh "$WORK/wheels" | cut -f1)," \

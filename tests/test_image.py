@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "build_image.sh"
 DOCKERFILE = REPO / "Dockerfile"
+CUDA_REQUIREMENTS = REPO / "requirements" / "cuda.txt"
 CHART = REPO / "helm" / "moe-serve"
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
@@ -88,3 +90,44 @@ def test_build_context_holds_the_wheels_the_dockerfile_mounts() -> None:
     assert f'WORK="{source.removesuffix("/wheels")}"' in SCRIPT.read_text()
     lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines == ["*", f"!{source}/"], "the build context must be the staged wheels alone"
+
+
+def cuda_requirements() -> dict[str, tuple[Requirement, str]]:
+    """requirements/cuda.txt's requirements by name, each with its line's comment ('' when none)."""
+    found: dict[str, tuple[Requirement, str]] = {}
+    for line in CUDA_REQUIREMENTS.read_text().splitlines():
+        spec, _, comment = line.partition("#")
+        if spec.strip():
+            requirement = Requirement(spec.strip())
+            assert requirement.name not in found, f"{requirement.name} twice in {CUDA_REQUIREMENTS.name}"
+            found[requirement.name] = (requirement, comment.strip())
+    return found
+
+
+def test_cuda_requirements_follow_pyproject() -> None:
+    """Each moe-serve requirement (base and `reference`) is in the CUDA image's file with the same pin, or with
+    another and a comment `overrides <pyproject's pin>: <why>`; the vLLM pin is the `gpu` extra's."""
+    cuda = cuda_requirements()
+    for requirements in (PROJECT["dependencies"], PROJECT["optional-dependencies"]["reference"]):
+        for wanted in map(Requirement, requirements):
+            assert wanted.name in cuda, f"{wanted} (pyproject.toml) is missing from {CUDA_REQUIREMENTS.name}"
+            got, comment = cuda[wanted.name]
+            assert got.extras == wanted.extras, (got, wanted)
+            [pin] = [spec.version for spec in wanted.specifier]
+            if got.specifier == wanted.specifier:
+                assert not comment.startswith("overrides"), f"{got}: marked as an override of its own pin"
+            else:
+                assert re.fullmatch(rf"overrides {re.escape(pin)}: \S.*", comment), (
+                    f"{got} differs from pyproject's {wanted} without '# overrides {pin}: <why>'")
+    assert str(cuda["ray"][0].specifier) == f"=={pinned('ray')}"  # the chart's rayVersion, too
+    [vllm] = map(Requirement, PROJECT["optional-dependencies"]["gpu"])
+    assert cuda["vllm"][0] == vllm
+    # the moe-serve release the file was written for (the Dockerfile installs that version beside it)
+    assert f"for moe-serve=={PROJECT['version']}," in CUDA_REQUIREMENTS.read_text()
+
+
+def test_cuda_image_installs_the_staged_requirements_and_moe_serve_without_dependencies() -> None:
+    [cuda_install] = re.findall(r"\bcuda\) (.*?);;", DOCKERFILE.read_text().replace("\\\n", ""))
+    [staged] = re.findall(r"-r /wheels/(\S+)", cuda_install)
+    assert f'cp "$WORK/src/{CUDA_REQUIREMENTS.relative_to(REPO)}" "$WORK/wheels/{staged}"' in SCRIPT.read_text()
+    assert re.search(r'--no-deps .*"moe-serve==\$\{VERSION\}"', cuda_install), cuda_install
