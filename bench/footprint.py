@@ -6,12 +6,13 @@ through the on-demand path), under two workloads:
 - skewed: prompts from a few "topics", each a handful of token ids repeated (prompts on one subject reuse words);
 - uniform: token ids drawn over the whole vocabulary;
 it measures start-up (load time, and time to the first token of a first request sent at start-up), decode tokens/s
-at a fixed batch, peak RSS of the process, and the experts' loads, evictions and hit rate. The routing skew each
-workload really produced is reported (the share of routed tokens the busiest half of each layer's experts took): on
-random weights a topic's prompts need not route alike, so the numbers say what the workload was.
+at batch 1 (one stream: top-k experts a layer per token) and at batch 8, peak RSS of the process, and the experts'
+loads, evictions, runs straight from the checkpoint and hit rate. The routing skew each workload really produced is
+reported (the share of routed tokens the busiest half of each layer's experts took): on random weights a topic's
+prompts need not route alike, so the numbers say what the workload was.
 Each run is its own process (peak RSS is per process). Table printed; JSON and a plot in bench/results/.
 
-    .venv/bin/python bench/footprint.py [--models mixtral-mid,qwen3-mid] [--batch 8] [--tokens 32]
+    .venv/bin/python bench/footprint.py [--models mixtral-mid,qwen3-mid] [--batches 1,8] [--tokens 32]
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def child(model_dir: str, budget_bytes: int | None, workload: str, batch: int, t
         stats = engine.moe.experts.stats
         config = engine.model_config
         result.update(loads=stats.loads, evictions=stats.evictions, prefetched=stats.prefetched,
+                      streamed=stats.streamed,
                       hit_rate=stats.hits / max(1, stats.hits + stats.loads), peak_expert_mib=stats.peak_bytes / 2**20,
                       all_experts_mib=engine.moe.experts.expert_nbytes * config.num_experts
                       * len(config.moe_layer_ids) / 2**20)
@@ -116,7 +118,7 @@ def run_child(args: list[str]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mixtral-mid,qwen3-mid")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", default="1,8")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--child", nargs=5, metavar=("MODEL_DIR", "BUDGET", "WORKLOAD", "BATCH", "TOKENS"))
     parser.add_argument("--skew", nargs=4, metavar=("MODEL_DIR", "WORKLOAD", "BATCH", "TOKENS"))
@@ -136,15 +138,16 @@ def main() -> None:
         model_dir = str(ensure_mid_model(name))
         expert_bytes = run_child([model_dir, str(2**40), "uniform", "1", "2"])["all_experts_mib"] * 2**20
         for workload in ("skewed", "uniform"):
-            skew = run_child_skew(model_dir, workload, args.batch, args.tokens)
-            for fraction in BUDGETS:
-                budget = "none" if fraction is None else str(int(expert_bytes * fraction))
-                result = run_child([model_dir, budget, workload, str(args.batch), str(args.tokens)])
-                rows.append({"model": name, "workload": workload, "routing_skew": skew,
-                             "budget_fraction": fraction, "expert_mib": expert_bytes / 2**20, **result})
-                print(_row(rows[-1]), flush=True)
+            for batch in map(int, args.batches.split(",")):
+                skew = run_child_skew(model_dir, workload, batch, args.tokens)
+                for fraction in BUDGETS:
+                    budget = "none" if fraction is None else str(int(expert_bytes * fraction))
+                    result = run_child([model_dir, budget, workload, str(batch), str(args.tokens)])
+                    rows.append({"model": name, "workload": workload, "batch": batch, "routing_skew": skew,
+                                 "budget_fraction": fraction, "expert_mib": expert_bytes / 2**20, **result})
+                    print(_row(rows[-1]), flush=True)
     summary = _summary(rows)
-    meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": torch.get_num_threads(), "batch": args.batch,
+    meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": torch.get_num_threads(), "batches": args.batches,
             "tokens": args.tokens, "dtype": "bfloat16"}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     print(json.dumps(summary, indent=1))
@@ -159,8 +162,10 @@ def run_child_skew(model_dir: str, workload: str, batch: int, tokens: int) -> fl
 
 def _row(row: dict[str, Any]) -> str:
     budget = "all (no on-demand)" if row["budget_fraction"] is None else f"{row['budget_fraction']:.0%}"
-    extra = f" loads {row['loads']} evictions {row['evictions']} hit {row['hit_rate']:.2f}" if "loads" in row else ""
-    return (f"{row['model']:12} {row['workload']:8} skew {row['routing_skew']:.2f} budget {budget:19} "
+    extra = (f" loads {row['loads']} evictions {row['evictions']} streamed {row['streamed']} hit {row['hit_rate']:.2f}"
+             if "loads" in row else "")
+    return (f"{row['model']:12} {row['workload']:8} batch {row['batch']} skew {row['routing_skew']:.2f} "
+            f"budget {budget:19} "
             f"load {row['load_s']:5.2f} s first token {row['first_token_after_start_s']:5.2f} s "
             f"decode {row['decode_tok_s']:7.1f} tok/s peak RSS {row['peak_rss_mib']:7.0f} MiB{extra}")
 
@@ -170,10 +175,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for row in rows:
         base = next(r for r in rows if r["model"] == row["model"] and r["workload"] == row["workload"]
-                    and r["budget_fraction"] is None)
+                    and r["batch"] == row["batch"] and r["budget_fraction"] is None)
         if row["budget_fraction"] is None:
             continue
-        key = f"{row['model']} {row['workload']} {row['budget_fraction']:.0%}"
+        key = f"{row['model']} {row['workload']} batch {row['batch']} {row['budget_fraction']:.0%}"
         out[key] = {"decode_vs_all": row["decode_tok_s"] / base["decode_tok_s"],
                     "peak_rss_vs_all": row["peak_rss_mib"] / base["peak_rss_mib"],
                     "first_token_after_start_vs_all_load": row["first_token_after_start_s"] / base["load_s"]}
@@ -192,11 +197,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.5 * len(models)), squeeze=False)
     for i, model in enumerate(models):
-        for workload, marker in (("skewed", "o"), ("uniform", "s")):
-            points = [r for r in rows if r["model"] == model and r["workload"] == workload]
+        for (workload, batch), marker in zip(sorted({(r["workload"], r["batch"]) for r in rows}), "osv^"):
+            points = [r for r in rows if r["model"] == model and r["workload"] == workload and r["batch"] == batch]
             labels = ["all" if r["budget_fraction"] is None else f"{r['budget_fraction']:.0%}" for r in points]
-            axes[i][0].plot(labels, [r["decode_tok_s"] for r in points], marker=marker, label=workload)
-            axes[i][1].plot(labels, [r["peak_rss_mib"] for r in points], marker=marker, label=workload)
+            label = f"{workload}, batch {batch}"
+            axes[i][0].plot(labels, [r["decode_tok_s"] for r in points], marker=marker, label=label)
+            axes[i][1].plot(labels, [r["peak_rss_mib"] for r in points], marker=marker, label=label)
         axes[i][0].set(title=f"{model}: decode tok/s by expert budget", ylabel="tok/s")
         axes[i][1].set(title=f"{model}: peak RSS by expert budget", ylabel="MiB")
         for ax in axes[i]:
