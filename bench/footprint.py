@@ -81,7 +81,9 @@ def child(model_dir: str, budget_bytes: int | None, workload: str, batch: int, t
         config = engine.model_config
         result.update(loads=stats.loads, evictions=stats.evictions, prefetched=stats.prefetched,
                       streamed=stats.streamed,
-                      hit_rate=stats.hits / max(1, stats.hits + stats.loads), peak_expert_mib=stats.peak_bytes / 2**20,
+                      hits=stats.hits, hit_rate=stats.hits / max(1, stats.hits + stats.streamed + stats.loads
+                                                                 - stats.prefetched - 1),  # not the start-up probe
+                      peak_expert_mib=stats.peak_bytes / 2**20,
                       all_experts_mib=engine.moe.experts.expert_nbytes * config.num_experts
                       * len(config.moe_layer_ids) / 2**20)
     return result
