@@ -57,6 +57,9 @@ class Outcome:
 
 
 PROMPTS = 6
+# long enough that a replica is never idle between its requests when it is killed (24 tokens took ~20 ms here, and a
+# kill once fell between two of them: nothing migrated)
+MAX_TOKENS = 160
 
 
 def sampling_of(prompt: int, seeded: bool) -> dict:
@@ -66,8 +69,8 @@ def sampling_of(prompt: int, seeded: bool) -> dict:
 def request_body(index: int, stream: bool) -> dict:
     """Prompt `index % PROMPTS`; every third request samples with a seed, the others are greedy."""
     prompt = index % PROMPTS
-    return {"model": MODEL, "prompt": f"Request {prompt} asks the experts", "max_tokens": 24, "ignore_eos": True,
-            "stream": stream, **sampling_of(prompt, index % 3 == 0)}
+    return {"model": MODEL, "prompt": f"Request {prompt} asks the experts", "max_tokens": MAX_TOKENS,
+            "ignore_eos": True, "stream": stream, **sampling_of(prompt, index % 3 == 0)}
 
 
 def expected_texts(model_dir: Path) -> dict[tuple[int, bool], str]:
@@ -76,7 +79,7 @@ def expected_texts(model_dir: Path) -> dict[tuple[int, bool], str]:
     texts = {}
     for prompt in range(PROMPTS):
         for seeded in (False, True):
-            params = SamplingParams(max_tokens=24, ignore_eos=True, **sampling_of(prompt, seeded))
+            params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **sampling_of(prompt, seeded))
             [out] = engine.generate([tokenizer.encode(f"Request {prompt} asks the experts")], params)
             texts[(prompt, seeded)] = out.text or ""
     return texts
