@@ -57,6 +57,28 @@ def test_stacked_expert_layout_equals_per_expert(mixtral_dir: Path, tmp_path: Pa
     save_file(tensors, tmp_path / "model.safetensors")
     shutil.copy(mixtral_dir / "config.json", tmp_path / "config.json")
     assert greedy_tokens(tmp_path) == greedy_tokens(mixtral_dir)
+    assert_expert_views_equal_loads(tmp_path)
+
+
+def assert_expert_views_equal_loads(model_dir: Path) -> None:
+    """`expert_views` (mapped, no copy) give the tensors `load_expert_*` read, before and after their pages are
+    given back; in another serving dtype there are no views (loads convert)."""
+    config = ModelConfig.from_dir(model_dir)
+    checkpoint = Checkpoint(model_dir, config)
+    for layer in config.moe_layer_ids:
+        for expert in (0, config.num_experts - 1):
+            views = checkpoint.expert_views(layer, expert)
+            assert views is not None
+            loaded = (*checkpoint.load_expert_w13(layer, expert), checkpoint.load_expert_w2(layer, expert))
+            assert all(torch.equal(v, w) for v, w in zip(views, loaded, strict=True))
+            checkpoint.release(*views)
+            assert all(torch.equal(v, w) for v, w in zip(views, loaded, strict=True))  # read again from the cache
+    assert Checkpoint(model_dir, config, torch.bfloat16).expert_views(config.moe_layer_ids[0], 0) is None
+
+
+@pytest.mark.parametrize("family_dir", ["mixtral_dir", "qwen2_dir", "qwen3_dir", "olmoe_dir"])
+def test_expert_views_of_every_family(family_dir: str, request: pytest.FixtureRequest) -> None:
+    assert_expert_views_equal_loads(request.getfixturevalue(family_dir))
 
 
 def test_experts_of_one_shard_load_without_the_rest(sharded_dir: Path) -> None:

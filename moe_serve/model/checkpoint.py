@@ -12,6 +12,9 @@ It checks every tensor's shape against the config and raises `CheckpointError` n
 from __future__ import annotations
 
 import json
+import mmap
+import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +46,7 @@ class Checkpoint:
         self.config = config
         self.dtype = dtype  # every float tensor is returned in it
         self._file_of = self._weight_map()
+        self._mapped: dict[str, _MappedFile] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE
@@ -148,6 +152,40 @@ class Checkpoint:
         return (self.load(f"{prefix}.{expert}.{gate}.weight", (i, d)),
                 self.load(f"{prefix}.{expert}.{up}.weight", (i, d)))
 
+    def expert_views(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """One expert's gate [I, D], up [I, D] and down [D, I] weights as views of the mapped files, no copy, when the
+        file holds them in the serving dtype (None otherwise: `load_expert_w13` / `load_expert_w2` convert). Give
+        their pages back with `release` once used."""
+        cfg = self.config
+        prefix = f"{self.moe_prefix(layer)}.experts"
+        d, i = cfg.hidden_size, cfg.expert_intermediate_size
+        if self.has(f"{prefix}.gate_up_proj"):
+            w13, w2 = self._view(f"{prefix}.gate_up_proj"), self._view(f"{prefix}.down_proj")
+            if w13 is None or w2 is None or tuple(w13.shape[1:]) != (2 * i, d) or tuple(w2.shape[1:]) != (d, i):
+                return None
+            return w13[expert, :i], w13[expert, i:], w2[expert]
+        gate, up, down = (self._view(f"{prefix}.{expert}.{proj}.weight") for proj in _EXPERT_PROJ[cfg.family])
+        if gate is None or up is None or down is None or tuple(down.shape) != (d, i) or \
+                tuple(gate.shape) != (i, d) or tuple(up.shape) != (i, d):
+            return None
+        return gate, up, down
+
+    def release(self, *views: torch.Tensor) -> None:
+        """Give the pages of `expert_views` tensors back to the page cache: this process stops counting them as
+        resident, and a later read maps them again from the cache."""
+        for view in views:
+            for mapped in self._mapped.values():
+                mapped.drop(view)
+
+    def _view(self, name: str) -> torch.Tensor | None:
+        file_name = self._file_of.get(name)
+        if file_name is None:
+            return None
+        if file_name not in self._mapped:
+            self._mapped[file_name] = _MappedFile(self.dir / file_name)
+        view = self._mapped[file_name].view(name)
+        return view if view is not None and view.dtype == self.dtype else None
+
     def load_expert_w2(self, layer: int, expert: int) -> torch.Tensor:
         """One expert's down projection [D, I]."""
         cfg = self.config
@@ -157,3 +195,42 @@ class Checkpoint:
             return self.load_rows(f"{prefix}.down_proj", [expert], (1, d, i))[0]
         down = _EXPERT_PROJ[cfg.family][2]
         return self.load(f"{prefix}.{expert}.{down}.weight", (d, i))
+
+
+class _MappedFile:
+    """One safetensors file mapped once, read-only: tensors as views of its pages, and `drop` to give a tensor's pages
+    back (madvise DONTNEED) so a process that reads a tensor now and then does not keep it resident. The header is
+    read here (an 8-byte length, then JSON naming each tensor's dtype, shape and byte range), because safetensors'
+    own handles neither expose the mapping nor let pages go."""
+
+    DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as file:
+            self._map = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+        (header_len,) = struct.unpack("<Q", self._map[:8])
+        self._entries = json.loads(self._map[8 : 8 + header_len])
+        self._data_start = 8 + header_len
+        with warnings.catch_warnings():  # the mapping is read-only; nothing writes through these views
+            warnings.simplefilter("ignore", UserWarning)
+            self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def view(self, name: str) -> torch.Tensor | None:
+        """The tensor `name` as it lies in the file; None for a dtype it does not map or a misaligned range."""
+        entry = self._entries.get(name)
+        dtype = self.DTYPES.get(entry["dtype"]) if entry else None
+        if dtype is None:
+            return None
+        start, end = (self._data_start + offset for offset in entry["data_offsets"])
+        if start % dtype.itemsize:
+            return None
+        return self._bytes[start:end].view(dtype).view(entry["shape"])
+
+    def drop(self, tensor: torch.Tensor) -> None:
+        """madvise(DONTNEED) the whole pages under `tensor`, if it is a view of this file."""
+        offset = tensor.data_ptr() - self._bytes.data_ptr()
+        if not 0 <= offset < len(self._map):
+            return
+        end = offset + tensor.numel() * tensor.element_size()
+        first = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, first, min(end, len(self._map)) - first)

@@ -153,8 +153,13 @@ class ResidentExperts:
         """Load one expert from the checkpoint into the room made for it."""
         if self._pool is not None and self._pool_takes_float:  # read straight into a slot's panels
             slot = self._free_slots.pop()
-            self._pool.fill(slot, self.checkpoint.load_expert_w13(layer, expert),
-                            self.checkpoint.load_expert_w2(layer, expert))
+            views = self.checkpoint.expert_views(layer, expert)
+            if views is None:
+                self._pool.fill(slot, self.checkpoint.load_expert_w13(layer, expert),
+                                self.checkpoint.load_expert_w2(layer, expert))
+            else:
+                self._pool.fill(slot, views[:2], views[2])
+                self.checkpoint.release(*views)
             self._place(layer, expert, None, slot)
             return
         self._place(layer, expert, self._make_holder(self._stack(layer, [expert])))
@@ -244,9 +249,14 @@ class ResidentExperts:
         if self.quantize != "none":
             holder = self._make_holder(self._stack(layer, [expert]))
             return _run(holder, [0], [rows.shape[0]], rows)
-        gate, up = map(Projection, self.checkpoint.load_expert_w13(layer, expert))
-        down = Projection(self.checkpoint.load_expert_w2(layer, expert))
-        return down(F.silu(gate(rows)) * up(rows))  # the row kernel reads each weight once, as it lies
+        views = self.checkpoint.expert_views(layer, expert)
+        if views is None:
+            weights = (*self.checkpoint.load_expert_w13(layer, expert), self.checkpoint.load_expert_w2(layer, expert))
+        gate, up, down = map(Projection, views or weights)
+        out = down(F.silu(gate(rows)) * up(rows))  # the row kernel reads each weight once, as it lies
+        if views is not None:
+            self.checkpoint.release(*views)
+        return out
 
     def _note_use(self, layer: int, expert_ids: list[int], counts: list[int]) -> None:
         calls = self._calls[layer] = self._calls.get(layer, 0) + 1
