@@ -157,15 +157,6 @@ def _count_response(request: Request, status: int) -> None:
         metrics.http.labels(route=route, status_code=str(status)).inc()
 
 
-async def _shard_busy_seconds(experts: DeploymentHandle, timeout_s: float = 5.0) -> list[float]:
-    """Busy seconds per expert shard; none when the shards do not answer in time (one is restarting)."""
-    try:
-        described = await asyncio.wait_for(asyncio.ensure_future(experts.describe.remote()), timeout_s)
-    except Exception:  # noqa: BLE001 - metrics are best-effort; the scrape must not wait for a restart
-        return []
-    return described["load"]["shard_busy_s"]
-
-
 # Defined last: serve.ingress snapshots the module when it wraps the class, so helpers must exist before it.
 @serve.ingress(app)
 class Ingress:
@@ -237,8 +228,6 @@ class Ingress:
     async def metrics(self) -> PlainTextResponse:
         self.metrics.observe_replica(await self.engine.stats(), _replica_count(self.engine_deployment))
         self.metrics.observe_process(self.replica_id, "Ingress", time.process_time())
-        if self.experts is not None:
-            self.metrics.observe_shards(await _shard_busy_seconds(self.experts))
         cache = await self.engine.cache_metrics()  # one replica's tiered-cache counters
         experts = await self.experts.metrics_text.remote() if self.experts is not None else b""  # per-expert load
         prompts = self.prompt_cache.stats.prometheus_text(prefix="moe_prompt_cache") if self.prompt_cache else b""

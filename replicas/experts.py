@@ -47,7 +47,8 @@ class ExpertShards:
         return {**self.parallel.describe(), "load": ray.get(self.parallel.router.load_stats.remote(), timeout=10)}
 
     def metrics_text(self) -> bytes:
-        """Prometheus text of the router's counters: tokens per expert and layer, rows per shard, retries."""
+        """Prometheus text of the router's counters: tokens per expert and layer, rows and busy seconds per shard,
+        retries, shard call latency."""
         return ray.get(self.parallel.router.metrics_text.remote(), timeout=10)
 
     def rebalance(self) -> list[dict[str, int]]:

@@ -73,7 +73,6 @@ class ServingMetrics:
         self.steps_over_budget = Gauge("moe_engine_steps_over_budget", "Steps with decodes that ran past the budget",
                                        registry=r)
         self.processes: dict[str, ProcessReport] = {}  # replica id -> its last report
-        self.shard_busy_seconds: list[float] = []  # per expert shard, since it started
         self._lock = threading.Lock()
         r.register(_ReportedCollector(self))
 
@@ -110,18 +109,13 @@ class ServingMetrics:
         with self._lock:
             self.processes[replica] = ProcessReport(deployment, cpu_seconds, list(gpus or []))
 
-    def observe_shards(self, busy_seconds: list[float]) -> None:
-        """Busy seconds per expert shard; an empty report (the shards did not answer) keeps the last one."""
-        if busy_seconds:
-            self.shard_busy_seconds = list(busy_seconds)
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _ReportedCollector(Collector):
     """Counters other processes keep, as last reported: CPU seconds and GPU use of every process heard from within
-    PROCESS_TTL_S, and the expert shards' busy seconds."""
+    PROCESS_TTL_S. (The expert shards' busy seconds come with the router's counters.)"""
 
     def __init__(self, metrics: ServingMetrics) -> None:
         self.metrics = metrics
@@ -146,8 +140,4 @@ class _ReportedCollector(Collector):
                     if gpu.get("utilization") is not None:
                         gpu_util.add_metric(device, gpu["utilization"])
                     gpu_memory.add_metric(device, gpu["memory_used_bytes"])
-        busy = CounterMetricFamily("moe_shard_busy_seconds", "Seconds each expert shard spent computing (resets when "
-                                   "the shard restarts)", labels=["shard"])
-        for shard, seconds in enumerate(self.metrics.shard_busy_seconds):
-            busy.add_metric([str(shard)], seconds)
-        yield from (cpu, gpu_util, gpu_memory, busy)
+        yield from (cpu, gpu_util, gpu_memory)

@@ -35,6 +35,8 @@ from moe_serve.router.dispatch import LayerStep, apply_capacity, empty_message, 
 from moe_serve.router.stats import LoadStats
 from moe_serve.router.transport import CompiledGraphConfig, GraphDown, ManagedGraph, compile_shard_fanout
 
+SCRAPE_TIMEOUT_S = 5.0  # how long a metrics scrape waits for the shards' busy seconds
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -76,6 +78,7 @@ class Router:
         self.shards = shards
         self.config = config
         self.stats = LoadStats(self.model.num_layers, self.model.num_experts, placement.num_shards)
+        self._shard_busy_s: list[float] = []  # as the shards last reported it
         self._first_moe_layer = self.model.moe_layer_ids[0]
         self._calls_since_check = 0
         self._lock = threading.RLock()
@@ -190,13 +193,23 @@ class Router:
 
     def load_stats(self) -> dict[str, Any]:
         """Tokens per expert per layer, rows and busy seconds per shard, fallbacks, retries, placement."""
-        busy = ray.get([shard.load_stats.remote() for shard in self.shards])
-        return {**self.stats.as_dict(), "shard_busy_s": [b["busy_s"] for b in busy],
+        return {**self.stats.as_dict(), "shard_busy_s": self._shard_busy(timeout_s=None),
                 "placement": self.placement.describe()}
 
     def metrics_text(self) -> bytes:
-        """Prometheus text exposition of the load counters (tokens per expert, rows per shard, fallbacks, retries)."""
-        return self.stats.prometheus_text()
+        """Prometheus text exposition of the load counters (tokens per expert, rows and busy seconds per shard,
+        fallbacks, retries). A shard that does not answer in time (restarting) leaves its last busy seconds."""
+        try:
+            self._shard_busy(timeout_s=SCRAPE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a scrape must not wait for a restart
+            pass
+        return self.stats.prometheus_text(self._shard_busy_s)
+
+    def _shard_busy(self, timeout_s: float | None) -> list[float]:
+        """Seconds each shard has spent computing, asked of every shard now."""
+        reports = ray.get([shard.load_stats.remote() for shard in self.shards], timeout=timeout_s)
+        self._shard_busy_s = [report["busy_s"] for report in reports]
+        return self._shard_busy_s
 
     def placement_plan(self) -> dict[str, Any]:
         return self.placement.describe()

@@ -85,15 +85,17 @@ class LoadStats:
             "auto_rebalances": self.auto_rebalances,
         }
 
-    def prometheus_text(self) -> bytes:
+    def prometheus_text(self, shard_busy_s: Sequence[float] = ()) -> bytes:
+        """The counters, with `shard_busy_s` (seconds each shard has computed, as the shards report it)."""
         registry = CollectorRegistry()
-        registry.register(_StatsCollector(self))
+        registry.register(_StatsCollector(self, shard_busy_s))
         return generate_latest(registry)
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: LoadStats) -> None:
+    def __init__(self, stats: LoadStats, shard_busy_s: Sequence[float]) -> None:
         self.stats = stats
+        self.shard_busy_s = shard_busy_s
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         tokens = CounterMetricFamily("moe_expert_tokens", "Tokens routed to each expert", labels=["layer", "expert"])
@@ -102,8 +104,13 @@ class _StatsCollector(Collector):
         rows = CounterMetricFamily("moe_shard_rows", "Token rows computed by each expert shard", labels=["shard"])
         for shard, value in enumerate(self.stats.shard_rows):
             rows.add_metric([str(shard)], float(value))
+        busy = CounterMetricFamily("moe_shard_busy_seconds", "Seconds each expert shard spent computing (resets when "
+                                   "the shard restarts)", labels=["shard"])
+        for shard, seconds in enumerate(self.shard_busy_s):
+            busy.add_metric([str(shard)], seconds)
         yield tokens
         yield rows
+        yield busy
         yield CounterMetricFamily("moe_capacity_fallbacks", "Picks moved past a full expert",
                                   value=self.stats.capacity_fallbacks)
         yield CounterMetricFamily("moe_shard_retries", "Shard calls retried after a failure",
