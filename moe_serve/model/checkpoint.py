@@ -11,11 +11,12 @@ It checks every tensor's shape against the config and raises `CheckpointError` n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -169,6 +170,19 @@ class Checkpoint:
                 tuple(gate.shape) != (i, d) or tuple(up.shape) != (i, d):
             return None
         return gate, up, down
+
+    @contextlib.contextmanager
+    def expert_weights(self, layer: int, expert: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One expert's gate [I, D], up [I, D] and down [D, I] weights for the duration of the block: views of the
+        mapped files (given back after it) where they are in the serving dtype, else loaded and converted."""
+        views = self.expert_views(layer, expert)
+        if views is None:
+            yield (*self.load_expert_w13(layer, expert), self.load_expert_w2(layer, expert))
+            return
+        try:
+            yield views
+        finally:
+            self.release(*views)
 
     def release(self, *views: torch.Tensor) -> None:
         """Give the pages of `expert_views` tensors back to the page cache: this process stops counting them as

@@ -86,7 +86,7 @@ class ResidentExperts:
         # float experts in the checkpoint's serving dtype go from the file straight into their slot
         self._pool_takes_float = self.quantize == "none" and self.device.type == "cpu"
         self._free_slots = list(range(capacity))
-        self._place(layer, 0, probe)
+        self._place(layer, 0, self._slot_for(probe))
 
     # --- loading and eviction ------------------------------------------------------------------------------
 
@@ -108,13 +108,9 @@ class ResidentExperts:
             self._load_one(layer, expert, keep={(layer, e) for e in experts})
 
     def _load_one(self, layer: int, expert: int, keep: set[tuple[int, int]]) -> None:
-        assert self.budget_bytes is not None
-        while self.resident_bytes + self.expert_nbytes > self.budget_bytes:
-            victim = self._least_used(keep)
-            if victim is None:
-                raise ValueError(f"expert memory budget {self.budget_bytes} bytes cannot hold the experts one call "
-                                 f"needs at once ({len(keep)})")
-            self._evict(*victim[1])
+        if not self._make_room(keep):
+            raise ValueError(f"expert memory budget {self.budget_bytes} bytes cannot hold the experts one call "
+                             f"needs at once ({len(keep)})")
         self._read(layer, expert)
 
     def prefetch(self, layer: int, count: int) -> int:
@@ -130,47 +126,49 @@ class ResidentExperts:
         for usage, expert in likely:
             if expert in held:
                 continue
-            if self.resident_bytes + self.expert_nbytes > self.budget_bytes:
-                victim = self._least_used(keep)
-                if victim is None or victim[0] >= usage:
-                    break
-                self._evict(*victim[1])
+            if not self._make_room(keep, used_less_than=usage):
+                break
             self._read(layer, expert)
             loaded += 1
         self.stats.prefetched += loaded
         return loaded
 
-    def _least_used(self, keep: set[tuple[int, int]]) -> tuple[float, tuple[int, int]] | None:
-        """The resident expert to evict first, not one of `keep`: (its usage, (layer, expert)), or None."""
-        candidates = [(self._usage.get(k, 0.0), self._last_use.get(k, -1), k)
-                      for k in self._resident_keys() if k not in keep]
-        if not candidates:
-            return None
-        usage, _, key = min(candidates)
-        return usage, key
+    def _make_room(self, keep: set[tuple[int, int]], used_less_than: float | None = None) -> bool:
+        """Room for one more expert, evicting the least used resident ones (least recently used first among
+        equals), never one of `keep`, and with `used_less_than` only those used less; whether there is room."""
+        assert self.budget_bytes is not None
+        while self.resident_bytes + self.expert_nbytes > self.budget_bytes:
+            candidates = [(self._usage.get(k, 0.0), self._last_use.get(k, -1), k)
+                          for k in self._resident_keys() if k not in keep]
+            if not candidates:
+                return False
+            usage, _, victim = min(candidates)
+            if used_less_than is not None and usage >= used_less_than:
+                return False
+            self._evict(*victim)
+        return True
 
     def _read(self, layer: int, expert: int) -> None:
-        """Load one expert from the checkpoint into the room made for it."""
-        if self._pool is not None and self._pool_takes_float:  # read straight into a slot's panels
-            slot = self._free_slots.pop()
-            views = self.checkpoint.expert_views(layer, expert)
-            if views is None:
-                self._pool.fill(slot, self.checkpoint.load_expert_w13(layer, expert),
-                                self.checkpoint.load_expert_w2(layer, expert))
-            else:
-                self._pool.fill(slot, views[:2], views[2])
-                self.checkpoint.release(*views)
-            self._place(layer, expert, None, slot)
+        """Load one expert from the checkpoint into the room made for it: float experts straight from the file into
+        a pool slot's panels, others packed first."""
+        if self._pool is None or not self._pool_takes_float:
+            self._place(layer, expert, self._slot_for(self._make_holder(self._stack(layer, [expert]))))
             return
-        self._place(layer, expert, self._make_holder(self._stack(layer, [expert])))
+        slot = self._free_slots.pop()
+        with self.checkpoint.expert_weights(layer, expert) as (gate, up, down):
+            self._pool.fill(slot, (gate, up), down)
+        self._place(layer, expert, (self._pool, slot))
 
-    def _place(self, layer: int, expert: int, holder: Holder | None, slot: int | None = None) -> None:
-        """A loaded expert made resident (room made): put into a pool slot, held as it is, or already in `slot`."""
-        entry = (holder, 0)
-        if self._pool is not None:
-            entry = (self._pool, self._free_slots.pop() if slot is None else slot)
-            if slot is None:
-                self._pool.put(entry[1], holder)
+    def _slot_for(self, holder: Holder) -> tuple[Holder, int]:
+        """Where one loaded expert (expert 0 of `holder`) is held: copied into a pool slot, or its holder."""
+        if self._pool is None:
+            return holder, 0
+        slot = self._free_slots.pop()
+        self._pool.put(slot, holder)
+        return self._pool, slot
+
+    def _place(self, layer: int, expert: int, entry: tuple[Holder, int]) -> None:
+        """Book a loaded expert as resident at `entry` (its holder, its index there)."""
         self._held.setdefault(layer, {})[expert] = entry
         self.resident_bytes += self.expert_nbytes
         self.stats.loads += 1
@@ -232,15 +230,9 @@ class ResidentExperts:
     def _admit(self, layer: int, expert: int, needed: set[int]) -> None:
         """Load `expert` if there is room, or in place of the least used resident expert of the others (not one of
         this call's `needed`, of `layer`) when that one is used less; otherwise it stays out (streamed)."""
-        if expert in self._held[layer]:
-            return
-        assert self.budget_bytes is not None
-        if self.resident_bytes + self.expert_nbytes > self.budget_bytes:
-            victim = self._least_used({(layer, e) for e in needed})
-            if victim is None or victim[0] >= self._usage.get((layer, expert), 0.0):
-                return
-            self._evict(*victim[1])
-        self._read(layer, expert)
+        if expert not in self._held[layer] and self._make_room({(layer, e) for e in needed},
+                                                               used_less_than=self._usage.get((layer, expert), 0.0)):
+            self._read(layer, expert)
 
     def _stream(self, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """One expert's FFN over its rows straight from the checkpoint, nothing kept: float weights as the memory-map
@@ -249,14 +241,9 @@ class ResidentExperts:
         if self.quantize != "none":
             holder = self._make_holder(self._stack(layer, [expert]))
             return _run(holder, [0], [rows.shape[0]], rows)
-        views = self.checkpoint.expert_views(layer, expert)
-        if views is None:
-            weights = (*self.checkpoint.load_expert_w13(layer, expert), self.checkpoint.load_expert_w2(layer, expert))
-        gate, up, down = map(Projection, views or weights)
-        out = down(F.silu(gate(rows)) * up(rows))  # the row kernel reads each weight once, as it lies
-        if views is not None:
-            self.checkpoint.release(*views)
-        return out
+        with self.checkpoint.expert_weights(layer, expert) as weights:
+            gate, up, down = map(Projection, weights)
+            return down(F.silu(gate(rows)) * up(rows))  # the row kernel reads each weight once, as it lies
 
     def _note_use(self, layer: int, expert_ids: list[int], counts: list[int]) -> None:
         calls = self._calls[layer] = self._calls.get(layer, 0) + 1
