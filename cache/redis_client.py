@@ -35,6 +35,8 @@ REDIS_ENV = {
 }
 AUTH_FAILURES = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid username-password")
 CHECK_TIMEOUT_S = 5.0
+# What talking to Redis may raise (a cluster's own errors are not RedisErrors); a store counts them as misses
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 RedisClient = aioredis.Redis | RedisCluster
 
@@ -148,7 +150,7 @@ class RedisTarget:
             return await asyncio.wait_for(ping(), timeout_s * 2)
         except RedisConfigError:
             raise
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             error = config_error(self.url, exc)
             if error is not None:
                 raise error from exc

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Protocol
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from moe_serve.cache.breaker import CircuitBreaker
 from moe_serve.cache.codec import BlockCodec
 from moe_serve.cache.cost import TransferModel
-from moe_serve.cache.redis_client import RedisClient, RedisTarget, close_client, redact
+from moe_serve.cache.redis_client import REDIS_ERRORS, RedisClient, RedisTarget, close_client, redact
 
 # Errors a store may raise; the facade counts them, feeds the circuit breaker and treats the call as a miss.
-STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+STORE_ERRORS = REDIS_ERRORS  # a directory store's OSError is among them
 
 
 @dataclass(frozen=True)
