@@ -79,7 +79,7 @@ class OutputProcessor:
         min_tokens forbade stopping, which ends it once they are out."""
         if produced < self._min_tokens:
             if self._stop_before_min is None and self._stop_string_in_text(delta):
-                self._stop_before_min = min(i for i in map(self.text.find, self.params.stop) if i >= 0)
+                self._stop_before_min = self._first_stop()
             return None
         return "stop" if self._stop_before_min is not None or self._stop_string_in_text(delta) else None
 
@@ -95,12 +95,15 @@ class OutputProcessor:
         the output length)."""
         if not delta:
             return False
-        stop = self.params.stop
-        tail = self.text[max(0, len(self.text) - len(delta) - max(map(len, stop)) + 1) :]
-        return any(s in tail for s in stop)
+        tail = self.text[max(0, len(self.text) - len(delta) - self._hold) :]  # _hold: the longest stop string - 1
+        return any(s in tail for s in self.params.stop)
+
+    def _first_stop(self) -> int | None:
+        """Where the first stop string in the text starts; None when there is none."""
+        return min((i for i in map(self.text.find, self.params.stop) if i >= 0), default=None)
 
     def _truncate_at_stop(self) -> None:
         """Cut the text before the first stop string, if any (the request may have ended on a token id or length)."""
-        found = [i for i in map(self.text.find, self.params.stop) if i >= 0]
-        if found:
-            self.text = self.text[: min(found)]
+        cut = self._first_stop()
+        if cut is not None:
+            self.text = self.text[:cut]
