@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from moe_serve.model.attention import AttentionBatch, PrefillChunk
-from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.config import ModelConfig
 from moe_serve.model.loader import load_local_model
 from moe_serve.model.transformer import DenseModel, MoEBackend
@@ -70,11 +69,8 @@ class PromptRunner:
         loaded = load_local_model(model_dir, dtype=dtype)
         self.config: ModelConfig = loaded.config
         self.dense: DenseModel = loaded.dense
-        checkpoint = Checkpoint(model_dir, self.config, dtype)
-        gates = {layer: Gate(checkpoint.load_gate(layer), self.config.top_k, self.config.norm_topk_prob)
-                 for layer in self.config.moe_layer_ids}
         self.usage = ExpertUsage.empty(self.config.moe_layer_ids, self.config.num_experts)
-        self.moe = UsageRecorder(loaded.moe, gates, self.usage)
+        self.moe = UsageRecorder(loaded.moe, loaded.moe.gates, self.usage)
 
     def logits(self, prompt: Sequence[int]) -> torch.Tensor:
         """Next-token logits [T, V] float32 at every position of `prompt`."""

@@ -17,14 +17,14 @@ from moe_serve.model.moe import ExpertStack, LocalMoE
 from moe_serve.router.gate import Gate
 from moe_serve.model.quant import QuantMode
 from moe_serve.model.resident_experts import OnDemandMoE, ResidentExperts
-from moe_serve.model.transformer import DenseModel, MoEBackend
+from moe_serve.model.transformer import DenseModel
 
 
 @dataclass
 class LoadedModel:
     config: ModelConfig
     dense: DenseModel
-    moe: MoEBackend
+    moe: LocalMoE | OnDemandMoE  # both hold every MoE layer's gate (`gates`)
 
 
 def load_dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, DenseModel]:
