@@ -39,16 +39,15 @@ def load_local_model(model_dir: str | Path, quantize: QuantMode = "none", dtype:
     `expert_memory_bytes`, the experts load on first use and at most that many bytes of them stay resident."""
     config = ModelConfig.from_dir(model_dir)
     checkpoint = Checkpoint(model_dir, config, dtype)
+    gates = {layer: Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
+             for layer in config.moe_layer_ids}
     if expert_memory_bytes is not None:
-        gates = {layer: Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
-                 for layer in config.moe_layer_ids}
         experts = ResidentExperts(checkpoint, quantize, expert_memory_bytes)
         moe = OnDemandMoE(gates, experts, config.num_experts, config.top_k)
         return LoadedModel(config, DenseModel(config, checkpoint), moe)
     all_experts = list(range(config.num_experts))
     moe = LocalMoE({}, {}, config.num_experts)
-    for layer in config.moe_layer_ids:  # one layer at a time: a layer the kernel takes is held once
-        gate = Gate(checkpoint.load_gate(layer), config.top_k, config.norm_topk_prob)
+    for layer, gate in gates.items():  # one layer at a time: a layer the kernel takes is held once
         if quantize == "none" and moe.kernel_holds(dtype):  # one expert at a time, straight into panels
             experts = KernelExperts.load(
                 cpu_ops(), config.num_experts, functools.partial(checkpoint.load_expert_w13, layer),
