@@ -37,8 +37,12 @@ def expert_bytes(model_dir: Path) -> tuple[int, int]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_quarter_budget_gives_the_same_tokens_and_never_passes_it(family: str, kernels: str,
-                                                                   request: pytest.FixtureRequest) -> None:
+                                                                   request: pytest.FixtureRequest,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir = request.getfixturevalue(family)
+    # an expert used more than a resident one takes its place at once: loads, evictions and streaming all run
+    monkeypatch.setattr(resident_experts, "SWAP_RATIO", 1.0)
+    monkeypatch.setattr(resident_experts, "SWAP_LEAD", 0.0)
     prompts = random_prompts([21, 34, 9, 17], 256, seed=3)
     expected = [o.token_ids for o in LLMEngine.from_pretrained(model_dir).generate(prompts, GREEDY)]
     per_expert, experts = expert_bytes(model_dir)
@@ -52,7 +56,7 @@ def test_a_quarter_budget_gives_the_same_tokens_and_never_passes_it(family: str,
         assert resident.resident_bytes <= budget
     assert [engine.pop_result(i).token_ids for i in ids] == expected
     stats = resident.stats
-    assert stats.peak_bytes <= budget and stats.evictions > 0
+    assert stats.peak_bytes <= budget and stats.evictions > 0 and stats.streamed > 0
     assert stats.loads == stats.evictions + resident.resident_bytes // per_expert
 
 
@@ -69,28 +73,40 @@ def budgeted(model_dir: Path, experts: int) -> tuple[ResidentExperts, Callable[.
     return resident, run
 
 
-def test_experts_used_less_than_every_resident_one_run_from_the_checkpoint(mixtral_dir: Path) -> None:
-    experts, run = budgeted(mixtral_dir, 2)  # the probe holds (layer 0, expert 0)
-    run(0, [0, 1], [4, 4])  # 1 joins 0
-    out = run(1, [4, 5, 6], [3, 3, 3])  # used less than 0 and 1 (4 tokens each): streamed, nothing evicted
-    assert experts.resident(0) == [0, 1] and experts.resident(1) == []
-    assert experts.stats.streamed == 3 and experts.stats.evictions == 0
+def test_experts_not_worth_a_swap_run_from_the_checkpoint(mixtral_dir: Path) -> None:
+    experts, run = budgeted(mixtral_dir, 4)  # 2 layers: a share of 2 experts each; the probe holds (0, 0)
+    run(1, [4, 5], [20, 20])  # layer 1 below its share: both loaded
+    out = run(1, [6], [3])  # not used more than 2 x 20 + 8: streamed, nothing evicted
+    assert experts.resident(1) == [4, 5] and experts.stats.streamed == 1 and experts.stats.evictions == 0
     unlimited = ResidentExperts(Checkpoint(mixtral_dir, ModelConfig.from_dir(mixtral_dir)))
-    torch.testing.assert_close(out, run(1, [4, 5, 6], [3, 3, 3], on=unlimited), rtol=1e-5, atol=1e-5)
-    run(1, [4], [9])  # now used more than either: loaded in place of the least used
-    assert experts.resident(1) == [4] and len(experts.resident(0)) == 1 and experts.stats.evictions == 1
+    torch.testing.assert_close(out, run(1, [6], [3], on=unlimited), rtol=1e-5, atol=1e-5)
+    run(1, [6], [46])  # 49: loaded in place of the least used (4 and 5 tie: the lower key)
+    assert experts.resident(1) == [5, 6] and experts.stats.evictions == 1
+
+
+def test_a_layer_at_its_share_leaves_the_room_other_layers_need(mixtral_dir: Path) -> None:
+    experts, run = budgeted(mixtral_dir, 4)
+    run(0, [0, 1, 2], [5, 4, 3])  # 0 and 1 fill layer 0's share; the room left is layer 1's
+    assert experts.resident(0) == [0, 1] and experts.stats.streamed == 1
+    run(1, [4, 5, 6], [3, 3, 3])
+    assert experts.resident(1) == [4, 5] and experts.resident(0) == [0, 1]
 
 
 def test_prefetch_loads_a_layers_most_used_experts_evicting_only_less_used_ones(
         mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resident_experts, "DECAY_CALLS", 1)  # every call of a layer halves its usage first
-    experts, run = budgeted(mixtral_dir, 2)
-    run(0, [0, 1], [4, 4])  # layer 0's 0 and 1 resident, 4 tokens each
-    run(1, [4, 5], [3, 2])  # streamed: used less
-    run(0, [0], [1])  # layer 0 halves: 0 -> 3, 1 -> 2
-    assert experts.prefetch(1, 2) == 1  # layer 1's 4 (3 tokens) replaces layer 0's 1 (2); not 0 (3)
-    assert experts.resident(0) == [0] and experts.resident(1) == [4]
-    assert experts.prefetch(1, 2) == 0 and experts.stats.prefetched == 1
+    experts, run = budgeted(mixtral_dir, 5)  # shares of 2, and one expert of room neither layer's share needs
+    run(0, [0, 1, 2], [40, 40, 40])  # layer 0 takes its share and the spare room
+    run(1, [4, 5, 6], [30, 20, 24])  # 4 and 6 fill layer 1's share; 5 is not worth one of layer 0's (40)
+    assert experts.resident(0) == [0, 1, 2] and experts.resident(1) == [4, 6]
+    assert not experts.wants_prefetch(1, 3)
+    for _ in range(3):
+        run(0, [0], [1])  # layer 0 halves three times: 0 -> 6.75, 1 and 2 -> 5
+    assert experts.wants_prefetch(1, 3)
+    assert experts.prefetch(1, 3) == 1  # 5 (20) takes the place of layer 0's 1 (5): 20 > 2 x 5 + 8
+    assert experts.resident(0) == [0, 2] and experts.resident(1) == [4, 5, 6]
+    assert not experts.wants_prefetch(1, 3)
+    assert experts.prefetch(1, 3) == 0 and experts.stats.prefetched == 1
 
 
 def test_an_unlimited_budget_loads_each_expert_once(mixtral_dir: Path) -> None:

@@ -6,10 +6,11 @@ Without a budget every expert asked for stays resident, loaded a group at a time
 one pool (as many slots as the budget holds, pages touched only when filled; without the compiled kernels, its own
 holder), and the resident set never exceeds the budget. Usage is the router's load: tokens routed to each expert,
 halved every DECAY_CALLS calls of its layer, so it follows the load as it shifts. Once the budget is full, an expert
-a call needs is loaded only in place of a less used one (the least used first, least recently used breaking ties,
-never one the call needs); the rest run straight from the memory-mapped checkpoint, nothing kept, so cold experts
-cost a read of their weights, not an eviction and a load each time they come round, and a batch needing more
-experts than the budget holds still runs.
+a call needs is loaded only in place of a clearly less used one (`_worth_swapping`: the least used first, least
+recently used breaking ties, never one the call needs); the rest run straight from the memory-mapped checkpoint,
+nothing kept. Packing an expert into a slot costs several runs of it, and a run from the checkpoint little more
+than a resident one, so experts of near-equal use do not swap places, and a batch needing more experts than the
+budget holds still runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from moe_serve.router.gate import Gate, combine, dispatch
 
 Holder = Any  # where experts' weights live: ExpertStack, KernelExperts, or on a GPU vLLM's fused experts
 DECAY_CALLS = 64  # a layer's usage counts halve every this many of its calls
+# An expert replaces a resident one only when used more than SWAP_RATIO times as much plus SWAP_LEAD tokens
+SWAP_RATIO = 2.0
+SWAP_LEAD = 8.0
 _OPS = cpu_ops()  # compiled kernels (moe_serve.kernels), or None
 
 
@@ -61,7 +65,7 @@ class ResidentExperts:
         self.device = device
         self._make_holder = make_holder or functools.partial(kernel_or_stack, _OPS)
         self._held: dict[int, dict[int, tuple[Holder, int]]] = {}  # layer -> expert -> (holder, index in it)
-        self._usage: dict[tuple[int, int], float] = {}
+        self._usage: dict[int, dict[int, float]] = {}  # layer -> expert -> usage
         self._last_use: dict[tuple[int, int], int] = {}
         self._calls: dict[int, int] = {}
         self._clock = itertools.count()
@@ -82,6 +86,8 @@ class ResidentExperts:
             raise ValueError(f"expert memory budget {budget_bytes} bytes is smaller than one layer's top-{config.top_k}"
                              f" experts ({config.top_k} x {self.expert_nbytes} bytes)")
         capacity = min(budget_bytes // self.expert_nbytes, config.num_experts * len(config.moe_layer_ids))
+        self._layers = config.moe_layer_ids
+        self._share = capacity // len(self._layers)  # experts of the budget each MoE layer may count on
         self._pool = KernelExperts.slots_like(probe, capacity) if isinstance(probe, KernelExperts) else None
         # float experts in the checkpoint's serving dtype go from the file straight into their slot
         self._pool_takes_float = self.quantize == "none" and self.device.type == "cpu"
@@ -108,45 +114,80 @@ class ResidentExperts:
             self._load_one(layer, expert, keep={(layer, e) for e in experts})
 
     def _load_one(self, layer: int, expert: int, keep: set[tuple[int, int]]) -> None:
-        if not self._make_room(keep):
+        if not self._make_room(layer, keep):
             raise ValueError(f"expert memory budget {self.budget_bytes} bytes cannot hold the experts one call "
                              f"needs at once ({len(keep)})")
         self._read(layer, expert)
 
     def prefetch(self, layer: int, count: int) -> int:
-        """Load the `count` experts of `layer` used most so far that are not resident, evicting only experts used
-        less than each; returns how many it loaded. (OnDemandMoE calls it for the next layer while the current one
+        """Load the `count` experts of `layer` used most so far that are not resident, evicting only experts each
+        is worth swapping for; returns how many it loaded. (OnDemandMoE calls it for the next layer while the current one
         runs.)"""
         if self.budget_bytes is None:
             return 0
-        held = self._held.setdefault(layer, {})
-        likely = sorted(((u, e) for (l, e), u in self._usage.items() if l == layer), reverse=True)[:count]
+        likely, missing = self._likely(layer, count)
         keep = {(layer, e) for _, e in likely}
         loaded = 0
-        for usage, expert in likely:
-            if expert in held:
-                continue
-            if not self._make_room(keep, used_less_than=usage):
+        for usage, expert in missing:
+            if not self._make_room(layer, keep, usage):
                 break
             self._read(layer, expert)
             loaded += 1
         self.stats.prefetched += loaded
         return loaded
 
-    def _make_room(self, keep: set[tuple[int, int]], used_less_than: float | None = None) -> bool:
-        """Room for one more expert, evicting the least used resident ones (least recently used first among
-        equals), never one of `keep`, and with `used_less_than` only those used less; whether there is room."""
-        assert self.budget_bytes is not None
-        while self.resident_bytes + self.expert_nbytes > self.budget_bytes:
-            candidates = [(self._usage.get(k, 0.0), self._last_use.get(k, -1), k)
-                          for k in self._resident_keys() if k not in keep]
-            if not candidates:
+    def wants_prefetch(self, layer: int, count: int) -> bool:
+        """Whether `prefetch(layer, count)` would load anything: cheap, so a caller starts a prefetch only then."""
+        if self.budget_bytes is None:
+            return False
+        likely, missing = self._likely(layer, count)
+        if not missing or self._room_for(layer):
+            return bool(missing)
+        victim = self._least_used(layer, {(layer, e) for _, e in likely})
+        return victim is not None and _worth_swapping(missing[0][0], victim[0])
+
+    def _likely(self, layer: int, count: int) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+        """The `count` most used experts of `layer` as (usage, expert), most used first, and those not resident."""
+        usage = self._usage.get(layer, {})
+        likely = sorted(((u, e) for e, u in usage.items()), reverse=True)[:count]
+        held = self._held.get(layer, {})
+        return likely, [(u, e) for u, e in likely if e not in held]
+
+    def _make_room(self, layer: int, keep: set[tuple[int, int]], usage: float | None = None) -> bool:
+        """Room for one more expert of `layer`, evicting the least used experts it may replace (`_least_used`),
+        never one of `keep`, and for an expert of `usage` only those it is worth swapping for; whether there is
+        room."""
+        while not self._room_for(layer):
+            victim = self._least_used(layer, keep)
+            if victim is None or (usage is not None and not _worth_swapping(usage, victim[0])):
                 return False
-            usage, _, victim = min(candidates)
-            if used_less_than is not None and usage >= used_less_than:
-                return False
-            self._evict(*victim)
+            self._evict(*victim[2])
         return True
+
+    def _room_for(self, layer: int) -> bool:
+        """Whether `layer` may take one more expert without an eviction. Each MoE layer has an equal share of the
+        budget (every layer runs top-k experts per token): one below its share always has room (free room is never
+        less than what the layers below their share lack), one at its share only room no other layer's share
+        needs."""
+        assert self.budget_bytes is not None
+        free = (self.budget_bytes - self.resident_bytes) // self.expert_nbytes
+        if free <= 0:
+            return False
+        if self._count(layer) < self._share:
+            return True
+        return free > sum(max(0, self._share - self._count(other)) for other in self._layers if other != layer)
+
+    def _count(self, layer: int) -> int:
+        return len(self._held.get(layer, {}))
+
+    def _least_used(self, layer: int, keep: set[tuple[int, int]]) -> tuple[float, int, tuple[int, int]] | None:
+        """(usage, last use, (layer, expert)) of the least used resident expert an expert of `layer` may replace
+        (least recently used among equals): one of `layer`'s own or of a layer holding more than its share, not in
+        `keep`; None when there is none."""
+        candidates = [(self._usage.get(k[0], {}).get(k[1], 0.0), self._last_use.get(k, -1), k)
+                      for k in self._resident_keys()
+                      if k not in keep and (k[0] == layer or self._count(k[0]) > self._share)]
+        return min(candidates, default=None)
 
     def _read(self, layer: int, expert: int) -> None:
         """Load one expert from the checkpoint into the room made for it: float experts straight from the file into
@@ -200,7 +241,8 @@ class ResidentExperts:
         if self.budget_bytes is None:
             self.load(layer, expert_ids)
         else:
-            for expert in expert_ids:
+            usage = self._usage[layer]
+            for expert in sorted(expert_ids, key=usage.__getitem__, reverse=True):  # the most used first
                 self._admit(layer, expert, set(expert_ids))
         out = torch.empty_like(rows)
         starts = list(itertools.accumulate(counts, initial=0))
@@ -229,9 +271,9 @@ class ResidentExperts:
 
     def _admit(self, layer: int, expert: int, needed: set[int]) -> None:
         """Load `expert` if there is room, or in place of the least used resident expert of the others (not one of
-        this call's `needed`, of `layer`) when that one is used less; otherwise it stays out (streamed)."""
-        if expert not in self._held[layer] and self._make_room({(layer, e) for e in needed},
-                                                               used_less_than=self._usage.get((layer, expert), 0.0)):
+        this call's `needed`, of `layer`) when worth it; otherwise it stays out (streamed)."""
+        if expert not in self._held[layer] and self._make_room(layer, {(layer, e) for e in needed},
+                                                               self._usage[layer].get(expert, 0.0)):
             self._read(layer, expert)
 
     def _stream(self, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
@@ -247,17 +289,18 @@ class ResidentExperts:
 
     def _note_use(self, layer: int, expert_ids: list[int], counts: list[int]) -> None:
         calls = self._calls[layer] = self._calls.get(layer, 0) + 1
+        usage = self._usage.setdefault(layer, {})
         if calls % DECAY_CALLS == 0:
-            for key in [k for k in self._usage if k[0] == layer]:
-                self._usage[key] /= 2
+            for expert in usage:
+                usage[expert] /= 2
         now = next(self._clock)
         for expert, count in zip(expert_ids, counts):
-            self._usage[(layer, expert)] = self._usage.get((layer, expert), 0.0) + count
+            usage[expert] = usage.get(expert, 0.0) + count
             self._last_use[(layer, expert)] = now
 
     def usage(self) -> dict[tuple[int, int], float]:
         """(layer, expert) -> tokens routed to it, halved every DECAY_CALLS calls of its layer."""
-        return dict(self._usage)
+        return {(layer, expert): count for layer, usage in self._usage.items() for expert, count in usage.items()}
 
     @property
     def expert_bytes(self) -> int:
@@ -266,6 +309,10 @@ class ResidentExperts:
             return self.resident_bytes
         holders = {id(h): h for held in self._held.values() for h, _ in held.values()}
         return sum(h.nbytes for h in holders.values())
+
+
+def _worth_swapping(usage: float, victim_usage: float) -> bool:
+    return usage > SWAP_RATIO * victim_usage + SWAP_LEAD
 
 
 def kernel_or_stack(ops: ModuleType | None, stack: ExpertStack) -> Holder:
@@ -307,8 +354,8 @@ def _run(holder: Holder, indices: list[int], counts: list[int], rows: torch.Tens
 
 class OnDemandMoE:
     """The in-process MoE backend over `ResidentExperts`: gates at start-up, experts when first routed to. While the
-    dense part of the next MoE layer runs, a thread prefetches that layer's most used experts (`prefetch`); the
-    next layer's call waits for it before touching the experts, so the two never run at once."""
+    dense part of the next MoE layer runs, a thread prefetches that layer's most used experts (`prefetch`) when
+    any is worth loading (`wants_prefetch`); the next layer's call waits for it before touching the experts, so the two never run at once."""
 
     def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int, top_k: int,
                  prefetch: bool = True) -> None:
@@ -332,6 +379,7 @@ class OnDemandMoE:
             self._prefetching = None
         out = self.experts.run(layer, rows, used, [plan.counts[e] for e in used])
         next_layer = self._next_layer.get(layer)
-        if self._prefetcher is not None and next_layer is not None:
+        if self._prefetcher is not None and next_layer is not None and self.experts.wants_prefetch(next_layer,
+                                                                                                   self.top_k):
             self._prefetching = self._prefetcher.submit(self.experts.prefetch, next_layer, self.top_k)
         return combine(out, plan, routing, x.shape[0])
