@@ -39,6 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (None, 1.0, 0.5, 0.25)  # fraction of the expert bytes; None: every expert resident, no on-demand path
 TOPICS = 2
 WORDS_PER_TOPIC = 12
+WARM_UP_TOKENS = 16
 
 
 def prompts(workload: str, count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -67,8 +68,9 @@ def child(model_dir: str, budget_bytes: int | None, workload: str, batch: int, t
     engine.generate(first, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     first_token_s = time.perf_counter() - start
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts(workload, batch, 64, vocab, seed=2), SamplingParams(max_tokens=4, temperature=0.0,
-                                                                                ignore_eos=True))  # warm-up
+    # warm-up: the workload's steady state (on-demand experts settle on the workload's hot ones)
+    engine.generate(prompts(workload, batch, 64, vocab, seed=2), SamplingParams(max_tokens=WARM_UP_TOKENS,
+                                                                                temperature=0.0, ignore_eos=True))
     ids = [engine.add_request(p, greedy) for p in prompts(workload, batch, 64, vocab, seed=3)]
     started: set[str] = set()
     produced, decode_start = 0, None
@@ -85,10 +87,10 @@ def child(model_dir: str, budget_bytes: int | None, workload: str, batch: int, t
     if isinstance(engine.moe, OnDemandMoE):
         stats = engine.moe.experts.stats
         config = engine.model_config
-        result.update(loads=stats.loads, evictions=stats.evictions, prefetched=stats.prefetched,
+        result.update(loads=stats.loads, evictions=stats.evictions, read_ahead=stats.read_ahead,
                       streamed=stats.streamed,
                       hits=stats.hits, hit_rate=stats.hits / max(1, stats.hits + stats.streamed + stats.loads
-                                                                 - stats.prefetched - 1),  # not the start-up probe
+                                                                 - 1),  # not the start-up probe
                       peak_expert_mib=stats.peak_bytes / 2**20,
                       all_experts_mib=engine.moe.experts.expert_nbytes * config.num_experts
                       * len(config.moe_layer_ids) / 2**20)

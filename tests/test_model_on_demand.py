@@ -4,9 +4,14 @@ within the budget at every step; loads and evictions counted; a budget too small
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from moe_serve.replicas.engine import EngineConfig, LLMEngine
 from moe_serve.replicas.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+_LIBC = ctypes.CDLL(None, use_errno=True)
 FAMILIES = ["mixtral_dir", "qwen2_dir", "qwen3_dir", "olmoe_dir"]
 
 
@@ -92,21 +98,57 @@ def test_a_layer_at_its_share_leaves_the_room_other_layers_need(mixtral_dir: Pat
     assert experts.resident(1) == [4, 5] and experts.resident(0) == [0, 1]
 
 
-def test_prefetch_loads_a_layers_most_used_experts_evicting_only_less_used_ones(
+def test_a_layer_above_its_share_gives_way_to_a_much_more_used_expert(
         mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resident_experts, "DECAY_CALLS", 1)  # every call of a layer halves its usage first
     experts, run = budgeted(mixtral_dir, 5)  # shares of 2, and one expert of room neither layer's share needs
     run(0, [0, 1, 2], [40, 40, 40])  # layer 0 takes its share and the spare room
     run(1, [4, 5, 6], [30, 20, 24])  # 4 and 6 fill layer 1's share; 5 is not worth one of layer 0's (40)
     assert experts.resident(0) == [0, 1, 2] and experts.resident(1) == [4, 6]
-    assert not experts.wants_prefetch(1, 3)
     for _ in range(3):
         run(0, [0], [1])  # layer 0 halves three times: 0 -> 6.75, 1 and 2 -> 5
-    assert experts.wants_prefetch(1, 3)
-    assert experts.prefetch(1, 3) == 1  # 5 (20) takes the place of layer 0's 1 (5): 20 > 2 x 5 + 8
+    run(1, [5], [10])  # halved to 10, then 20: more than 2 x 5 + 8, so it takes the place of layer 0's 1
     assert experts.resident(0) == [0, 2] and experts.resident(1) == [4, 5, 6]
-    assert not experts.wants_prefetch(1, 3)
-    assert experts.prefetch(1, 3) == 0 and experts.stats.prefetched == 1
+
+
+def test_the_next_layers_likely_experts_are_read_ahead_into_the_page_cache(mixtral_dir: Path) -> None:
+    experts, run = budgeted(mixtral_dir, 2)  # a share of 1 expert a layer
+    run(1, [3, 4], [5, 1])  # 3 loaded, 4 streamed
+    path = next(mixtral_dir.glob("*.safetensors"))
+    names = [f"model.layers.1.block_sparse_moe.experts.4.{w}.weight" for w in ("w1", "w2", "w3")]
+    drop_page_cache(path)
+    if all(in_page_cache(path, name) for name in names):
+        pytest.skip("the page cache keeps this file (tmpfs?): read-ahead cannot be seen")
+    assert experts.read_ahead(1, 2) == 1 and experts.stats.read_ahead == 1  # 3 is resident: only 4 is read
+    deadline = time.monotonic() + 60  # the kernel reads in the background: wait for it, however slow the disk
+    while not all(in_page_cache(path, name) for name in names):
+        assert time.monotonic() < deadline, "expert 4's pages never reached the page cache"
+        time.sleep(0.05)
+
+
+def drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a file just written has dirty pages, which stay cached until written back
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def in_page_cache(path: Path, name: str) -> bool:
+    """Whether every page of tensor `name` of the safetensors file `path` is in the page cache (mincore)."""
+    with open(path, "rb") as file:
+        (header_len,) = struct.unpack("<Q", file.read(8))
+        start, end = (8 + header_len + offset for offset in json.loads(file.read(header_len))[name]["data_offsets"])
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        pages = (ctypes.c_ubyte * -(-(end - first) // mmap.PAGESIZE))()
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) as mapping:
+            anchor = ctypes.c_char.from_buffer(mapping)
+            status = _LIBC.mincore(ctypes.c_void_p(ctypes.addressof(anchor) + first), ctypes.c_size_t(end - first),
+                                   pages)
+            del anchor  # the mapping closes only once nothing points into it
+    assert status == 0, f"mincore failed: errno {ctypes.get_errno()}"
+    return all(page & 1 for page in pages)
 
 
 def test_an_unlimited_budget_loads_each_expert_once(mixtral_dir: Path) -> None:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from moe_serve.model.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
+_HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB base pages) map huge pages of 2 MiB
 
 # Per-expert projection names: (gate, up, down).
 _EXPERT_PROJ = {
@@ -187,9 +188,18 @@ class Checkpoint:
     def release(self, *views: torch.Tensor) -> None:
         """Give the pages of `expert_views` tensors back to the page cache: this process stops counting them as
         resident, and a later read maps them again from the cache."""
+        self._advise(views, mmap.MADV_DONTNEED)
+
+    def read_ahead(self, layer: int, expert: int) -> None:
+        """Start reading one expert's weights into the page cache (madvise WILLNEED: the kernel reads from disk in
+        the background; nothing is mapped or counted as this process's), where the files hold them in the serving
+        dtype."""
+        self._advise(self.expert_views(layer, expert) or (), mmap.MADV_WILLNEED)
+
+    def _advise(self, views: Sequence[torch.Tensor], advice: int) -> None:
         for view in views:
             for mapped in self._mapped.values():
-                mapped.drop(view)
+                mapped.advise(view, advice)
 
     def _view(self, name: str) -> torch.Tensor | None:
         file_name = self._file_of.get(name)
@@ -212,8 +222,9 @@ class Checkpoint:
 
 
 class _MappedFile:
-    """One safetensors file mapped once, read-only: tensors as views of its pages, and `drop` to give a tensor's pages
-    back (madvise DONTNEED) so a process that reads a tensor now and then does not keep it resident. The header is
+    """One safetensors file mapped once, read-only: tensors as views of its pages, and `advise` to give a tensor's pages
+    back (madvise DONTNEED), so a process that reads a tensor now and then does not keep it resident, or to have
+    them read ahead (WILLNEED). The header is
     read here (an 8-byte length, then JSON naming each tensor's dtype, shape and byte range), because safetensors'
     own handles neither expose the mapping nor let pages go."""
 
@@ -240,11 +251,15 @@ class _MappedFile:
             return None
         return self._bytes[start:end].view(dtype).view(entry["shape"])
 
-    def drop(self, tensor: torch.Tensor) -> None:
-        """madvise(DONTNEED) the whole pages under `tensor`, if it is a view of this file."""
+    def advise(self, tensor: torch.Tensor, advice: int) -> None:
+        """madvise `advice` over the pages under `tensor`, if it is a view of this file, rounded out to whole huge
+        pages: where the page cache holds the file in huge pages (a file read from disk on recent kernels), unmapping
+        part of one (DONTNEED) would split its mapping, and every later read of it would fault 4 KiB at a time.
+        Rounding out may unmap a neighbour's pages too; nothing but a later fault notices."""
         offset = tensor.data_ptr() - self._bytes.data_ptr()
         if not 0 <= offset < len(self._map):
             return
-        end = offset + tensor.numel() * tensor.element_size()
-        first = offset // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, first, min(end, len(self._map)) - first)
+        end = min(offset + tensor.numel() * tensor.element_size(), len(self._map))
+        first = offset // _HUGE_PAGE * _HUGE_PAGE
+        last = min(-(-end // _HUGE_PAGE) * _HUGE_PAGE, len(self._map))
+        self._map.madvise(advice, first, last - first)

@@ -15,7 +15,6 @@ budget holds still runs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import itertools
 from collections.abc import Callable, Iterator
@@ -47,7 +46,7 @@ class ResidentStats:
     loads: int = 0  # experts read from the checkpoint
     evictions: int = 0
     hits: int = 0  # experts a call needed that were resident
-    prefetched: int = 0  # of the loads, those made ahead of the layer that needed them
+    read_ahead: int = 0  # experts the page cache was asked to read ahead of the layer that needs them
     streamed: int = 0  # expert runs straight from the checkpoint (used less than every resident expert)
     peak_bytes: int = 0  # most expert bytes resident at any time
 
@@ -119,39 +118,19 @@ class ResidentExperts:
                              f"needs at once ({len(keep)})")
         self._read(layer, expert)
 
-    def prefetch(self, layer: int, count: int) -> int:
-        """Load the `count` experts of `layer` used most so far that are not resident, evicting only experts each
-        is worth swapping for; returns how many it loaded. (OnDemandMoE calls it for the next layer while the current one
-        runs.)"""
-        if self.budget_bytes is None:
-            return 0
-        likely, missing = self._likely(layer, count)
-        keep = {(layer, e) for _, e in likely}
-        loaded = 0
-        for usage, expert in missing:
-            if not self._make_room(layer, keep, usage):
-                break
-            self._read(layer, expert)
-            loaded += 1
-        self.stats.prefetched += loaded
-        return loaded
-
-    def wants_prefetch(self, layer: int, count: int) -> bool:
-        """Whether `prefetch(layer, count)` would load anything: cheap, so a caller starts a prefetch only then."""
-        if self.budget_bytes is None:
-            return False
-        likely, missing = self._likely(layer, count)
-        if not missing or self._room_for(layer):
-            return bool(missing)
-        victim = self._least_used(layer, {(layer, e) for _, e in likely})
-        return victim is not None and _worth_swapping(missing[0][0], victim[0])
-
-    def _likely(self, layer: int, count: int) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
-        """The `count` most used experts of `layer` as (usage, expert), most used first, and those not resident."""
-        usage = self._usage.get(layer, {})
-        likely = sorted(((u, e) for e, u in usage.items()), reverse=True)[:count]
-        held = self._held.get(layer, {})
-        return likely, [(u, e) for u, e in likely if e not in held]
+    def read_ahead(self, layer: int, count: int) -> int:
+        """Have the page cache read the `count` most used experts of `layer` that are not resident, in the background
+        (`Checkpoint.read_ahead`): OnDemandMoE asks for the next layer's while the current one runs, so a checkpoint
+        not yet in the page cache (a cold start, or a node short of memory) reads from disk during compute, not when
+        the layer needs them. Loading itself stays on the caller's thread: on a CPU a second thread packing experts
+        takes cores from the kernels. Returns how many it asked for."""
+        usage, held = self._usage.get(layer, {}), self._held.get(layer, {})
+        likely = sorted(usage, key=usage.__getitem__, reverse=True)[:count]
+        missing = [expert for expert in likely if expert not in held]
+        for expert in missing:
+            self.checkpoint.read_ahead(layer, expert)
+        self.stats.read_ahead += len(missing)
+        return len(missing)
 
     def _make_room(self, layer: int, keep: set[tuple[int, int]], usage: float | None = None) -> bool:
         """Room for one more expert of `layer`, evicting the least used experts it may replace (`_least_used`),
@@ -244,30 +223,19 @@ class ResidentExperts:
             usage = self._usage[layer]
             for expert in sorted(expert_ids, key=usage.__getitem__, reverse=True):  # the most used first
                 self._admit(layer, expert, set(expert_ids))
+        resident = [i for i, expert in enumerate(expert_ids) if expert in held]
+        if len(resident) == len(expert_ids):
+            return _run_resident(held, expert_ids, counts, rows)
         out = torch.empty_like(rows)
         starts = list(itertools.accumulate(counts, initial=0))
-        segment: list[int] = []  # positions of consecutive resident experts: their rows are one slice
+        if resident:  # their rows gathered, so the resident experts run in one kernel call (per holder)
+            index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in resident])
+            out[index] = _run_resident(held, [expert_ids[i] for i in resident], [counts[i] for i in resident],
+                                       rows[index])
         for i, expert in enumerate(expert_ids):
-            if expert in held:
-                segment.append(i)
-                continue
-            self._run_resident(held, segment, expert_ids, counts, starts, rows, out)
-            segment = []
-            out[starts[i] : starts[i + 1]] = self._stream(layer, expert, rows[starts[i] : starts[i + 1]])
-        self._run_resident(held, segment, expert_ids, counts, starts, rows, out)
+            if expert not in held:
+                out[starts[i] : starts[i + 1]] = self._stream(layer, expert, rows[starts[i] : starts[i + 1]])
         return out
-
-    @staticmethod
-    def _run_resident(held: dict[int, tuple[Holder, int]], segment: list[int], expert_ids: list[int],
-                      counts: list[int], starts: list[int], rows: torch.Tensor, out: torch.Tensor) -> None:
-        """The experts at consecutive positions `segment` of a call, one kernel call per holder they share."""
-        if not segment:
-            return
-        first = segment[0]
-        runs = _runs_by_holder(held, [expert_ids[i] for i in segment], [counts[i] for i in segment])
-        for holder, offset, indices, run_counts in runs:
-            start, stop = starts[first + offset], starts[first + offset + len(indices)]
-            out[start:stop] = _run(holder, indices, run_counts, rows[start:stop])
 
     def _admit(self, layer: int, expert: int, needed: set[int]) -> None:
         """Load `expert` if there is room, or in place of the least used resident expert of the others (not one of
@@ -323,20 +291,35 @@ def kernel_or_stack(ops: ModuleType | None, stack: ExpertStack) -> Holder:
     return stack
 
 
+def _run_resident(held: dict[int, tuple[Holder, int]], expert_ids: list[int], counts: list[int],
+                  rows: torch.Tensor) -> torch.Tensor:
+    """Resident experts over their rows (`counts[i]` rows for `expert_ids[i]`, in order): one kernel call per run of
+    experts sharing a holder (one call in all for a pool)."""
+    runs = list(_runs_by_holder(held, expert_ids, counts))
+    if len(runs) == 1:
+        return _run(*runs[0], rows)
+    out, start = torch.empty_like(rows), 0
+    for holder, indices, run_counts in runs:
+        stop = start + sum(run_counts)
+        out[start:stop] = _run(holder, indices, run_counts, rows[start:stop])
+        start = stop
+    return out
+
+
 def _runs_by_holder(held: dict[int, tuple[Holder, int]], expert_ids: list[int], counts: list[int],
-                    ) -> Iterator[tuple[Holder, int, list[int], list[int]]]:
-    """The call's (expert, count) runs, consecutive ones with the same holder merged: (holder, position of the run's
-    first expert, indices in the holder, counts)."""
-    run: tuple[Holder, int, list[int], list[int]] | None = None
-    for position, (expert, count) in enumerate(zip(expert_ids, counts)):
+                    ) -> Iterator[tuple[Holder, list[int], list[int]]]:
+    """The call's (expert, count) runs, consecutive ones with the same holder merged: (holder, indices in the holder,
+    counts)."""
+    run: tuple[Holder, list[int], list[int]] | None = None
+    for expert, count in zip(expert_ids, counts):
         holder, index = held[expert]
         if run is not None and holder is not run[0]:
             yield run
             run = None
         if run is None:
-            run = (holder, position, [], [])
-        run[2].append(index)
-        run[3].append(count)
+            run = (holder, [], [])
+        run[1].append(index)
+        run[2].append(count)
     if run is not None:
         yield run
 
@@ -353,33 +336,24 @@ def _run(holder: Holder, indices: list[int], counts: list[int], rows: torch.Tens
 
 
 class OnDemandMoE:
-    """The in-process MoE backend over `ResidentExperts`: gates at start-up, experts when first routed to. While the
-    dense part of the next MoE layer runs, a thread prefetches that layer's most used experts (`prefetch`) when
-    any is worth loading (`wants_prefetch`); the next layer's call waits for it before touching the experts, so the two never run at once."""
+    """The in-process MoE backend over `ResidentExperts`: gates at start-up, experts when first routed to. Each
+    layer's call first has the next MoE layer's most used experts that are not resident read ahead into the page
+    cache (`ResidentExperts.read_ahead`), so reading from disk overlaps this layer's experts and the next attention."""
 
-    def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int, top_k: int,
-                 prefetch: bool = True) -> None:
+    def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int, top_k: int) -> None:
         self.gates = gates
         self.experts = experts
         self.num_experts = num_experts
         self.top_k = top_k
         layers = sorted(gates)
         self._next_layer = dict(zip(layers, layers[1:]))
-        self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-prefetch") \
-            if prefetch and experts.budget_bytes is not None else None
-        self._prefetching: concurrent.futures.Future[int] | None = None
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        next_layer = self._next_layer.get(layer)
+        if next_layer is not None:
+            self.experts.read_ahead(next_layer, self.top_k)
         routing = self.gates[layer](x)
         plan = dispatch(routing, self.num_experts)
         used = [e for e, n in enumerate(plan.counts) if n]
-        rows = x[plan.token_index]
-        if self._prefetching is not None:
-            self._prefetching.result()
-            self._prefetching = None
-        out = self.experts.run(layer, rows, used, [plan.counts[e] for e in used])
-        next_layer = self._next_layer.get(layer)
-        if self._prefetcher is not None and next_layer is not None and self.experts.wants_prefetch(next_layer,
-                                                                                                   self.top_k):
-            self._prefetching = self._prefetcher.submit(self.experts.prefetch, next_layer, self.top_k)
+        out = self.experts.run(layer, x[plan.token_index], used, [plan.counts[e] for e in used])
         return combine(out, plan, routing, x.shape[0])
