@@ -38,6 +38,7 @@ DECAY_CALLS = 64  # a layer's usage counts halve every this many of its calls
 # An expert replaces a resident one only when used more than SWAP_RATIO times as much plus SWAP_LEAD tokens
 SWAP_RATIO = 2.0
 SWAP_LEAD = 8.0
+READ_AHEAD_AGAIN = 1024  # calls of `run` (all layers') before an expert read lately is read ahead again
 _OPS = cpu_ops()  # compiled kernels (moe_serve.kernels), or None
 
 
@@ -67,7 +68,8 @@ class ResidentExperts:
         self._usage: dict[int, dict[int, float]] = {}  # layer -> expert -> usage
         self._last_use: dict[tuple[int, int], int] = {}
         self._calls: dict[int, int] = {}
-        self._clock = itertools.count()
+        self._clock = 0  # calls of `run`, every layer's
+        self._last_read: dict[tuple[int, int], int] = {}  # when an expert not resident was last streamed or read ahead
         self.resident_bytes = 0  # under a budget
         self.stats = ResidentStats()
         if budget_bytes is not None:
@@ -118,17 +120,20 @@ class ResidentExperts:
                              f"needs at once ({len(keep)})")
         self._read(layer, expert)
 
-    def read_ahead(self, layer: int, count: int) -> int:
-        """Have the page cache read the `count` most used experts of `layer` that are not resident, in the background
-        (`Checkpoint.read_ahead`): OnDemandMoE asks for the next layer's while the current one runs, so a checkpoint
-        not yet in the page cache (a cold start, or a node short of memory) reads from disk during compute, not when
-        the layer needs them. Loading itself stays on the caller's thread: on a CPU a second thread packing experts
-        takes cores from the kernels. Returns how many it asked for."""
-        usage, held = self._usage.get(layer, {}), self._held.get(layer, {})
-        likely = sorted(usage, key=usage.__getitem__, reverse=True)[:count]
-        missing = [expert for expert in likely if expert not in held]
+    def read_ahead(self, layer: int, experts: list[int]) -> int:
+        """Have the page cache read those of `experts` of `layer` that are not resident, in the background
+        (`Checkpoint.read_ahead`): OnDemandMoE asks for the next layer's likely experts while the current one runs, so
+        a checkpoint not yet in the page cache (a cold start, or a node short of memory) reads from disk during
+        compute, not when the layer needs them. An expert streamed or read ahead in the last READ_AHEAD_AGAIN calls
+        is skipped: its pages are most likely cached, and asking again costs tens of microseconds an expert. Loading
+        itself stays on the caller's thread: on a CPU a second thread packing experts takes cores from the kernels.
+        Returns how many it asked for."""
+        held = self._held.get(layer, {})
+        missing = [expert for expert in experts if expert not in held and
+                   self._clock - self._last_read.get((layer, expert), -READ_AHEAD_AGAIN) >= READ_AHEAD_AGAIN]
         for expert in missing:
             self.checkpoint.read_ahead(layer, expert)
+            self._last_read[(layer, expert)] = self._clock
         self.stats.read_ahead += len(missing)
         return len(missing)
 
@@ -248,6 +253,7 @@ class ResidentExperts:
         """One expert's FFN over its rows straight from the checkpoint, nothing kept: float weights as the memory-map
         gives them, quantized ones packed for this call alone."""
         self.stats.streamed += 1
+        self._last_read[(layer, expert)] = self._clock
         if self.quantize != "none":
             holder = self._make_holder(self._stack(layer, [expert]))
             return _run(holder, [0], [rows.shape[0]], rows)
@@ -261,7 +267,8 @@ class ResidentExperts:
         if calls % DECAY_CALLS == 0:
             for expert in usage:
                 usage[expert] /= 2
-        now = next(self._clock)
+        self._clock += 1
+        now = self._clock
         for expert, count in zip(expert_ids, counts):
             usage[expert] = usage.get(expert, 0.0) + count
             self._last_use[(layer, expert)] = now
@@ -337,8 +344,10 @@ def _run(holder: Holder, indices: list[int], counts: list[int], rows: torch.Tens
 
 class OnDemandMoE:
     """The in-process MoE backend over `ResidentExperts`: gates at start-up, experts when first routed to. Each
-    layer's call first has the next MoE layer's most used experts that are not resident read ahead into the page
-    cache (`ResidentExperts.read_ahead`), so reading from disk overlaps this layer's experts and the next attention."""
+    layer's call first has the experts the next MoE layer will likely route its tokens to read ahead into the page
+    cache (`ResidentExperts.read_ahead`), so reading from disk overlaps this layer's experts and the next attention.
+    The guess is the next layer's gate applied to this layer's input: the residual stream changes little from one
+    layer to the next, so it is cheap and, unlike past usage, knows the first request's experts too."""
 
     def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int, top_k: int) -> None:
         self.gates = gates
@@ -351,7 +360,9 @@ class OnDemandMoE:
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         next_layer = self._next_layer.get(layer)
         if next_layer is not None:
-            self.experts.read_ahead(next_layer, self.top_k)
+            gate = self.gates[next_layer]
+            likely = torch.topk(gate.logits(x), gate.top_k, dim=-1).indices.unique().tolist()
+            self.experts.read_ahead(next_layer, likely)
         routing = self.gates[layer](x)
         plan = dispatch(routing, self.num_experts)
         used = [e for e, n in enumerate(plan.counts) if n]
