@@ -43,7 +43,7 @@ def load_local_model(model_dir: str | Path, quantize: QuantMode = "none", dtype:
              for layer in config.moe_layer_ids}
     if expert_memory_bytes is not None:
         experts = ResidentExperts(checkpoint, quantize, expert_memory_bytes)
-        moe = OnDemandMoE(gates, experts, config.num_experts, config.top_k)
+        moe = OnDemandMoE(gates, experts, config.num_experts)
         return LoadedModel(config, DenseModel(config, checkpoint), moe)
     all_experts = list(range(config.num_experts))
     moe = LocalMoE({}, {}, config.num_experts)

@@ -5,12 +5,14 @@ Without a budget every expert asked for stays resident, loaded a group at a time
 (`budget_bytes`), an expert is read from the memory-mapped safetensors files and packed on first use into a slot of
 one pool (as many slots as the budget holds, pages touched only when filled; without the compiled kernels, its own
 holder), and the resident set never exceeds the budget. Usage is the router's load: tokens routed to each expert,
-halved every DECAY_CALLS calls of its layer, so it follows the load as it shifts. Once the budget is full, an expert
-a call needs is loaded only in place of a clearly less used one (`_worth_swapping`: the least used first, least
-recently used breaking ties, never one the call needs); the rest run straight from the memory-mapped checkpoint,
-nothing kept. Packing an expert into a slot costs several runs of it, and a run from the checkpoint little more
-than a resident one, so experts of near-equal use do not swap places, and a batch needing more experts than the
-budget holds still runs.
+halved every DECAY_CALLS calls of its layer, so it follows the load as it shifts. Each MoE layer counts on an equal
+share of the budget (every layer runs top-k experts a token), so the first layers a request reaches cannot take it
+all. Once a layer's share is full, an expert a call needs is loaded only in place of a clearly less used one
+(`_worth_swapping`; the least used first, least recently used breaking ties, never one the call needs, of its own
+layer or of one holding more than its share); the rest run straight from the memory-mapped checkpoint, nothing kept.
+Packing an expert into a slot costs several runs of it, and a run from the checkpoint little more than a resident
+one, so experts of near-equal use do not swap places, and a batch needing more experts than the budget holds still
+runs.
 """
 
 from __future__ import annotations
@@ -35,9 +37,7 @@ from moe_serve.router.gate import Gate, combine, dispatch
 
 Holder = Any  # where experts' weights live: ExpertStack, KernelExperts, or on a GPU vLLM's fused experts
 DECAY_CALLS = 64  # a layer's usage counts halve every this many of its calls
-# An expert replaces a resident one only when used more than SWAP_RATIO times as much plus SWAP_LEAD tokens
-SWAP_RATIO = 2.0
-SWAP_LEAD = 8.0
+SWAP_LEAD = 16.0  # an expert replaces a resident one only when routed more than this many tokens more
 READ_AHEAD_AGAIN = 1024  # calls of `run` (all layers') before an expert read lately is read ahead again
 _OPS = cpu_ops()  # compiled kernels (moe_serve.kernels), or None
 
@@ -48,7 +48,7 @@ class ResidentStats:
     evictions: int = 0
     hits: int = 0  # experts a call needed that were resident
     read_ahead: int = 0  # experts the page cache was asked to read ahead of the layer that needs them
-    streamed: int = 0  # expert runs straight from the checkpoint (used less than every resident expert)
+    streamed: int = 0  # expert runs straight from the checkpoint (not worth a resident one's place)
     peak_bytes: int = 0  # most expert bytes resident at any time
 
 
@@ -243,8 +243,8 @@ class ResidentExperts:
         return out
 
     def _admit(self, layer: int, expert: int, needed: set[int]) -> None:
-        """Load `expert` if there is room, or in place of the least used resident expert of the others (not one of
-        this call's `needed`, of `layer`) when worth it; otherwise it stays out (streamed)."""
+        """Load `expert` if its layer has room, or in place of the least used expert it may replace (`_least_used`,
+        not one of this call's `needed`) when worth it; otherwise it stays out (streamed)."""
         if expert not in self._held[layer] and self._make_room(layer, {(layer, e) for e in needed},
                                                                self._usage[layer].get(expert, 0.0)):
             self._read(layer, expert)
@@ -287,7 +287,7 @@ class ResidentExperts:
 
 
 def _worth_swapping(usage: float, victim_usage: float) -> bool:
-    return usage > SWAP_RATIO * victim_usage + SWAP_LEAD
+    return usage > victim_usage + SWAP_LEAD
 
 
 def kernel_or_stack(ops: ModuleType | None, stack: ExpertStack) -> Holder:
@@ -349,17 +349,16 @@ class OnDemandMoE:
     The guess is the next layer's gate applied to this layer's input: the residual stream changes little from one
     layer to the next, so it is cheap and, unlike past usage, knows the first request's experts too."""
 
-    def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int, top_k: int) -> None:
+    def __init__(self, gates: dict[int, Gate], experts: ResidentExperts, num_experts: int) -> None:
         self.gates = gates
         self.experts = experts
         self.num_experts = num_experts
-        self.top_k = top_k
         layers = sorted(gates)
         self._next_layer = dict(zip(layers, layers[1:]))
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         next_layer = self._next_layer.get(layer)
-        if next_layer is not None:
+        if next_layer is not None and len(self.experts.resident(next_layer)) < self.num_experts:
             gate = self.gates[next_layer]
             likely = torch.topk(gate.logits(x), gate.top_k, dim=-1).indices.unique().tolist()
             self.experts.read_ahead(next_layer, likely)
