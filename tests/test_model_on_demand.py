@@ -80,13 +80,21 @@ def budgeted(model_dir: Path, experts: int) -> tuple[ResidentExperts, Callable[.
 
 def test_experts_not_worth_a_swap_run_from_the_checkpoint(mixtral_dir: Path) -> None:
     experts, run = budgeted(mixtral_dir, 4)  # 2 layers: a share of 2 experts each; the probe holds (0, 0)
-    run(1, [4, 5], [20, 20])  # layer 1 below its share: both loaded
-    out = run(1, [6], [3])  # not 16 tokens more than 4 or 5 (20): streamed, nothing evicted
+    run(1, [4, 5], [10, 10])  # layer 1 below its share: both loaded
+    out = run(1, [6], [3])  # not 16 tokens more than 4 or 5 (10): streamed, nothing evicted
     assert experts.resident(1) == [4, 5] and experts.stats.streamed == 1 and experts.stats.evictions == 0
     unlimited = ResidentExperts(Checkpoint(mixtral_dir, ModelConfig.from_dir(mixtral_dir)))
     torch.testing.assert_close(out, run(1, [6], [3], on=unlimited), rtol=1e-5, atol=1e-5)
-    run(1, [6], [34])  # 37: loaded in place of the least used (4 and 5 tie: the lower key)
+    run(1, [6], [24])  # 27: loaded in place of the least used (4 and 5 tie: the lower key)
     assert experts.resident(1) == [5, 6] and experts.stats.evictions == 1
+
+
+def test_an_expert_given_a_prefill_chunk_runs_from_the_checkpoint_and_loads_later(mixtral_dir: Path) -> None:
+    experts, run = budgeted(mixtral_dir, 4)
+    run(1, [4], [resident_experts.ADMIT_MAX_ROWS + 1])  # room for it, but as many rows as a prefill chunk
+    assert experts.resident(1) == [] and experts.stats.streamed == 1
+    run(1, [4], [1])  # a decode step: loaded
+    assert experts.resident(1) == [4]
 
 
 def test_a_layer_at_its_share_leaves_the_room_other_layers_need(mixtral_dir: Path) -> None:
@@ -101,12 +109,12 @@ def test_a_layer_above_its_share_gives_way_to_a_much_more_used_expert(
         mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resident_experts, "DECAY_CALLS", 1)  # every call of a layer halves its usage first
     experts, run = budgeted(mixtral_dir, 5)  # shares of 2, and one expert of room neither layer's share needs
-    run(0, [0, 1, 2], [40, 40, 40])  # layer 0 takes its share and the spare room
-    run(1, [4, 5, 6], [30, 20, 24])  # 4 and 6 fill layer 1's share; 5 (20) is not worth one of layer 0's (40)
+    run(0, [0, 1, 2], [30, 30, 30])  # layer 0 takes its share and the spare room
+    run(1, [4, 5, 6], [30, 20, 24])  # 4 and 6 fill layer 1's share; 5 (20) is not worth one of layer 0's (30)
     assert experts.resident(0) == [0, 1, 2] and experts.resident(1) == [4, 6]
     for _ in range(3):
-        run(0, [0], [1])  # layer 0 halves three times: 0 -> 6.75, 1 and 2 -> 5
-    run(1, [5], [12])  # halved to 10, then 22: more than 5 + 16, so it takes the place of layer 0's 1
+        run(0, [0], [1])  # layer 0 halves three times: 0 -> 5.5, 1 and 2 -> 3.75
+    run(1, [5], [12])  # halved to 10, then 22: more than 3.75 + 16, so it takes the place of layer 0's 1
     assert experts.resident(0) == [0, 2] and experts.resident(1) == [4, 5, 6]
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from moe_serve.kernels import cpu_ops
 from moe_serve.model.checkpoint import Checkpoint
 from moe_serve.model.kernel_moe import KERNEL_FLOAT_DTYPES, KernelExperts
-from moe_serve.model.linear import Projection
+from moe_serve.model.linear import KERNEL_MAX_TOKENS, Projection
 from moe_serve.model.moe import ExpertStack
 from moe_serve.model.quant import QuantMode, stackable
 from moe_serve.router.gate import Gate, combine, dispatch
@@ -38,6 +38,9 @@ from moe_serve.router.gate import Gate, combine, dispatch
 Holder = Any  # where experts' weights live: ExpertStack, KernelExperts, or on a GPU vLLM's fused experts
 DECAY_CALLS = 64  # a layer's usage counts halve every this many of its calls
 SWAP_LEAD = 16.0  # an expert replaces a resident one only when routed more than this many tokens more
+# An expert given more rows than this in one call (a prefill chunk) runs from the checkpoint, on torch's GEMM, fast at
+# that size, and is not loaded then: packing pays off over decode steps, and a first token need not wait for it
+ADMIT_MAX_ROWS = KERNEL_MAX_TOKENS
 READ_AHEAD_AGAIN = 1024  # calls of `run` (all layers') before an expert read lately is read ahead again
 _OPS = cpu_ops()  # compiled kernels (moe_serve.kernels), or None
 
@@ -225,9 +228,10 @@ class ResidentExperts:
         if self.budget_bytes is None:
             self.load(layer, expert_ids)
         else:
-            usage = self._usage[layer]
+            usage, rows_of = self._usage[layer], dict(zip(expert_ids, counts))
             for expert in sorted(expert_ids, key=usage.__getitem__, reverse=True):  # the most used first
-                self._admit(layer, expert, set(expert_ids))
+                if rows_of[expert] <= ADMIT_MAX_ROWS:
+                    self._admit(layer, expert, set(expert_ids))
         resident = [i for i, expert in enumerate(expert_ids) if expert in held]
         if len(resident) == len(expert_ids):
             return _run_resident(held, expert_ids, counts, rows)
