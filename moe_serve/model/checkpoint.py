@@ -75,7 +75,7 @@ class Checkpoint:
         try:
             return safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
+            raise _unreadable(path, exc) from exc
 
     def has(self, name: str) -> bool:
         return name in self._file_of
@@ -89,17 +89,24 @@ class Checkpoint:
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Tensor `name`, or only the given rows of its first dimension (read without loading the rest), converted
-        on its own: loading never holds more than one tensor in the file's dtype beside what was already loaded."""
+        on its own: loading never holds more than one tensor in the file's dtype beside what was already loaded.
+        Float tensors are copied from the file's mapping, whose header is parsed once (safetensors parses a file's
+        whole header on every open: seconds over the thousands of expert tensors of a Qwen3-MoE-sized file)."""
         file_name = self._file_of.get(name)
         if file_name is None:
             raise CheckpointError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         try:
-            with self._open(file_name) as handle:
-                if rows is None:
-                    tensor = handle.get_tensor(name)
-                else:
-                    tensor_slice = handle.get_slice(name)
-                    tensor = torch.cat([tensor_slice[r : r + 1] for r in rows])
+            view = self._mapped_file(file_name).view(name)
+            if view is not None:
+                tensor = (view if rows is None else view[list(rows)]).to(dtype or self.dtype, copy=True)
+                self.release(view)
+            else:
+                with self._open(file_name) as handle:
+                    if rows is None:
+                        tensor = handle.get_tensor(name)
+                    else:
+                        tensor_slice = handle.get_slice(name)
+                        tensor = torch.cat([tensor_slice[r : r + 1] for r in rows])
         except CheckpointError:
             raise
         except Exception as exc:
@@ -205,10 +212,16 @@ class Checkpoint:
         file_name = self._file_of.get(name)
         if file_name is None:
             return None
-        if file_name not in self._mapped:
-            self._mapped[file_name] = _MappedFile(self.dir / file_name)
-        view = self._mapped[file_name].view(name)
+        view = self._mapped_file(file_name).view(name)
         return view if view is not None and view.dtype == self.dtype else None
+
+    def _mapped_file(self, file_name: str) -> _MappedFile:
+        if file_name not in self._mapped:
+            try:
+                self._mapped[file_name] = _MappedFile(self.dir / file_name)
+            except (OSError, ValueError, struct.error) as exc:  # a JSON error is a ValueError
+                raise _unreadable(self.dir / file_name, exc) from exc
+        return self._mapped[file_name]
 
     def load_expert_w2(self, layer: int, expert: int) -> torch.Tensor:
         """One expert's down projection [D, I]."""
@@ -219,6 +232,10 @@ class Checkpoint:
             return self.load_rows(f"{prefix}.down_proj", [expert], (1, d, i))[0]
         down = _EXPERT_PROJ[cfg.family][2]
         return self.load(f"{prefix}.{expert}.{down}.weight", (d, i))
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupt or unreadable safetensors file ({exc})")
 
 
 class _MappedFile:
