@@ -33,11 +33,12 @@ def panels(matrices: Sequence[torch.Tensor | tuple[torch.Tensor, ...]], out: tor
     is indexed, will do), or a tuple of its column blocks [K, N_i] (every N_i but the last a multiple of 32) ->
     [E, P, K, 32] column panels, filled one expert at a time, so a big layer never needs more than its panels and
     one expert's copy. A transposed row-major weight (W.t() of W [N, K]) is copied straight into its panels.
-    `out`: where to write them (shaped as the result; a pool's slots), instead of a new zeroed tensor."""
+    `out`: where to write them (shaped as the result; a pool's slots), instead of a new tensor."""
     first = _blocks(matrices[0])
     k, n = first[0].shape[0], sum(b.shape[1] for b in first)
-    if out is None:
-        out = first[0].new_zeros(len(matrices), padded(n) // PANEL, k, PANEL)
+    if out is None:  # zeros only where there are padding columns: every other element is written below
+        shape = (len(matrices), padded(n) // PANEL, k, PANEL)
+        out = first[0].new_zeros(shape) if padded(n) != n else first[0].new_empty(shape)
     elif padded(n) != n:
         out.zero_()  # the padding columns
     for e in range(len(matrices)):
