@@ -2,8 +2,8 @@
 
 For each model (bench/mid_models.py: mixtral-mid, 8 experts top-2; qwen3-mid, 64 experts top-8; and their 16-layer
 versions mixtral-deep and qwen3-deep, whose experts are 93-94% of the weights as in published checkpoints; bf16) and
-expert budget (none: the ordinary engine, every expert resident from start-up; then 100%, 50% and 25% of the expert bytes
-through the on-demand path), under two workloads:
+expert budget (none: the ordinary engine, every expert resident from start-up; then 100%, 50% and 25% of the expert
+bytes through the on-demand path), under two workloads:
 - skewed: prompts from a few "topics", each a handful of token ids repeated (prompts on one subject reuse words);
 - uniform: token ids drawn over the whole vocabulary;
 it measures start-up (load time, and time to the first token of a first request sent at start-up), decode tokens/s
@@ -15,7 +15,7 @@ cache (the checkpoint's pages dropped first), as on a node that has just pulled 
 Each run is its own process (peak RSS is per process). Table printed; JSON and a plot in bench/results/.
 
     .venv/bin/python bench/footprint.py [--models mixtral-mid,qwen3-mid,mixtral-deep,qwen3-deep] [--batches 1,8]
-        [--tokens 32] [--workloads skewed,uniform]
+        [--tokens 64] [--workloads skewed,uniform]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mixtral-mid,qwen3-mid,mixtral-deep,qwen3-deep")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--workloads", default="skewed,uniform")
     parser.add_argument("--child", nargs=5, metavar=("MODEL_DIR", "BUDGET", "WORKLOAD", "BATCH", "TOKENS"))
     parser.add_argument("--skew", nargs=4, metavar=("MODEL_DIR", "WORKLOAD", "BATCH", "TOKENS"))
