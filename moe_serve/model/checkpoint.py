@@ -193,8 +193,8 @@ class Checkpoint:
             self.release(*views)
 
     def release(self, *views: torch.Tensor) -> None:
-        """Give the pages of `expert_views` tensors back to the page cache: this process stops counting them as
-        resident, and a later read maps them again from the cache."""
+        """Give the pages of views of the mapped files (`expert_views`) back to the page cache: this process stops
+        counting them as resident, and a later read maps them again from the cache."""
         self._advise(views, mmap.MADV_DONTNEED)
 
     def read_ahead(self, layer: int, expert: int) -> None:
@@ -239,11 +239,10 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
 
 
 class _MappedFile:
-    """One safetensors file mapped once, read-only: tensors as views of its pages, and `advise` to give a tensor's pages
-    back (madvise DONTNEED), so a process that reads a tensor now and then does not keep it resident, or to have
-    them read ahead (WILLNEED). The header is
-    read here (an 8-byte length, then JSON naming each tensor's dtype, shape and byte range), because safetensors'
-    own handles neither expose the mapping nor let pages go."""
+    """One safetensors file mapped once, read-only: tensors as views of its pages, and `advise` to give a tensor's
+    pages back (madvise DONTNEED), so a process that reads a tensor now and then does not keep it resident, or to
+    have them read ahead (WILLNEED). The header is read here, once (an 8-byte length, then JSON naming each tensor's
+    dtype, shape and byte range), because safetensors' own handles neither expose the mapping nor let pages go."""
 
     DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
