@@ -89,24 +89,17 @@ class Checkpoint:
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Tensor `name`, or only the given rows of its first dimension (read without loading the rest), converted
-        on its own: loading never holds more than one tensor in the file's dtype beside what was already loaded.
-        Float tensors are copied from the file's mapping, whose header is parsed once (safetensors parses a file's
-        whole header on every open: seconds over the thousands of expert tensors of a Qwen3-MoE-sized file)."""
+        on its own: loading never holds more than one tensor in the file's dtype beside what was already loaded."""
         file_name = self._file_of.get(name)
         if file_name is None:
             raise CheckpointError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         try:
-            view = self._mapped_file(file_name).view(name)
-            if view is not None:
-                tensor = (view if rows is None else view[list(rows)]).to(dtype or self.dtype, copy=True)
-                self.release(view)
-            else:
-                with self._open(file_name) as handle:
-                    if rows is None:
-                        tensor = handle.get_tensor(name)
-                    else:
-                        tensor_slice = handle.get_slice(name)
-                        tensor = torch.cat([tensor_slice[r : r + 1] for r in rows])
+            with self._open(file_name) as handle:
+                if rows is None:
+                    tensor = handle.get_tensor(name)
+                else:
+                    tensor_slice = handle.get_slice(name)
+                    tensor = torch.cat([tensor_slice[r : r + 1] for r in rows])
         except CheckpointError:
             raise
         except Exception as exc:
