@@ -171,9 +171,10 @@ class ResidentExperts:
         """(usage, last use, (layer, expert)) of the least used resident expert an expert of `layer` may replace
         (least recently used among equals): one of `layer`'s own or of a layer holding more than its share, not in
         `keep`; None when there is none."""
-        candidates = [(self._usage.get(k[0], {}).get(k[1], 0.0), self._last_use.get(k, -1), k)
-                      for k in self._resident_keys()
-                      if k not in keep and (k[0] == layer or self._count(k[0]) > self._share)]
+        layers = [other for other in self._held if other == layer or self._count(other) > self._share]
+        candidates = [(self._usage.get(other, {}).get(expert, 0.0), self._last_use.get((other, expert), -1),
+                       (other, expert))
+                      for other in layers for expert in self._held[other] if (other, expert) not in keep]
         return min(candidates, default=None)
 
     def _read(self, layer: int, expert: int) -> None:
@@ -209,9 +210,6 @@ class ResidentExperts:
         self.resident_bytes -= self.expert_nbytes
         self.stats.evictions += 1
 
-    def _resident_keys(self) -> Iterator[tuple[int, int]]:
-        return ((layer, expert) for layer, held in self._held.items() for expert in held)
-
     def _stack(self, layer: int, experts: list[int]) -> ExpertStack:
         w13, w2 = self.checkpoint.load_experts(layer, experts)
         return ExpertStack(experts, w13.to(self.device), w2.to(self.device), quantize=self.quantize)
@@ -220,8 +218,9 @@ class ResidentExperts:
 
     def run(self, layer: int, rows: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
         """Rows [N, D] grouped by expert (`counts[i]` rows for `expert_ids[i]`, in order) -> expert outputs [N, D].
-        Experts not resident are loaded; under a budget, only while there is room or when used more than the least
-        used resident expert the call does not need (`_admit`): the others run straight from the checkpoint."""
+        Experts not resident are loaded; under a budget, only those given at most ADMIT_MAX_ROWS rows, while their
+        layer has room or in place of one they are worth swapping for (`_admit`): the others run straight from the
+        checkpoint."""
         self._note_use(layer, expert_ids, counts)
         held = self._held.setdefault(layer, {})
         self.stats.hits += sum(e in held for e in expert_ids)
@@ -229,9 +228,10 @@ class ResidentExperts:
             self.load(layer, expert_ids)
         else:
             usage, rows_of = self._usage[layer], dict(zip(expert_ids, counts))
+            keep = {(layer, e) for e in expert_ids}  # never evict an expert this call needs
             for expert in sorted(expert_ids, key=usage.__getitem__, reverse=True):  # the most used first
                 if rows_of[expert] <= ADMIT_MAX_ROWS:
-                    self._admit(layer, expert, set(expert_ids))
+                    self._admit(layer, expert, keep)
         resident = [i for i, expert in enumerate(expert_ids) if expert in held]
         if len(resident) == len(expert_ids):
             return _run_resident(held, expert_ids, counts, rows)
@@ -246,11 +246,10 @@ class ResidentExperts:
                 out[starts[i] : starts[i + 1]] = self._stream(layer, expert, rows[starts[i] : starts[i + 1]])
         return out
 
-    def _admit(self, layer: int, expert: int, needed: set[int]) -> None:
+    def _admit(self, layer: int, expert: int, keep: set[tuple[int, int]]) -> None:
         """Load `expert` if its layer has room, or in place of the least used expert it may replace (`_least_used`,
-        not one of this call's `needed`) when worth it; otherwise it stays out (streamed)."""
-        if expert not in self._held[layer] and self._make_room(layer, {(layer, e) for e in needed},
-                                                               self._usage[layer].get(expert, 0.0)):
+        not one of `keep`) when worth it; otherwise it stays out (streamed)."""
+        if expert not in self._held[layer] and self._make_room(layer, keep, self._usage[layer].get(expert, 0.0)):
             self._read(layer, expert)
 
     def _stream(self, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
